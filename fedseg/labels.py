@@ -227,3 +227,14 @@ def build_label_map(tagset: str, task: str) -> LabelMap:
             if i not in assigned:
                 lut[i] = rest_index
     return LabelMap(tagset, task, tuple(names), lut)
+
+
+def class_colors(label_map: LabelMap) -> np.ndarray:
+    """(num_classes, 3) uint8 display colours: each class takes the palette colour of its first tag."""
+    palette = get_tagset(label_map.tagset).palette()
+    colors = np.zeros((label_map.num_classes, 3), dtype=np.uint8)
+    for tag_id in range(len(palette) - 1, -1, -1):  # reverse, so the lowest tag id wins
+        cls = label_map.lut[tag_id]
+        if cls != IGNORE_INDEX:
+            colors[cls] = palette[tag_id]
+    return colors
