@@ -1,0 +1,92 @@
+"""Plots a person would rather look at than read: curves over rounds and an example sheet."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: runs on servers and edge boxes without a display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+_MEAN = np.array([0.485, 0.456, 0.406])
+_STD = np.array([0.229, 0.224, 0.225])
+
+
+def plot_curves(rows: Sequence[dict[str, Any]], out_dir: Path, *, title: str = "") -> list[Path]:
+    """``loss.png``, ``miou.png`` and ``per_class_iou.png`` from metrics rows."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rounds = [r["round"] for r in rows]
+    paths = []
+    for key, label in (("loss", "held-out loss"), ("miou", "mIoU")):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.plot(rounds, [r.get(key) if r.get(key) is not None else np.nan for r in rows], "o-", label=label)
+        if key == "miou":
+            ax.plot(rounds, [r.get("pixel_acc") or np.nan for r in rows], "s--", label="pixel accuracy")
+            ax.plot(rounds, [r.get("dice") or np.nan for r in rows], "^:", label="Dice")
+        if key == "loss" and any(r.get("train_loss") is not None for r in rows):
+            ax.plot(rounds, [r.get("train_loss") or np.nan for r in rows], "s--", label="train loss (clients)")
+        ax.set_xlabel("round")
+        ax.set_title(f"{title} {label}".strip())
+        ax.grid(alpha=0.3)
+        ax.legend()
+        paths.append(_save(fig, out_dir / f"{key}.png"))
+    paths.append(_plot_per_class(rows, out_dir / "per_class_iou.png", title))
+    if any(r.get("epsilon") is not None for r in rows):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.plot(rounds, [r.get("epsilon") or np.nan for r in rows], "o-")
+        ax.set_xlabel("round")
+        ax.set_ylabel("epsilon (max over vehicles)")
+        ax.grid(alpha=0.3)
+        paths.append(_save(fig, out_dir / "epsilon.png"))
+    return paths
+
+
+def _plot_per_class(rows: Sequence[dict[str, Any]], path: Path, title: str) -> Path:
+    names = list((rows[-1].get("per_class_iou") or {}).keys()) if rows else []
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    rounds = [r["round"] for r in rows]
+    cmap = plt.get_cmap("tab20")
+    for i, name in enumerate(names):
+        values = [(r.get("per_class_iou") or {}).get(name) for r in rows]
+        ax.plot(rounds, [v if v is not None else np.nan for v in values], "-", color=cmap(i % 20), label=name)
+    ax.set_xlabel("round")
+    ax.set_ylabel("IoU")
+    ax.set_title(f"{title} per-class IoU".strip())
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    return _save(fig, path)
+
+
+def denormalize(image: np.ndarray) -> np.ndarray:
+    """(3,H,W) ImageNet-normalised float -> (H,W,3) uint8 for display."""
+    rgb = image.transpose(1, 2, 0) * _STD + _MEAN
+    return (np.clip(rgb, 0, 1) * 255).astype(np.uint8)
+
+
+def plot_examples(
+    images: np.ndarray, labels: np.ndarray, preds: np.ndarray, class_colors: np.ndarray, path: Path
+) -> Path:
+    """A sheet of input / label / prediction rows; ``class_colors`` is (C,3) uint8, ignored pixels black."""
+    n = len(images)
+    fig, axes = plt.subplots(n, 3, figsize=(9, 2.6 * n), squeeze=False)
+    lut = np.zeros((256, 3), dtype=np.uint8)
+    lut[: len(class_colors)] = class_colors
+    for i in range(n):
+        for ax, img, name in zip(
+            axes[i], (denormalize(images[i]), lut[labels[i]], lut[preds[i]]), ("input", "label", "prediction")
+        ):
+            ax.imshow(img)
+            ax.set_title(name, fontsize=9)
+            ax.axis("off")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return _save(fig, path)
+
+
+def _save(fig: Any, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -1,0 +1,87 @@
+"""The fedseg Flower ServerApp: aggregate vehicles' UNet updates, evaluate the global model each round.
+
+Runs unchanged under the Simulation Engine (``fedseg-sim``) and the Deployment Engine
+(``flwr run``). It uses Flower's ``LegacyContext`` + ``DefaultWorkflow`` because Flower's SecAgg+
+(``SecAggPlusWorkflow``) and its DP strategy wrappers live on that path (DESIGN.md); features are
+added by wrapping the strategy and swapping the fit workflow, never by branching inside them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from flwr.common import Context, ndarrays_to_parameters
+from flwr.server import Grid, LegacyContext, ServerApp, ServerConfig
+from flwr.server.workflow import DefaultWorkflow
+
+from fedseg.config import RunSettings, from_run_config, resolve_device
+from fedseg.models import get_weights, set_weights
+from fedseg.reporting import RunReporter
+from fedseg.task import cached_data, model_meta, run_model
+from fedseg.tracking import make_tracker
+from server.strategy import RoundRecorder, build_strategy
+
+app = ServerApp()
+
+
+def make_reporter(settings: RunSettings, raw: dict[str, Any]) -> RunReporter:
+    """The held-out evaluator and output writer for this run's directory."""
+    fed, run = settings.federation, settings.blocks.get("run", {})
+    data = cached_data(settings.data, fed.num_clients, settings.seed)
+    model = run_model(settings.model, data.label_map.num_classes, seed=settings.seed)
+    out_dir = Path(settings.output_dir)
+    tracker = make_tracker(settings.blocks.get("tracking", {}), run_dir=out_dir, config=raw,
+                           name=f"{settings.experiment}-{settings.model.backbone}")
+    meta = model_meta(settings.model, data, settings.data, {"mode": "federated",
+                                                            "strategy": settings.strategy.name})
+    return RunReporter(model=model, data=data, out_dir=out_dir, tracker=tracker, meta=meta,
+                       total_rounds=fed.rounds, batch_size=max(fed.batch_size, 8),
+                       device=resolve_device(settings.device),
+                       example_images=int(run.get("example_images", 4)),
+                       progress=bool(run.get("progress", True)))
+
+
+def make_strategy(settings: RunSettings, reporter: RunReporter) -> RoundRecorder:
+    """Flower's configured strategy, evaluating server-side, wrapped by the round recorder."""
+    fed = settings.federation
+
+    def evaluate_fn(server_round: int, arrays: list, config: dict) -> tuple[float, dict]:
+        set_weights(reporter.model, arrays)
+        return reporter.evaluate()
+
+    def fit_config(server_round: int) -> dict[str, Any]:
+        return {"server_round": server_round, "local_epochs": fed.local_epochs}
+
+    strategy = build_strategy(
+        settings.strategy.name,
+        settings.strategy.options,
+        fraction_fit=fed.fraction_fit,
+        fraction_evaluate=0.0,  # evaluation is server-side, on the held-out set
+        min_fit_clients=fed.min_fit_clients,
+        min_available_clients=fed.num_clients,
+        min_evaluate_clients=0,
+        evaluate_fn=evaluate_fn,
+        on_fit_config_fn=fit_config,
+        initial_parameters=ndarrays_to_parameters(get_weights(reporter.model)),
+    )
+    return RoundRecorder(strategy, on_round=reporter.record)
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Run ``federation.rounds`` rounds and write the run-output contract."""
+    raw = from_run_config(context.run_config)
+    settings = RunSettings.from_config(raw)
+    reporter = make_reporter(settings, raw)
+    strategy = make_strategy(settings, reporter)
+    legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=settings.federation.rounds),
+                           strategy=strategy)
+    DefaultWorkflow()(grid, legacy)
+    reporter.finish({
+        "experiment": settings.experiment,
+        "clients": settings.federation.num_clients,
+        "client_epsilon": strategy.client_epsilon or None,
+        "privacy": settings.blocks.get("privacy", {}),
+        "secagg": settings.blocks.get("secagg", {}),
+    })

@@ -1,0 +1,53 @@
+"""What every Hydra entry point shares: config resolution once, and errors a user can act on."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from omegaconf import DictConfig, OmegaConf
+
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+
+# Flower and Ray phone home or chatter by default; a vehicle fleet simulation should do neither.
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+def resolve(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved config as plain containers, with the Hydra run directory as ``output_dir``."""
+    from hydra.core.hydra_config import HydraConfig
+
+    resolved = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    assert isinstance(resolved, dict)
+    resolved["output_dir"] = HydraConfig.get().runtime.output_dir
+    return resolved
+
+
+def user_errors(prog: str) -> Callable:
+    """Turn bad input (data, config values) into one line on stderr and exit status 2, no traceback.
+
+    Programming errors still raise with their traceback: only errors a user can fix are caught.
+    """
+    from omegaconf.errors import MissingMandatoryValue
+
+    from fedseg.data import DataError
+
+    def wrap(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def run(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return fn(*args, **kwargs)
+            except (DataError, ValueError, KeyError, FileNotFoundError, MissingMandatoryValue) as err:
+                msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                logging.getLogger(prog).debug("user error", exc_info=True)
+                print(f"{prog}: error: {msg}", file=sys.stderr)
+                sys.exit(2)
+
+        return run
+
+    return wrap

@@ -1,0 +1,73 @@
+"""``fedseg-train``: the centralized baseline, what federated training is measured against.
+
+Pools every vehicle's frames (what a fleet operator would do without privacy constraints) and trains
+the same model with the same optimizer for, by default, the same total number of local epochs as the
+federated run (``federation.rounds x federation.local_epochs``), evaluating on the same held-out set.
+Each epoch is one row of ``metrics.jsonl`` (``round`` = epoch; round 0 = the initial model).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+from torch.utils.data import ConcatDataset
+
+from fedseg.config import RunSettings, resolve_device
+from fedseg.data import load_data
+from fedseg.engine import make_optimizer, train
+from fedseg.reporting import RunReporter, split_metrics
+from fedseg.task import derive_seed, make_loader, model_meta, run_model
+from fedseg.tracking import make_tracker
+from sim._cli import CONF_DIR, resolve, user_errors
+
+
+@user_errors("fedseg-train")
+def run(cfg: DictConfig) -> dict:
+    raw = resolve(cfg)
+    s = RunSettings.from_config(raw)
+    fed, run_opts = s.federation, s.blocks["run"]
+    epochs = int(s.blocks["train"].get("epochs") or fed.rounds * fed.local_epochs)
+    data = load_data(s.data, num_clients=fed.num_clients, seed=s.seed, progress=bool(run_opts["progress"]))
+    pooled = ConcatDataset(data.clients)
+    model = run_model(s.model, data.label_map.num_classes, seed=s.seed)
+    out, device = Path(s.output_dir), resolve_device(s.device)
+    tracker = make_tracker(s.blocks["tracking"], run_dir=out, config=raw,
+                           name=f"{s.experiment}-{s.model.backbone}-centralized")
+    reporter = RunReporter(model=model, data=data, out_dir=out, tracker=tracker,
+                           meta=model_meta(s.model, data, s.data, {"mode": "centralized"}),
+                           total_rounds=epochs, batch_size=max(fed.batch_size, 8), device=device,
+                           example_images=int(run_opts["example_images"]), progress=bool(run_opts["progress"]))
+    print(f"fedseg-train: {len(pooled)} pooled frames, {len(data.heldout)} held-out, {s.model.backbone}, "
+          f"{epochs} epochs -> {out}", flush=True)
+    loss, metrics = reporter.evaluate()
+    reporter.record(_row(0, loss, metrics, train_loss=None, seconds=0.0, examples=0))
+    optimizer = make_optimizer(model, name=fed.optimizer, lr=fed.lr)
+    for epoch in range(1, epochs + 1):
+        t0 = time.perf_counter()
+        loader = make_loader(pooled, batch_size=fed.batch_size, shuffle=True, seed=derive_seed(s.seed, epoch))
+        result = train(model, loader, optimizer, epochs=1, device=device,
+                       progress=f"epoch {epoch}/{epochs}" if run_opts["progress"] else None)
+        seconds = time.perf_counter() - t0
+        loss, metrics = reporter.evaluate()
+        reporter.record(_row(epoch, loss, metrics, result.loss, seconds, result.num_examples))
+    return reporter.finish({"experiment": s.experiment, "epochs": epochs, "privacy": None})
+
+
+def _row(epoch: int, loss: float, metrics: dict, train_loss: float | None, seconds: float,
+         examples: int) -> dict:
+    scalars, per_class = split_metrics(metrics)
+    return {"round": epoch, "loss": loss, **scalars, "per_class_iou": per_class, "epsilon": None,
+            "delta": None, "bytes_up": 0, "bytes_down": 0, "round_s": seconds, "clients": 1,
+            "train_loss": train_loss, "examples": examples}
+
+
+@hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,126 @@
+"""``fedseg-search``: measure every backbone on this machine against a vehicle budget and pick one.
+
+    fedseg-search                                    # all backbones, hardware=edge_cpu_2core
+    fedseg-search experiment=smoke hydra.run.dir=OUT # quick subset (tiny, mobilenet_v2, resnet18)
+    fedseg-search hardware=arm_4core search.backbones=[mobilenet_v2,mobileone_s0]
+
+Writes into the run dir: ``search.md``, ``search.csv``, ``search.json``, ``search.png`` and
+``selected/model/searched.yaml``; train the chosen backbone with
+``fedseg-sim --config-dir OUT/selected model=searched``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig
+from tqdm import tqdm
+
+from fedseg.config import RunSettings, resolve_device, spec_from
+from fedseg.data import load_data
+from fedseg.search.measure import SearchSpec, measure_backbone, prepare_data, resolve_backbones, to_candidate
+from fedseg.search.profile import usable_threads
+from fedseg.search.report import plot_search, table_rows, write_csv, write_markdown, write_model_config
+from fedseg.search.select import HardwareBudget, NoBackboneFits, pareto_front, select_backbone
+from sim._cli import CONF_DIR, resolve, user_errors
+
+
+def _threads(budget: HardwareBudget) -> int:
+    """The profile's thread count, capped at this machine's cores (more would only oversubscribe)."""
+    threads = usable_threads(budget.threads)
+    if threads < budget.threads:
+        print(f"fedseg-search: warning: hardware.threads={budget.threads} but this machine has {threads} "
+              f"cores; measuring with {threads} (run the search on the target box for its own numbers)",
+              file=sys.stderr)
+    return threads
+
+
+def _dp_spec(raw: dict[str, Any]) -> Any:
+    """The run's local DP-SGD settings when ``privacy=dpsgd`` (candidates then train under DP), else None."""
+    block = raw.get("privacy") or {}
+    if block.get("name") != "dpsgd":
+        return None
+    from fedseg.privacy import DPSpec
+
+    return DPSpec.from_block(block)
+
+
+def _notes(raw: dict[str, Any], spec: SearchSpec, budget: HardwareBudget, threads: int, dp: bool) -> list[str]:
+    data = raw["data"]
+    return [
+        f"Hardware profile `{budget.name}`: {budget.limits()}; {budget.description}",
+        (f"Latency: batch 1 at {budget.image_size[0]}x{budget.image_size[1]}, {threads} thread(s), median "
+        f"and p95 of {spec.repeats} runs after {spec.warmup} warm-up; the budget is checked against p95 of "
+        f"the {spec.precision} measurement. `× resnet34`: median latency / {spec.reference}'s (same run)."),
+        (f"mIoU: each backbone trained from the same seed for {spec.train_epochs} epoch(s) on the same "
+        f"{data['name']} frames at {data['image_size'][0]}x{data['image_size'][1]} (batch {spec.batch_size}, "
+        f"{spec.optimizer} lr {spec.lr}{', DP-SGD' if dp else ''}), evaluated on the held-out frames."),
+        ("Memory: weights + batch + peak live tensor storage (fedseg.search.profile); train step: one Adam "
+        "step at the training batch and size; DP step: the same under Opacus DP-SGD."),
+        "INT8: ONNX Runtime static quantization (QDQ), calibrated on held-out frames; ONNX fp32 beside it.",
+        "Ties: mIoU equal at 3 decimals -> lower median latency -> fewer parameters.",
+    ]
+
+
+@user_errors("fedseg-search")
+def run(cfg: DictConfig) -> dict[str, Any]:
+    raw = resolve(cfg)
+    settings = RunSettings.from_config(raw)
+    budget = spec_from(HardwareBudget, raw["hardware"])
+    spec = spec_from(SearchSpec, raw["search"])
+    names = resolve_backbones(spec.backbones)
+    dp_spec = _dp_spec(raw)
+    dp = dp_spec is not None
+    threads, progress = _threads(budget), bool(raw["run"]["progress"])
+    out = Path(settings.output_dir)
+    fleet = load_data(settings.data, num_clients=settings.federation.num_clients, seed=settings.seed,
+                      progress=progress)
+    data = prepare_data(fleet, spec, train_image_size=settings.data.image_size,
+                        deploy_image_size=budget.image_size)
+    print(f"fedseg-search: {len(names)} backbones on profile {budget.name} ({budget.limits()}), "
+          f"{len(data.train)} training / {len(data.heldout)} held-out frames -> {out}", flush=True)
+    results = []
+    bar = tqdm(names, desc="fedseg-search", unit="backbone", disable=not progress)
+    for name in bar:
+        bar.set_postfix_str(name)
+        results.append(measure_backbone(name, data, spec, budget, seed=settings.seed, threads=threads, dp=dp_spec,
+                                        device=resolve_device(settings.device)))
+    candidates = [to_candidate(r, precision=spec.precision, dp=dp) for r in results]
+    front = pareto_front(candidates)
+    choice, failure = None, None
+    try:
+        choice = select_backbone(candidates, budget)
+    except NoBackboneFits as err:
+        failure = err
+    rows = table_rows(results, candidates, choice, front, spec.reference)
+    write_markdown(rows, out / "search.md", title=f"Backbone search on `{budget.name}`",
+                   notes=_notes(raw, spec, budget, threads, dp))
+    write_csv(rows, out / "search.csv")
+    plot_search(candidates, front, budget, choice, out / "search.png",
+                latency_label="INT8 (ONNX Runtime)" if spec.precision == "int8" else "fp32 (PyTorch)")
+    report = {"hardware": dataclasses.asdict(budget), "search": dataclasses.asdict(spec), "threads": threads,
+              "dp": dp, "selected": choice.selected.name if choice else None, "rows": rows}
+    (out / "search.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    print((out / "search.md").read_text())
+    if failure is not None:
+        raise failure  # outputs are written; user_errors prints the message and exits 2
+    assert choice is not None
+    path = write_model_config(choice.selected.name, None, out / "selected" / "model" / "searched.yaml",
+                              note=f"profile {budget.name}, mIoU {choice.selected.miou:.3f}")
+    print(f"fedseg-search: selected {choice.selected.name}; train it with: "
+          f"fedseg-sim --config-dir {path.parent.parent} model=searched")
+    return report
+
+
+@hydra.main(config_path=CONF_DIR, config_name="search", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()

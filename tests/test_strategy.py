@@ -1,0 +1,70 @@
+"""Server strategies: Flower's aggregation golden numbers and the round recorder's bookkeeping."""
+
+from __future__ import annotations
+
+from unittest.mock import MagicMock
+
+import numpy as np
+import pytest
+from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+
+from server.strategy import RoundRecorder, build_strategy, parameters_bytes
+
+
+def fit_res(arrays: list[np.ndarray], n: int, **metrics: float) -> FitRes:
+    return FitRes(Status(Code.OK, ""), ndarrays_to_parameters(arrays), n, dict(metrics))
+
+
+def proxy(cid: str) -> MagicMock:
+    p = MagicMock()
+    p.cid = cid
+    return p
+
+
+def test_fedavg_weights_updates_by_examples_hand_computed() -> None:
+    # Prepare: vehicle A (1 frame) sends 1s, vehicle B (2 frames) sends 4s.
+    rows: list[dict] = []
+    strategy = RoundRecorder(build_strategy("fedavg", {}), on_round=rows.append)
+    a, b = [np.full((2, 2), 1.0, np.float32)], [np.full((2, 2), 4.0, np.float32)]
+    results = [(proxy("a"), fit_res(a, 1, loss=0.9)), (proxy("b"), fit_res(b, 2, loss=0.6))]
+
+    # Execute
+    params, _ = strategy.aggregate_fit(1, results, [])
+
+    # Assert: (1*1 + 4*2) / 3 = 3.0 everywhere; loss (0.9*1 + 0.6*2) / 3 = 0.7
+    np.testing.assert_allclose(parameters_to_ndarrays(params)[0], np.full((2, 2), 3.0))
+    assert strategy._pending["train_loss"] == pytest.approx(0.7)
+    assert strategy._pending["bytes_up"] == 2 * parameters_bytes(ndarrays_to_parameters(a))
+    assert strategy._pending["clients"] == 2
+
+
+def test_skipped_vehicle_is_left_out_of_the_average_and_counted() -> None:
+    strategy = RoundRecorder(build_strategy("fedavg", {}), on_round=lambda row: None)
+    results = [
+        (proxy("a"), fit_res([np.full(3, 2.0, np.float32)], 5, loss=1.0, partition_id=0)),
+        (proxy("b"), fit_res([np.full(3, 99.0, np.float32)], 5, skipped=True, partition_id=1, epsilon=3.0)),
+    ]
+
+    params, _ = strategy.aggregate_fit(1, results, [])
+
+    np.testing.assert_allclose(parameters_to_ndarrays(params)[0], np.full(3, 2.0))
+    assert strategy._pending["skipped"] == ["1"] and strategy._pending["clients"] == 1
+    assert strategy.client_epsilon == {"1": 3.0}
+
+
+def test_evaluate_emits_a_contract_row() -> None:
+    rows: list[dict] = []
+    inner = build_strategy("fedavg", {}, evaluate_fn=lambda r, a, c: (0.5, {"miou": 0.25, "iou/road": 0.5,
+                                                                           "iou/sky": float("nan")}))
+    strategy = RoundRecorder(inner, on_round=rows.append)
+
+    strategy.evaluate(0, ndarrays_to_parameters([np.zeros(1, np.float32)]))
+
+    assert rows[0]["round"] == 0 and rows[0]["loss"] == 0.5 and rows[0]["miou"] == 0.25
+    assert rows[0]["per_class_iou"] == {"road": 0.5, "sky": None}
+    assert rows[0]["epsilon"] is None and rows[0]["bytes_up"] == 0
+
+
+def test_unknown_strategy_lists_valid_ones() -> None:
+    with pytest.raises(ValueError, match=r"unknown strategy 'median'.*fedadam.*fedavg.*fedprox"):
+        build_strategy("median", {})
