@@ -1,0 +1,181 @@
+"""Local training and evaluation loops, shared by federated clients and the centralized baseline.
+
+The loops only compose what they are given: a DP client passes an Opacus-wrapped model, optimizer and
+loader and a per-sample criterion; FedProx is the ``proximal_mu`` argument. Nothing here knows about
+Flower or Opacus.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from fedseg.labels import IGNORE_INDEX
+from fedseg.metrics import confusion_matrix
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    loss: float  # mean per-sample task loss over the last epoch (NaN if it saw no example)
+    num_examples: int  # examples seen in the last epoch
+    steps: int  # optimizer steps over all epochs
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    loss: float  # mean per-sample loss (NaN if no example)
+    num_examples: int
+    confmat: np.ndarray  # (C, C) int64, rows = true class
+
+
+OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
+    "adam": lambda params, lr, wd: torch.optim.Adam(params, lr=lr, weight_decay=wd),
+    "adamw": lambda params, lr, wd: torch.optim.AdamW(params, lr=lr, weight_decay=wd),
+    # Momentum 0.9 as in Flower's and torchvision's references; plain SGD rarely trains a UNet well.
+    "sgd": lambda params, lr, wd: torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=wd),
+}
+
+
+def make_optimizer(
+    model: nn.Module, *, name: str = "adam", lr: float, weight_decay: float = 0.0
+) -> torch.optim.Optimizer:
+    """An optimizer from ``OPTIMIZERS`` over the model's trainable parameters."""
+    if name not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {name!r}; valid: {sorted(OPTIMIZERS)}")
+    params = [p for p in model.parameters() if p.requires_grad]
+    return OPTIMIZERS[name](params, lr, weight_decay)
+
+
+def segmentation_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Pixel cross-entropy averaged over non-ignored pixels (0, not NaN, when there are none)."""
+    total = F.cross_entropy(logits, target.long(), ignore_index=IGNORE_INDEX, reduction="sum")
+    valid = (target != IGNORE_INDEX).sum().clamp(min=1)
+    return total / valid
+
+
+def train(
+    model: nn.Module,
+    loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    optimizer: torch.optim.Optimizer,
+    *,
+    epochs: int,
+    criterion: Callable[[torch.Tensor, torch.Tensor], Any] | None = None,
+    proximal_mu: float = 0.0,
+    device: str | torch.device = "cpu",
+    progress: str | None = None,
+) -> TrainResult:
+    """Train ``model`` for ``epochs`` passes over ``loader`` of (images, masks) batches.
+
+    ``criterion(logits, masks)`` returns a scalar, a per-sample vector (averaged here), or an object
+    with ``backward()`` and ``item()`` (Opacus ghost clipping's loss); default
+    :func:`segmentation_loss`. ``proximal_mu > 0`` adds FedProx's ``(mu/2)||w - w_global||^2`` with
+    ``w_global`` the trainable parameters at entry. Empty batches (Opacus Poisson sampling) are
+    skipped without a step.
+    """
+    criterion = criterion or segmentation_loss
+    model.to(device)
+    model.train()
+    remove_hook = _attach_proximal_term(model, optimizer, proximal_mu)
+    steps, epoch_loss, epoch_examples = 0, 0.0, 0
+    try:
+        for epoch in range(epochs):
+            epoch_loss, epoch_examples = 0.0, 0
+            for images, masks in _progress(loader, progress, f" {epoch + 1}/{epochs}"):
+                batch = images.shape[0]
+                if batch == 0:
+                    continue
+                images, masks = images.to(device), masks.to(device)
+                optimizer.zero_grad(set_to_none=True)
+                loss = criterion(model(images), masks)
+                if isinstance(loss, torch.Tensor) and loss.dim() > 0:
+                    loss = loss.mean()
+                loss.backward()
+                optimizer.step()
+                steps += 1
+                epoch_loss += float(loss.item()) * batch  # weighted: the last batch may be short
+                epoch_examples += batch
+    finally:
+        remove_hook()
+    mean = epoch_loss / epoch_examples if epoch_examples else float("nan")
+    return TrainResult(loss=mean, num_examples=epoch_examples, steps=steps)
+
+
+def _attach_proximal_term(
+    model: nn.Module, optimizer: torch.optim.Optimizer, mu: float
+) -> Callable[[], None]:
+    """Add FedProx's gradient ``mu * (w - w_global)`` right before each parameter update.
+
+    Adding the gradient, instead of the term to the loss, is the same for a plain optimizer, keeps
+    the reported loss the task loss, and composes with DP: hooked on Opacus's inner optimizer it runs
+    after clipping and noising (the term is data-independent, so it costs no privacy), where a loss
+    term would be dropped because DP-SGD rebuilds ``p.grad`` from per-sample gradients.
+    Returns a function that removes the hook.
+    """
+    if mu <= 0:
+        return lambda: None
+    params = [p for p in model.parameters() if p.requires_grad]
+    anchors = [p.detach().clone() for p in params]
+
+    def add_proximal_gradient(*_: Any) -> None:
+        with torch.no_grad():
+            for param, anchor in zip(params, anchors, strict=True):
+                if param.grad is not None:
+                    param.grad.add_(param - anchor, alpha=mu)
+
+    inner = getattr(optimizer, "original_optimizer", optimizer)  # Opacus DPOptimizer wraps one
+    handle = inner.register_step_pre_hook(add_proximal_gradient)
+    return handle.remove
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    *,
+    num_classes: int,
+    device: str | torch.device = "cpu",
+    progress: str | None = None,
+) -> EvalResult:
+    """Loss and summed confusion matrix of ``model`` over ``loader`` (eval mode, no gradients)."""
+    was_training = model.training
+    model.to(device)
+    model.eval()
+    total_loss, examples = 0.0, 0
+    confmat = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
+    for images, masks in _progress(loader, progress, ""):
+        batch = images.shape[0]
+        if batch == 0:
+            continue
+        images, masks = images.to(device), masks.to(device)
+        logits = model(images)
+        total_loss += float(segmentation_loss(logits, masks)) * batch
+        examples += batch
+        confmat += confusion_matrix(logits.argmax(dim=1), masks, num_classes)
+    model.train(was_training)
+    mean = total_loss / examples if examples else float("nan")
+    return EvalResult(loss=mean, num_examples=examples, confmat=confmat.cpu().numpy())
+
+
+@torch.no_grad()
+def predict(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Class index per pixel, (N, H, W), computed in eval mode without gradients."""
+    was_training = model.training
+    model.eval()
+    try:
+        return model(images).argmax(dim=1)
+    finally:
+        model.train(was_training)
+
+
+def _progress(loader: Iterable, description: str | None, suffix: str) -> Iterable:
+    """``loader`` itself, or wrapped in a tqdm bar when a description is given."""
+    if description is None:
+        return loader
+    return tqdm(loader, desc=f"{description}{suffix}", leave=False)
