@@ -48,11 +48,14 @@ class WandbTracker:
             for name, value in (row.get(group) or {}).items():
                 if value is not None:
                     flat[f"{group}/{name}"] = value
-        self.run.log(flat, step=int(row["round"]))
+        self.run.log(flat, step=int(row["round"]), commit=True)  # a round is complete: flush it now
 
     def log_images(self, name: str, path: Path, step: int) -> None:
         if self._images:
-            self.run.log({name: self._wandb.Image(str(path))}, step=step)
+            # Rounds are committed as they end, so images go into the run's summary and its next step.
+            image = self._wandb.Image(str(path), caption=f"round {step}")
+            self.run.summary[name] = image
+            self.run.log({name: image})
 
     def finish(self, summary: dict[str, Any]) -> None:
         for key, value in summary.items():
