@@ -24,11 +24,21 @@ def cached_data(spec: DataSpec, num_clients: int, seed: int, progress: bool = Fa
     return load_data(spec, num_clients=num_clients, seed=seed, progress=progress)
 
 
-def run_model(spec: ModelSpec, num_classes: int, *, seed: int) -> torch.nn.Module:
-    """The run's UNet, initialised identically everywhere from ``seed``."""
+def run_model(spec: ModelSpec, num_classes: int, *, seed: int, dp: bool = False) -> torch.nn.Module:
+    """The run's UNet, initialised identically everywhere from ``seed``.
+
+    ``dp``: the DP-SGD-compatible variant (GroupNorm, out-of-place residuals). Server and vehicles
+    must agree on it, since GroupNorm has no running-statistics buffers.
+    """
     torch.manual_seed(seed)
-    return build_model(spec.backbone, num_classes, encoder_weights=spec.encoder_weights,
-                       decoder_channels=spec.decoder_channels)
+    model = build_model(spec.backbone, num_classes, encoder_weights=spec.encoder_weights,
+                        decoder_channels=spec.decoder_channels)
+    if dp:
+        from fedseg.privacy import check_dp_capable, make_dp_compatible
+
+        check_dp_capable(spec.backbone)
+        model = make_dp_compatible(model)
+    return model
 
 
 def make_loader(dataset: Dataset, *, batch_size: int, shuffle: bool, seed: int) -> DataLoader:

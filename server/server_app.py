@@ -20,7 +20,8 @@ from fedseg.models import get_weights, set_weights
 from fedseg.reporting import RunReporter
 from fedseg.task import cached_data, model_meta, run_model
 from fedseg.tracking import make_tracker
-from server.strategy import RoundRecorder, build_strategy
+from server.secagg import build_fit_workflow, wrap_strategy
+from server.strategy import RoundRecorder, build_strategy, central_accounting, wrap_privacy
 
 app = ServerApp()
 
@@ -29,7 +30,8 @@ def make_reporter(settings: RunSettings, raw: dict[str, Any]) -> RunReporter:
     """The held-out evaluator and output writer for this run's directory."""
     fed, run = settings.federation, settings.blocks.get("run", {})
     data = cached_data(settings.data, fed.num_clients, settings.seed)
-    model = run_model(settings.model, data.label_map.num_classes, seed=settings.seed)
+    dp = settings.blocks.get("privacy", {}).get("name") == "dpsgd"
+    model = run_model(settings.model, data.label_map.num_classes, seed=settings.seed, dp=dp)
     out_dir = Path(settings.output_dir)
     tracker = make_tracker(settings.blocks.get("tracking", {}), run_dir=out_dir, config=raw,
                            name=f"{settings.experiment}-{settings.model.backbone}")
@@ -40,6 +42,13 @@ def make_reporter(settings: RunSettings, raw: dict[str, Any]) -> RunReporter:
                        device=resolve_device(settings.device),
                        example_images=int(run.get("example_images", 4)),
                        progress=bool(run.get("progress", True)))
+
+
+def mean_train_loss(metrics: list[tuple[int, dict]]) -> dict[str, float]:
+    """Vehicles' training loss weighted by their frames (what Flower logs as fit metrics)."""
+    pairs = [(n, m["loss"]) for n, m in metrics if "loss" in m]
+    total = sum(n for n, _ in pairs)
+    return {"train_loss": sum(n * v for n, v in pairs) / total} if total else {}
 
 
 def make_strategy(settings: RunSettings, reporter: RunReporter) -> RoundRecorder:
@@ -64,8 +73,10 @@ def make_strategy(settings: RunSettings, reporter: RunReporter) -> RoundRecorder
         evaluate_fn=evaluate_fn,
         on_fit_config_fn=fit_config,
         initial_parameters=ndarrays_to_parameters(get_weights(reporter.model)),
+        fit_metrics_aggregation_fn=mean_train_loss,
     )
-    return RoundRecorder(strategy, on_round=reporter.record)
+    return RoundRecorder(wrap_privacy(strategy, settings), on_round=reporter.record,
+                         central_dp=central_accounting(settings))
 
 
 @app.main()
@@ -76,8 +87,8 @@ def main(grid: Grid, context: Context) -> None:
     reporter = make_reporter(settings, raw)
     strategy = make_strategy(settings, reporter)
     legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=settings.federation.rounds),
-                           strategy=strategy)
-    DefaultWorkflow()(grid, legacy)
+                           strategy=wrap_strategy(strategy, settings))
+    DefaultWorkflow(fit_workflow=build_fit_workflow(settings))(grid, legacy)
     reporter.finish({
         "experiment": settings.experiment,
         "clients": settings.federation.num_clients,

@@ -13,11 +13,47 @@ from typing import Any, Callable
 from flwr.common import FitIns, FitRes, Parameters, Scalar
 from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
-from flwr.server.strategy import FedAdam, FedAvg, FedProx, Strategy
+from flwr.server.strategy import (
+    DifferentialPrivacyClientSideFixedClipping,
+    FedAdam,
+    FedAvg,
+    FedProx,
+    Strategy,
+)
+
+from fedseg.config import FederationSpec, RunSettings
+from fedseg.privacy import CentralDPSpec, central_epsilon, default_delta
 
 from fedseg.reporting import split_metrics
 
 STRATEGIES: dict[str, type[FedAvg]] = {"fedavg": FedAvg, "fedprox": FedProx, "fedadam": FedAdam}
+
+
+def sampled_per_round(fed: FederationSpec) -> int:
+    """Vehicles Flower samples each round (its own rule: fraction of the available, at least min)."""
+    return max(int(fed.num_clients * fed.fraction_fit), fed.min_fit_clients)
+
+
+def wrap_privacy(strategy: Strategy, settings: RunSettings) -> Strategy:
+    """``privacy=central``: Flower's client-side fixed clipping wrapper (vehicle-level DP) around it."""
+    block = settings.blocks.get("privacy", {})
+    if block.get("name") != "central":
+        return strategy
+    spec = CentralDPSpec.from_block(block)
+    return DifferentialPrivacyClientSideFixedClipping(
+        strategy, noise_multiplier=spec.noise_multiplier, clipping_norm=spec.clipping_norm,
+        num_sampled_clients=spec.num_sampled_clients or sampled_per_round(settings.federation))
+
+
+def central_accounting(settings: RunSettings) -> Callable[[int], tuple[float, float]] | None:
+    """For ``privacy=central``: round -> (vehicle-level epsilon, delta) from Opacus' RDP accountant."""
+    block = settings.blocks.get("privacy", {})
+    if block.get("name") != "central":
+        return None
+    spec, fed = CentralDPSpec.from_block(block), settings.federation
+    delta = default_delta(fed.num_clients)
+    rate = min(1.0, sampled_per_round(fed) / fed.num_clients)
+    return lambda rounds: (central_epsilon(spec, sample_rate=rate, rounds=rounds, delta=delta), delta)
 
 
 def build_strategy(name: str, options: dict[str, Any], **common: Any) -> Strategy:
@@ -35,10 +71,13 @@ def parameters_bytes(parameters: Parameters) -> int:
 class RoundRecorder(Strategy):
     """Delegates to ``inner`` and calls ``on_round(row)`` after each server-side evaluation."""
 
-    def __init__(self, inner: Strategy, on_round: Callable[[dict[str, Any]], None]) -> None:
+    def __init__(self, inner: Strategy, on_round: Callable[[dict[str, Any]], None],
+                 central_dp: Callable[[int], tuple[float, float]] | None = None) -> None:
         self.inner = inner
         self.on_round = on_round
+        self.central_dp = central_dp
         self.client_epsilon: dict[str, float] = {}
+        self.client_delta: dict[str, float] = {}
         self._pending: dict[str, Any] = {}
 
     def __repr__(self) -> str:
@@ -63,8 +102,10 @@ class RoundRecorder(Strategy):
         n = sum(r.num_examples for _, r in trained)
         losses = [(r.num_examples, r.metrics["loss"]) for _, r in trained if "loss" in r.metrics]
         for proxy, res in results:
-            if res.metrics.get("epsilon") is not None:
-                self.client_epsilon[str(res.metrics.get("partition_id", proxy.cid))] = float(res.metrics["epsilon"])
+            vehicle = str(res.metrics.get("partition_id", proxy.cid))
+            if res.metrics.get("epsilon") is not None:  # cumulative per vehicle: keep the latest
+                self.client_epsilon[vehicle] = float(res.metrics["epsilon"])
+                self.client_delta[vehicle] = float(res.metrics.get("delta", 0.0))
         self._pending.update(
             bytes_up=sum(parameters_bytes(r.parameters) for _, r in results),
             train_loss=sum(k * v for k, v in losses) / max(1, sum(k for k, _ in losses)) if losses else None,
@@ -99,7 +140,7 @@ class RoundRecorder(Strategy):
             "loss": loss,
             **scalars,
             "per_class_iou": per_class,
-            "epsilon": max(self.client_epsilon.values()) if self.client_epsilon else None,
+            **self._privacy_fields(server_round),
             "client_epsilon": dict(self.client_epsilon) or None,
             "bytes_up": pending.pop("bytes_up", 0),
             "bytes_down": pending.pop("bytes_down", 0),
@@ -109,3 +150,12 @@ class RoundRecorder(Strategy):
         }
         self.on_round(row)
         return evaluated
+
+    def _privacy_fields(self, server_round: int) -> dict[str, Any]:
+        """``epsilon`` (max over vehicles so far, or vehicle-level for central DP) and ``delta``."""
+        if self.central_dp is not None:
+            eps, delta = self.central_dp(server_round) if server_round > 0 else (0.0, self.central_dp(1)[1])
+            return {"epsilon": eps, "delta": delta}
+        if not self.client_epsilon:
+            return {"epsilon": None, "delta": None}
+        return {"epsilon": max(self.client_epsilon.values()), "delta": max(self.client_delta.values())}

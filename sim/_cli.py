@@ -16,6 +16,7 @@ CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 # Flower and Ray phone home or chatter by default; a vehicle fleet simulation should do neither.
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # silence Ray's GPU-env FutureWarning
 
 
 def resolve(cfg: DictConfig) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from fedseg.config import DataSpec
 from fedseg.data.carla import DataError, SegmentationDataset, load_fleet, validate
 from fedseg.labels import LabelMap, build_label_map
 
-__all__ = ["DATASETS", "DataError", "FleetData", "load_data", "dataset_root"]
+__all__ = ["DATASETS", "DataError", "FleetData", "dataset_root", "load_data"]
 
 DATASETS = ("synthetic", "carla")
 
