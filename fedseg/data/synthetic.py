@@ -7,7 +7,8 @@ format (``CameraRGB/*.png`` and ``CameraSeg/*.png`` with the tag id in the red c
 every frame is a pure function of ``(seed, vehicle, frame)``: the same arguments always give
 byte-identical files.
 
-Geometry and drawing live in ``_scene``; this module holds the towns, the weathers, the camera
+Geometry and drawing live in ``_scene`` and its siblings (``_canvas``, ``_ground``, ``_roadside``,
+``_furniture``, ``_agents``); this module holds the towns, the weathers, the camera
 "development" (light, fog, rain, glow, sensor noise, blur) and the on-disk fleet.
 """
 
