@@ -15,6 +15,7 @@ from omegaconf import DictConfig
 
 from fedseg.config import RunSettings, to_run_config
 from fedseg.data import load_data
+from server.secagg import check_config as check_secagg
 from sim._cli import CONF_DIR, resolve, user_errors
 from sim.engine import run_federation
 
@@ -29,6 +30,7 @@ def run(cfg: DictConfig) -> dict:
     data = load_data(settings.data, num_clients=fed.num_clients, seed=settings.seed,
                      progress=bool(raw["run"]["progress"]))
     sizes = [len(d) for d in data.clients]
+    check_secagg(settings, sizes)  # impossible SecAgg+ settings fail here, before Ray starts
     print(f"fedseg-sim: {fed.num_clients} vehicles ({sizes} frames), {len(data.heldout)} held-out, "
           f"{settings.model.backbone}, {fed.rounds} rounds -> {settings.output_dir}", flush=True)
     out = Path(settings.output_dir)

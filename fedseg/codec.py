@@ -1,0 +1,240 @@
+"""What a vehicle sends instead of its raw weights, and the fixed-point arithmetic of secure aggregation.
+
+Flower's SecAgg+ sums integers: each vehicle multiplies its arrays by ``examples / max_weight``,
+clips them to ``±clipping_range``, quantizes them to ``quantization_range`` levels (stochastic
+rounding) and masks them; the server unmasks only the sum. Clipping there is silent, so fedseg
+sends the *update* (``local - global``, the ``delta`` codec), checks it against the range on the
+vehicle before masking (:func:`check_secagg_range`), and the server adds the global weights back.
+Deltas are small next to weights except BatchNorm running statistics: an untrained UNet-ResNet34's
+running variances move by up to 27.5 in its first local epoch (measured, default config), far past
+Flower's default range of 8, hence ``clipping_range: 64`` and a quantization grid that is as fine
+as the modulus allows (:func:`auto_quantization_range`).
+
+No Flower imports here: the client mod and the server workflow both use these functions.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+from typing import Any
+
+import numpy as np
+
+SECAGG_MODES = ("none", "secaggplus")
+# Strategies whose aggregate is a weighted sum of the vehicles' arrays: the only thing SecAgg+ reveals.
+WEIGHTED_SUM_STRATEGIES = ("fedavg", "fedprox", "fedadam")
+SECAGG_PRIVACY = ("none", "dpsgd", "central")
+ON_FAILURE = ("skip", "stop")
+# Flower rounds quantized values into int32 (flwr.common.secure_aggregation.quantization).
+MAX_QUANTIZATION_RANGE = 2**30
+
+
+class SecAggRangeError(ValueError):
+    """A vehicle's update does not fit the SecAgg+ fixed-point range: sending it would clip silently."""
+
+
+@dataclass(frozen=True)
+class SecAggSpec:
+    """``conf/secagg/secaggplus.yaml``: Flower's SecAggPlusWorkflow settings plus fedseg's failure policy."""
+
+    num_shares: int | float = 3  # int: vehicles holding a share (self included); float: fraction of round
+    reconstruction_threshold: int | float = 2  # int: shares that rebuild a secret; float: of num_shares
+    clipping_range: float = 64.0
+    quantization_range: int | None = None  # None: auto_quantization_range(vehicles)
+    max_weight: float | None = None  # None: the largest vehicle partition (frames)
+    modulus_range: int = 2**32
+    timeout: float | None = None  # seconds per protocol stage (stage 2 includes training); None: no limit
+    on_failure: str = "skip"  # round below the threshold: "skip" keeps the global model, "stop" ends the run
+
+    @classmethod
+    def from_block(cls, block: Mapping[str, Any]) -> SecAggSpec | None:
+        """The spec of a resolved ``secagg`` block; ``None`` for ``secagg=none``."""
+        values = dict(block)
+        name = values.pop("name", "none")
+        if name not in SECAGG_MODES:
+            raise ValueError(f"secagg={name!r}; valid: {list(SECAGG_MODES)}")
+        if name == "none":
+            return None
+        valid = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - valid)
+        if unknown:
+            raise ValueError(f"unknown secagg keys {unknown}; valid: {sorted(valid | {'name'})}")
+        return cls(**values)
+
+
+def vehicles_per_round(num_clients: int, fraction_fit: float, min_fit_clients: int) -> int:
+    """Vehicles Flower's FedAvg family samples each round: ``max(int(n * fraction), min_fit)``, at most n."""
+    return min(num_clients, max(int(num_clients * fraction_fit), min_fit_clients))
+
+
+def resolve_shares(spec: SecAggSpec, sampled: int) -> tuple[int, int]:
+    """``(num_shares, threshold)`` exactly as Flower's SecAggPlusWorkflow resolves them at run time."""
+    shares, threshold = spec.num_shares, spec.reconstruction_threshold
+    if isinstance(shares, float) or shares == 1:  # Flower reads the int 1 as the fraction 1.0
+        shares = round(float(shares) * sampled)
+        if shares < sampled and shares % 2 == 0:
+            shares += 1
+        if shares <= 2:
+            shares = sampled
+    if isinstance(threshold, float) or threshold == 1:
+        threshold = max(round(float(threshold) * shares), 2)
+    return int(shares), int(threshold)
+
+
+def auto_quantization_range(vehicles: int, modulus_range: int = 2**32) -> int:
+    """The finest grid whose sum over ``vehicles`` cannot wrap around the modulus (a power of 2).
+
+    Each quantized value lies in ``[0, quantization_range]`` and the server only sees their sum
+    modulo ``modulus_range``, so ``vehicles * quantization_range < modulus_range`` is required.
+    """
+    bits = math.floor(math.log2((modulus_range - 1) / max(vehicles, 1)))
+    return int(min(2**bits, MAX_QUANTIZATION_RANGE))
+
+
+def resolve_max_weight(spec: SecAggSpec, partition_sizes: Sequence[int] | None) -> float:
+    """``max_weight`` as configured, else the largest partition (frames).
+
+    Vehicles report their partition size as their weight (also under DP-SGD, whose Poisson-sampled
+    epoch length is random), so no vehicle exceeds it; the tightest bound keeps the weights, and with
+    them the quantization grid, as fine as possible. The vehicle checks it anyway.
+    """
+    if spec.max_weight is not None:
+        return float(spec.max_weight)
+    if not partition_sizes:
+        raise ValueError("secagg.max_weight=null needs the vehicles' partition sizes; "
+                         "set secagg.max_weight to the most examples one vehicle trains on per round")
+    return float(max(partition_sizes))
+
+
+def encode_delta(local: Sequence[np.ndarray], global_: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """``local - global`` per array, in float64 (integer buffers such as BN step counters included)."""
+    if len(local) != len(global_):
+        raise ValueError(f"delta codec: {len(local)} local arrays vs {len(global_)} global arrays")
+    return [np.asarray(a, np.float64) - np.asarray(g, np.float64)
+            for a, g in zip(local, global_, strict=True)]
+
+
+def decode_delta(global_: Sequence[np.ndarray], delta: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """``global + delta`` back in each global array's dtype (integers rounded, not truncated)."""
+    out = []
+    for g, d in zip(global_, delta, strict=True):
+        g = np.asarray(g)
+        value = g.astype(np.float64) + np.asarray(d, np.float64).reshape(g.shape)
+        out.append(value.astype(g.dtype) if g.dtype.kind == "f" else np.rint(value).astype(g.dtype))
+    return out
+
+
+def check_secagg_range(delta: Sequence[np.ndarray], *, examples: int, max_weight: float,
+                       clipping_range: float) -> None:
+    """Raise :class:`SecAggRangeError` unless SecAgg+ can carry ``delta`` without clipping it.
+
+    Flower sends ``delta * examples / max_weight`` clipped to ``±clipping_range``; the message names
+    the offending array and the smallest ``clipping_range`` (or largest ``max_weight``) that fits.
+    """
+    if examples > max_weight:
+        raise SecAggRangeError(f"secagg: a vehicle trained on {examples} examples > secagg.max_weight="
+                               f"{max_weight:g}; set secagg.max_weight to at least {examples}")
+    ratio = examples / max_weight
+    for index, array in enumerate(delta):
+        if array.size == 0:
+            continue
+        if not np.all(np.isfinite(array)):
+            raise SecAggRangeError(f"secagg: array #{index} {array.shape} of a vehicle's update "
+                                   "is not finite")
+        peak = float(np.abs(array).max()) * ratio
+        if peak > clipping_range:
+            raise SecAggRangeError(
+                f"secagg: array #{index} {array.shape} of a vehicle's update reaches {peak:.4g} after "
+                f"weighting by examples/max_weight={ratio:.3g}, outside secagg.clipping_range="
+                f"{clipping_range:g}, where SecAgg+ would clip it silently; "
+                f"set secagg.clipping_range>={math.ceil(peak * 1.5)}")
+
+
+def aggregate_error_bound(examples: Sequence[int], *, clipping_range: float, quantization_range: int,
+                          max_weight: float, peak: float | None = None) -> float:
+    """Largest per-element gap between the SecAgg+ aggregate and the exact weighted mean of in-range updates.
+
+    Vehicle i sends ``x * w_i`` (``w_i = examples_i / max_weight``) stochastically rounded to a grid of
+    step ``2 * clipping_range / quantization_range`` (error < one step); the server divides the sum by
+    the sum of the weights, which are rounded to ``1 / quantization_range`` themselves (relative error
+    ``<= 0.5 / (quantization_range * w_i)`` on each weight, at most twice that on a weighted mean of
+    values up to ``peak``; default: the largest value :func:`check_secagg_range` lets through).
+    """
+    weights = [n / max_weight for n in examples if n > 0]
+    if not weights:
+        return math.inf
+    step = 2.0 * clipping_range / quantization_range
+    w_min = min(weights)
+    peak = clipping_range / w_min if peak is None else peak
+    rounding = len(examples) * step / sum(weights)
+    weighting = peak / (quantization_range * w_min)
+    return rounding + weighting
+
+
+def validate_secagg(spec: SecAggSpec, *, sampled: int, strategy: str, privacy: str,
+                    partition_sizes: Sequence[int] | None = None) -> None:
+    """Raise a ValueError naming the setting for any configuration SecAgg+ cannot run (before training)."""
+    if strategy not in WEIGHTED_SUM_STRATEGIES:
+        raise ValueError(f"secagg=secaggplus reveals only the weighted sum of the vehicles' updates, but "
+                         f"strategy={strategy} needs each update; valid: {list(WEIGHTED_SUM_STRATEGIES)}")
+    if privacy not in SECAGG_PRIVACY:
+        raise ValueError(f"secagg=secaggplus with privacy={privacy}: valid: {list(SECAGG_PRIVACY)}")
+    if sampled < 3:
+        raise ValueError(f"secagg=secaggplus needs at least 3 vehicles per round, got {sampled} "
+                         "(federation.num_clients x fraction_fit, at least min_fit_clients): with 2, "
+                         "each vehicle reads the other's update off the sum")
+    _check_shares(spec, sampled)
+    _check_fixed_point(spec, sampled)
+    if spec.max_weight is not None and partition_sizes and spec.max_weight < max(partition_sizes):
+        raise ValueError(f"secagg.max_weight={spec.max_weight:g} is below the {max(partition_sizes)} frames "
+                         "of the largest vehicle (weights above it overflow); set it higher or to null")
+    if spec.max_weight is not None and spec.max_weight <= 0:
+        raise ValueError(f"secagg.max_weight={spec.max_weight} must be > 0 (or null: automatic)")
+    if spec.timeout is not None and spec.timeout <= 0:
+        raise ValueError(f"secagg.timeout={spec.timeout} must be > 0 seconds (or null: no limit)")
+    if spec.on_failure not in ON_FAILURE:
+        raise ValueError(f"secagg.on_failure={spec.on_failure!r}; valid: {list(ON_FAILURE)}")
+
+
+def _check_shares(spec: SecAggSpec, sampled: int) -> None:
+    """Shares and threshold: Flower's own limits, its ring construction, and the SecAgg+ security bound."""
+    for key in ("num_shares", "reconstruction_threshold"):
+        value = getattr(spec, key)
+        if isinstance(value, float) and not 0 < value <= 1:
+            raise ValueError(f"secagg.{key}={value}: a float is a fraction in (0, 1]; use an int for a count")
+    shares, threshold = resolve_shares(spec, sampled)
+    if shares > sampled:
+        raise ValueError(f"secagg.num_shares={shares} exceeds the {sampled} vehicles sampled per round")
+    if shares < 3:
+        raise ValueError(f"secagg.num_shares={shares}: SecAgg+ needs at least 3 shares per vehicle")
+    if shares < sampled and shares % 2 == 0:
+        raise ValueError(f"secagg.num_shares={shares} must be odd when below the {sampled} vehicles per "
+                         "round (each vehicle shares with num_shares // 2 neighbours on either side)")
+    if not 2 <= threshold < shares:
+        raise ValueError(f"secagg.reconstruction_threshold={threshold} must be at least 2 and below "
+                         f"num_shares={shares} (a round survives num_shares - threshold dropouts "
+                         "per neighbourhood)")
+    if 2 * threshold <= shares:
+        raise ValueError(f"secagg.reconstruction_threshold={threshold} must exceed half of "
+                         f"num_shares={shares}: else a server can rebuild both secrets of one vehicle "
+                         "from two disjoint halves")
+
+
+def _check_fixed_point(spec: SecAggSpec, sampled: int) -> None:
+    """Range, grid and modulus: the sum of ``sampled`` quantized vectors must not wrap around."""
+    if not spec.clipping_range > 0:
+        raise ValueError(f"secagg.clipping_range={spec.clipping_range} must be > 0")
+    modulus = spec.modulus_range
+    if not isinstance(modulus, int) or modulus <= 0 or modulus & (modulus - 1) or modulus > 2**32:
+        raise ValueError(f"secagg.modulus_range={modulus} must be a power of 2, at most 2**32")
+    qr = spec.quantization_range
+    if qr is None:
+        return
+    if not isinstance(qr, int) or not 2 <= qr <= MAX_QUANTIZATION_RANGE:
+        raise ValueError(f"secagg.quantization_range={qr} must be an int in [2, 2**30] (or null: automatic)")
+    if sampled * qr >= modulus:
+        raise ValueError(f"secagg.quantization_range={qr} overflows: {sampled} vehicles x {qr} >= "
+                         f"modulus_range={modulus}; use at most {auto_quantization_range(sampled, modulus)} "
+                         "or null")

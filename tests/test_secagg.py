@@ -1,0 +1,349 @@
+"""SecAgg+: Flower's protocol driven end to end in-process (LoopbackGrid), golden numbers by hand.
+
+Every vehicle is a toy NumPyClient that adds a known update to the global arrays, behind the real
+client mods (delta codec, range check, Flower's secaggplus_mod and fixedclipping_mod); the server
+side is the real DefaultWorkflow + SecAggPlusFit + SecureSumStrategy + RoundRecorder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, cast
+
+import numpy as np
+import pytest
+from flwr.app import Context, RecordDict
+from flwr.client import ClientApp, NumPyClient
+from flwr.common import bytes_to_ndarray, ndarrays_to_parameters
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+from flwr.server import LegacyContext, ServerConfig
+from flwr.server.workflow import DefaultWorkflow
+
+from clients.mods import central_dp_clipping_mod, secure_aggregation_mod
+from fedseg.codec import (
+    SecAggRangeError,
+    SecAggSpec,
+    aggregate_error_bound,
+    auto_quantization_range,
+    decode_delta,
+    encode_delta,
+    resolve_shares,
+)
+from fedseg.config import RunSettings, to_run_config
+from server.grids import LoopbackGrid
+from server.secagg import SecAggRoundError, build_fit_workflow, check_config, wrap_strategy
+from server.strategy import RoundRecorder, build_strategy, wrap_privacy
+
+SECAGG = {"name": "secaggplus", "num_shares": 3, "reconstruction_threshold": 2}
+# Vehicle i adds UPDATES[i] to every global element and trains on EXAMPLES[i] frames.
+UPDATES, EXAMPLES = (1.0, 4.0, -2.0), (1, 2, 3)
+MEAN = (1 * 1.0 + 2 * 4.0 + 3 * -2.0) / 6  # 0.5: FedAvg's example-weighted mean, by hand
+START = 10.0  # every global element before round 1 (not 0: a codec that forgot the global must fail)
+
+
+class Fleet:
+    """A run of ``rounds`` rounds over toy vehicles; keeps the global arrays after every round."""
+
+    def __init__(self, updates: list[list[np.ndarray]], examples: list[int], secagg: dict[str, Any], *,
+                 strategy: str = "fedavg", privacy: dict[str, Any] | None = None, rounds: int = 1,
+                 crash: tuple[int, ...] = (), skip: tuple[int, ...] = ()) -> None:
+        n, crashed = len(updates), set[int]()
+        cfg = {"federation": {"num_clients": n, "min_fit_clients": n, "rounds": rounds},
+               "strategy": {"name": strategy}, "secagg": secagg, "privacy": privacy or {"name": "none"}}
+        self.settings, run_config = RunSettings.from_config(cfg), to_run_config(cfg)
+
+        class Toy(NumPyClient):
+            def __init__(self, i: int) -> None:
+                self.i = i
+
+            def fit(self, parameters: list, config: dict) -> tuple[list, int, dict]:
+                if self.i in crash and self.i not in crashed:  # its first fit only
+                    crashed.add(self.i)
+                    raise RuntimeError(f"vehicle {self.i} lost its camera")
+                if self.i in skip:  # as clients/client_app.py when a vehicle's privacy budget is spent
+                    return parameters, 0, {"skipped": True, "partition_id": self.i}
+                return ([p + u for p, u in zip(parameters, updates[self.i], strict=True)], examples[self.i],
+                        {"loss": float(self.i), "partition_id": self.i})
+
+        app = ClientApp(client_fn=lambda c: Toy(int(c.node_config["partition-id"])).to_client(),
+                        mods=[secure_aggregation_mod, central_dp_clipping_mod])
+        contexts = {100 + i: Context(run_id=1, node_id=100 + i, node_config={"partition-id": i},
+                                     state=RecordDict(), run_config=run_config) for i in range(n)}
+        self.grid = LoopbackGrid(app, contexts)
+        self.updates, self.examples, self.rounds, self.n = updates, examples, rounds, n
+        self.globals: list[list[np.ndarray]] = []  # round 0 (initial), 1, 2, ...
+        self.rows: list[dict[str, Any]] = []
+
+    def run(self) -> Fleet:
+        def evaluate_fn(server_round: int, arrays: list, config: dict) -> tuple[float, dict]:
+            self.globals.append([a.copy() for a in arrays])
+            return 0.0, {}
+
+        start = [np.full_like(u, START) for u in self.updates[0]]
+        options = {"fedprox": {"proximal_mu": 0.01}}.get(self.settings.strategy.name, {})
+        inner = build_strategy(self.settings.strategy.name, options, fraction_fit=1.0, min_fit_clients=self.n,
+                               min_available_clients=self.n, fraction_evaluate=0.0, min_evaluate_clients=0,
+                               evaluate_fn=evaluate_fn, initial_parameters=ndarrays_to_parameters(start))
+        recorder = RoundRecorder(wrap_privacy(inner, self.settings), on_round=self.rows.append)
+        server = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
+        legacy = LegacyContext(context=server, config=ServerConfig(num_rounds=self.rounds),
+                               strategy=wrap_strategy(recorder, self.settings))
+        fit = build_fit_workflow(self.settings, partition_sizes=list(self.examples))
+        DefaultWorkflow(fit_workflow=fit)(self.grid, legacy)
+        return self
+
+
+def toy_updates(values: tuple[float, ...] = UPDATES) -> list[list[np.ndarray]]:
+    """Vehicle i's update: ``values[i]`` everywhere in a 2x3 array, and ``-values[i] / 2`` in a 4-vector."""
+    return [[np.full((2, 3), v, np.float32), np.full(4, -v / 2, np.float32)] for v in values]
+
+
+def bound(examples: tuple[int, ...], peak: float, spec: dict[str, Any] = SECAGG) -> float:
+    """The codec's error bound for this fleet, plus float32 rounding of the global arrays."""
+    qr = spec.get("quantization_range") or auto_quantization_range(len(examples))
+    return aggregate_error_bound(examples, clipping_range=64.0, quantization_range=qr,
+                                 max_weight=max(examples), peak=peak) + 1e-6
+
+
+def test_secure_aggregate_equals_the_hand_computed_weighted_mean() -> None:
+    fleet = Fleet(toy_updates(), list(EXAMPLES), SECAGG).run()
+
+    final = fleet.globals[-1]
+    tol = bound(EXAMPLES, peak=4.0)
+    assert tol < 1e-5  # the bound is tight enough for the assertions below to mean something
+    np.testing.assert_allclose(final[0], np.full((2, 3), START + MEAN), atol=tol)
+    np.testing.assert_allclose(final[1], np.full(4, START - MEAN / 2), atol=tol)
+    assert final[0].dtype == np.float32  # decoded back into the global dtype, not Flower's float64
+    plain = Fleet(toy_updates(), list(EXAMPLES), {"name": "none"}).run().globals[-1]
+    np.testing.assert_allclose(final[0], plain[0], atol=tol)
+
+
+def test_server_never_receives_a_single_vehicles_update() -> None:
+    # Prepare: 1000-element updates, so that statistics over one masked vector are meaningful.
+    updates = [[np.full(1000, v, np.float32)] for v in UPDATES]
+    fleet = Fleet(updates, list(EXAMPLES), SECAGG).run()
+
+    replies = fleet.grid.received
+    assert len(replies) == 4 * 3  # four stages, three vehicles
+    qr = auto_quantization_range(3)
+    for reply in replies:
+        assert all(len(record) == 0 for record in reply.content.array_records.values())  # no arrays in clear
+        config = reply.content.config_records[RECORD_KEY_CONFIGS]
+        if Key.MASKED_PARAMETERS not in config:
+            continue
+        i = reply.metadata.src_node_id - 100
+        vectors = cast(list[bytes], config[Key.MASKED_PARAMETERS])
+        masked = bytes_to_ndarray(vectors[1])  # [0] is the masked weight factor
+        # What the vehicle would send unmasked: its weighted update on Flower's grid, all within [0, qr].
+        w = EXAMPLES[i] / max(EXAMPLES)
+        clear = (UPDATES[i] * w + 64.0) * qr / 128.0
+        assert np.median(np.abs(masked - clear)) > qr / 100
+        assert np.mean(masked > qr) > 0.5  # uniform over [0, 2**32): 3/4 lie where no clear value can
+    np.testing.assert_allclose(fleet.globals[-1][0], START + MEAN, atol=bound(EXAMPLES, peak=4.0))
+
+
+@pytest.mark.parametrize("how", ["vanish", "crash"])
+def test_vehicle_lost_after_key_sharing_leaves_the_mean_of_the_others(how: str) -> None:
+    fleet = Fleet(toy_updates(), list(EXAMPLES), SECAGG, crash=(1,) if how == "crash" else ())
+    if how == "vanish":  # vehicle 1 drives out of coverage after it shared its key shares
+        fleet.grid.vanish(101, 1, "collect_masked_vectors")
+
+    fleet.run()
+
+    expected = (1 * 1.0 + 3 * -2.0) / 4  # -1.25: vehicles 0 and 2 only
+    np.testing.assert_allclose(fleet.globals[-1][0], START + expected, atol=bound((1, 3), peak=2.0))
+    row = fleet.rows[-1]
+    assert row["clients"] == 2 and row["train_loss"] == pytest.approx((1 * 0.0 + 3 * 2.0) / 4)
+    assert row["secagg"]["dropped"] == 1 and row["secagg"]["failed"] is False
+
+
+def test_vehicle_lost_during_unmasking_still_counts() -> None:
+    fleet = Fleet(toy_updates(), list(EXAMPLES), SECAGG)
+    fleet.grid.vanish(101, 1, "unmask")  # its masked vector is in the sum; neighbours hold its shares
+
+    fleet.run()
+
+    np.testing.assert_allclose(fleet.globals[-1][0], START + MEAN, atol=bound(EXAMPLES, peak=4.0))
+    assert fleet.rows[-1]["secagg"]["stages"]["unmask"]["replied"] == 2
+
+
+def test_round_below_threshold_keeps_the_global_model_and_the_run_goes_on() -> None:
+    fleet = Fleet(toy_updates(), list(EXAMPLES), SECAGG, rounds=2)
+    fleet.grid.vanish(101, 1, "collect_masked_vectors")
+    fleet.grid.vanish(102, 1, "collect_masked_vectors")  # 1 survivor < threshold 2
+
+    fleet.run()
+
+    np.testing.assert_array_equal(fleet.globals[1][0], START)  # round 1: the initial model, untouched
+    # round 2: every vehicle is back
+    np.testing.assert_allclose(fleet.globals[2][0], START + MEAN, atol=bound(EXAMPLES, peak=4.0))
+    assert fleet.rows[1]["secagg"]["failed"] is True and fleet.rows[1]["clients"] == 0
+    assert fleet.rows[2]["secagg"]["failed"] is False and fleet.rows[2]["clients"] == 3
+
+
+def test_round_below_threshold_stops_the_run_when_configured() -> None:
+    fleet = Fleet(toy_updates(), list(EXAMPLES), {**SECAGG, "on_failure": "stop"}, rounds=2)
+    fleet.grid.vanish(101, 1, "share_keys")
+    fleet.grid.vanish(102, 1, "share_keys")
+
+    with pytest.raises(SecAggRoundError, match=r"round 1 failed: only 1 of 3 vehicles answered stage 'share"):
+        fleet.run()
+
+
+@pytest.mark.parametrize("secagg", [SECAGG, {"name": "none"}])
+def test_vehicle_that_skipped_training_is_left_out_as_in_a_plain_run(secagg: dict[str, Any]) -> None:
+    fleet = Fleet(toy_updates(), list(EXAMPLES), secagg, skip=(1,)).run()
+
+    np.testing.assert_allclose(fleet.globals[-1][0], START + (1 * 1.0 + 3 * -2.0) / 4,
+                               atol=bound((1, 3), peak=2.0))
+    assert fleet.rows[-1]["skipped"] == ["1"] and fleet.rows[-1]["clients"] == 2
+
+
+@pytest.mark.parametrize("how", ["vanish", "crash"])
+def test_central_dp_round_with_a_dropout_fails_cleanly(how: str) -> None:
+    # Central DP's noise is calibrated to the sampled vehicles: a round that lost one is discarded.
+    privacy = {"name": "central", "noise_multiplier": 0.0, "clipping_norm": 1.0}
+    fleet = Fleet(toy_updates(), list(EXAMPLES), SECAGG, privacy=privacy, rounds=2,
+                  crash=(1,) if how == "crash" else ())
+    if how == "vanish":
+        fleet.grid.vanish(101, 1, "collect_masked_vectors")
+
+    fleet.run()
+
+    np.testing.assert_array_equal(fleet.globals[1][0], START)
+    assert fleet.rows[1]["secagg"]["failed"] is True and fleet.rows[2]["secagg"]["failed"] is False
+
+
+def test_update_outside_the_range_stops_with_the_setting_to_change() -> None:
+    fleet = Fleet(toy_updates((1.0, 40.0, -2.0)), list(EXAMPLES), {**SECAGG, "clipping_range": 8.0})
+
+    # 40 * (2 / 3 examples/max_weight) = 26.7 > 8: Flower would clip it to 8 without a word.
+    with pytest.raises(SecAggRangeError, match=r"reaches 26.67.*clipping_range=8.*clipping_range>=40"):
+        fleet.run()
+
+
+@pytest.mark.parametrize("strategy", ["fedprox", "fedadam"])
+def test_weighted_sum_strategies_match_their_plain_runs(strategy: str) -> None:
+    secure = Fleet(toy_updates(), list(EXAMPLES), SECAGG, strategy=strategy, rounds=2).run().globals
+    plain = Fleet(toy_updates(), list(EXAMPLES), {"name": "none"}, strategy=strategy, rounds=2).run().globals
+
+    for s, p in zip(secure[1:], plain[1:], strict=True):
+        assert np.abs(p[0] - START).max() > 1e-3  # the strategy moved the model
+        np.testing.assert_allclose(s[0], p[0], atol=1e-5)
+
+
+def test_central_dp_clipping_happens_before_masking() -> None:
+    # Noise 0 isolates the clipping: every update (norm >= 1) is scaled to norm 1 on its vehicle.
+    privacy = {"name": "central", "noise_multiplier": 0.0, "clipping_norm": 1.0}
+    updates = [[np.full(4, v, np.float32)] for v in (1.0, 4.0, 2.0)]
+    fleet = Fleet(updates, list(EXAMPLES), SECAGG, privacy=privacy).run()
+
+    # each clipped update is 1/sqrt(4) = 0.5 per element, so their weighted mean is too
+    np.testing.assert_allclose(fleet.globals[-1][0], START + 0.5, atol=bound(EXAMPLES, peak=1.0))
+
+
+def test_row_counts_the_bytes_every_stage_really_carried() -> None:
+    secure = Fleet(toy_updates(), list(EXAMPLES), SECAGG).run().rows[-1]
+    plain = Fleet(toy_updates(), list(EXAMPLES), {"name": "none"}).run().rows[-1]
+
+    stages = secure["secagg"]["stages"]
+    assert list(stages) == ["setup", "share_keys", "collect_masked_vectors", "unmask"]
+    assert secure["bytes_up"] == sum(s["up"] for s in stages.values())
+    assert secure["bytes_up"] > 4 * plain["bytes_up"]  # keys and shares dwarf 10 floats per vehicle
+
+
+# ---- configuration: impossible settings fail before training, with their message ----
+
+def settings_for(num_clients: int = 3, strategy: str = "fedavg", privacy: str = "none",
+                 **secagg: Any) -> RunSettings:
+    return RunSettings.from_config({
+        "federation": {"num_clients": num_clients, "min_fit_clients": 2}, "strategy": {"name": strategy},
+        "privacy": {"name": privacy}, "secagg": {**SECAGG, **secagg}})
+
+
+@pytest.mark.parametrize("settings, message", [
+    (settings_for(num_clients=2), r"needs at least 3 vehicles per round, got 2"),
+    (settings_for(num_clients=4, num_shares=5, reconstruction_threshold=3), r"num_shares=5 exceeds the 4"),
+    (settings_for(reconstruction_threshold=3), r"threshold=3 must be at least 2 and below num_shares=3"),
+    (settings_for(num_clients=5, num_shares=4, reconstruction_threshold=3), r"num_shares=4 must be odd"),
+    (settings_for(num_clients=5, num_shares=5, reconstruction_threshold=2), r"exceed half of num_shares=5"),
+    (settings_for(strategy="fedmedian"), r"strategy=fedmedian needs each update; valid: \['fedavg'"),
+    (settings_for(privacy="local"), r"privacy=local: valid: \['none', 'dpsgd', 'central'\]"),
+    (settings_for(num_clients=5, quantization_range=2**30), r"overflows: 5 vehicles x 1073741824.*536870912"),
+    (settings_for(num_shares=1.5), r"num_shares=1.5: a float is a fraction in \(0, 1\]"),
+    (settings_for(max_weight=4), r"max_weight=4 is below the 8 frames of the largest vehicle"),
+    (settings_for(on_failure="retry"), r"on_failure='retry'; valid: \['skip', 'stop'\]"),
+    (settings_for(clipping=8), r"unknown secagg keys \['clipping'\]"),
+])
+def test_impossible_configurations_are_rejected(settings: RunSettings, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        check_config(settings, partition_sizes=[8, 8, 8])
+
+
+def test_possible_configurations_pass_and_plain_runs_are_left_alone() -> None:
+    fraction = settings_for(num_clients=10, num_shares=0.5, reconstruction_threshold=0.6)
+    assert check_config(fraction) is not None
+    assert resolve_shares(SecAggSpec(num_shares=0.5, reconstruction_threshold=0.6), 10) == (5, 3)
+    plain = RunSettings.from_config({"secagg": {"name": "none"}, "strategy": {"name": "fedmedian"}})
+    assert check_config(plain) is None and build_fit_workflow(plain) is None
+
+
+def test_finest_grid_that_cannot_overflow_by_hand() -> None:
+    # n * q < 2**32: 3 -> 2**30 (capped by int32 rounding), 4 -> 2**29 (4 * 2**30 wraps), 30 -> 2**27.
+    assert [auto_quantization_range(n) for n in (3, 4, 30, 1000)] == [2**30, 2**29, 2**27, 2**22]
+
+
+def test_delta_codec_round_trips_weights_and_counters() -> None:
+    local: list[np.ndarray] = [np.array([1.5, -2.0], np.float32), np.array(7, np.int64)]
+    global_: list[np.ndarray] = [np.array([1.0, 1.0], np.float32), np.array(5, np.int64)]
+
+    delta = encode_delta(local, global_)
+    back = decode_delta(global_, [delta[0], delta[1] - 1e-7])  # quantization noise on a counter
+
+    np.testing.assert_array_equal(delta[0], [0.5, -3.0])
+    assert back[0].dtype == np.float32 and back[1].dtype == np.int64 and int(back[1]) == 7
+
+
+# ---- end to end: the smoke run under SecAgg+ against the plain smoke run (same seed) ----
+
+def run_sim(tmp: Path, name: str, *overrides: str) -> tuple[subprocess.CompletedProcess, Path]:
+    out = tmp / name
+    exe = Path(sys.executable).with_name("fedseg-sim")
+    env = {**os.environ, "FEDSEG_DATA_CACHE": str(tmp / "cache")}
+    args = [str(exe), "experiment=smoke", "run.progress=false", f"hydra.run.dir={out}", *overrides]
+    proc = subprocess.run(args, check=False, capture_output=True, text=True, env=env, timeout=900)
+    return proc, out
+
+
+def rows_of(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.e2e
+def test_smoke_under_secaggplus_matches_the_plain_run(tmp_path: Path) -> None:
+    plain, plain_out = run_sim(tmp_path, "plain")
+    secure, secure_out = run_sim(tmp_path, "secagg", "secagg=secaggplus")
+
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    assert secure.returncode == 0, secure.stderr[-3000:]
+    p, s = rows_of(plain_out)[-1], rows_of(secure_out)[-1]
+    assert abs(s["miou"] - p["miou"]) <= 0.01 and abs(s["loss"] - p["loss"]) <= 0.02 * p["loss"]
+    assert s["secagg"]["survivors"] == 3 and s["bytes_up"] > p["bytes_up"]
+    assert {"loss.png", "miou.png"} <= {f.name for f in (secure_out / "plots").iterdir()}
+    assert json.loads((secure_out / "summary.json").read_text())["secagg"]["name"] == "secaggplus"
+
+
+@pytest.mark.e2e
+def test_impossible_secagg_setting_fails_in_one_line_before_any_vehicle_starts(tmp_path: Path) -> None:
+    proc, out = run_sim(tmp_path, "bad", "secagg=secaggplus", "federation.num_clients=2",
+                        "federation.min_fit_clients=2")
+
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("fedseg-sim: error: secagg=secaggplus needs at least 3")
+    assert not (out / "metrics.jsonl").exists()
