@@ -18,7 +18,7 @@ from clients.mods import central_dp_clipping_mod, secure_aggregation_mod
 from fedseg.config import RunSettings, from_run_config, resolve_device
 from fedseg.engine import make_optimizer, train
 from fedseg.models import get_weights, set_weights
-from fedseg.privacy import ClientPrivacy, DPSpec, private_round, steps_per_epoch
+from fedseg.privacy import ClientPrivacy, DPSpec, private_round, steps_per_epoch, uses_dp_model
 from fedseg.task import cached_data, derive_seed, make_loader, run_model
 
 
@@ -38,13 +38,14 @@ class VehicleClient(NumPyClient):
         self.device = resolve_device(settings.device)
         privacy = settings.blocks.get("privacy", {})
         self.dp = DPSpec.from_block(privacy) if privacy.get("name") == "dpsgd" else None
+        self.dp_model = uses_dp_model(privacy.get("name", "none"))
         self.dp_state_dir = Path(privacy.get("state_dir") or Path(settings.output_dir) / "privacy")
 
     def fit(self, parameters: list, config: dict[str, Any]) -> tuple[list, int, dict[str, Any]]:
         fed, server_round = self.settings.federation, int(config.get("server_round", 0))
         seed = derive_seed(self.settings.seed, server_round, self.partition_id)
         torch.manual_seed(seed)
-        model = run_model(self.settings.model, self.num_classes, seed=self.settings.seed, dp=self.dp is not None)
+        model = run_model(self.settings.model, self.num_classes, seed=self.settings.seed, dp=self.dp_model)
         set_weights(model, parameters)
         loader = make_loader(self.dataset, batch_size=fed.batch_size, shuffle=True, seed=seed)
         optimizer = make_optimizer(model, name=fed.optimizer, lr=fed.lr)

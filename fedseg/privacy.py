@@ -326,3 +326,12 @@ def central_epsilon(spec: CentralDPSpec, *, sample_rate: float, rounds: int, del
     with server noise ``noise_multiplier * clipping_norm``; Opacus' RDP accountant composes them.
     """
     return epsilon_of([(spec.noise_multiplier, sample_rate, rounds)], delta, "rdp")
+
+
+def uses_dp_model(privacy: str) -> bool:
+    """Whether ``privacy`` needs the DP-compatible model (GroupNorm, no running-statistics buffers).
+
+    ``dpsgd`` needs it for per-sample gradients; ``central`` because Flower's server noise lands on
+    every array, and noised BatchNorm statistics (or the integer batch counter) wreck the model.
+    """
+    return privacy in ("dpsgd", "central")

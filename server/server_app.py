@@ -17,6 +17,7 @@ from flwr.server.workflow import DefaultWorkflow
 
 from fedseg.config import RunSettings, from_run_config, resolve_device
 from fedseg.models import get_weights, set_weights
+from fedseg.privacy import uses_dp_model
 from fedseg.reporting import RunReporter
 from fedseg.task import cached_data, model_meta, run_model
 from fedseg.tracking import make_tracker
@@ -30,7 +31,7 @@ def make_reporter(settings: RunSettings, raw: dict[str, Any]) -> RunReporter:
     """The held-out evaluator and output writer for this run's directory."""
     fed, run = settings.federation, settings.blocks.get("run", {})
     data = cached_data(settings.data, fed.num_clients, settings.seed)
-    dp = settings.blocks.get("privacy", {}).get("name") == "dpsgd"
+    dp = uses_dp_model(settings.blocks.get("privacy", {}).get("name", "none"))
     model = run_model(settings.model, data.label_map.num_classes, seed=settings.seed, dp=dp)
     out_dir = Path(settings.output_dir)
     tracker = make_tracker(settings.blocks.get("tracking", {}), run_dir=out_dir, config=raw,
