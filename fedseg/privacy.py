@@ -30,7 +30,6 @@ from opacus.data_loader import DPDataLoader
 from torch import nn
 from torch.utils.data import DataLoader
 
-from fedseg.engine import TrainResult, train
 from fedseg._dp_compat import (
     PerSampleSegmentationLoss,
     make_dp_compatible,
@@ -38,6 +37,7 @@ from fedseg._dp_compat import (
     unwrap_model,
     unwrap_state_dict,
 )
+from fedseg.engine import TrainResult, train
 
 # Measured on UNet-ResNet34 (scripts/bench/dp_step.py; numbers in conf/privacy/dpsgd.yaml): ghost
 # (fast gradient clipping) ties hooks for speed at the default image size and needs half the memory.
@@ -51,10 +51,24 @@ History = list[tuple[float, float, int]]
 warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed")
 
 __all__ = [
-    "ACCOUNTANTS", "DEFAULT_GRAD_SAMPLE_MODE", "GRAD_SAMPLE_MODES", "CentralDPSpec", "ClientPrivacy",
-    "DPSpec", "PerSampleSegmentationLoss", "calibrate_noise", "check_dp_capable", "default_delta",
-    "central_epsilon", "epsilon_of", "make_dp_compatible", "private_round", "per_sample_segmentation_loss", "steps_per_epoch",
-    "unwrap_model", "unwrap_state_dict",
+    "ACCOUNTANTS",
+    "DEFAULT_GRAD_SAMPLE_MODE",
+    "GRAD_SAMPLE_MODES",
+    "CentralDPSpec",
+    "ClientPrivacy",
+    "DPSpec",
+    "PerSampleSegmentationLoss",
+    "calibrate_noise",
+    "central_epsilon",
+    "check_dp_capable",
+    "default_delta",
+    "epsilon_of",
+    "make_dp_compatible",
+    "per_sample_segmentation_loss",
+    "private_round",
+    "steps_per_epoch",
+    "unwrap_model",
+    "unwrap_state_dict",
 ]
 
 

@@ -8,6 +8,7 @@ can be compared key for key.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ from fedseg.tracking import Tracker
 
 def split_metrics(metrics: dict[str, float]) -> tuple[dict[str, float], dict[str, float | None]]:
     """Flower-style flat metrics -> (scalars, per-class IoU with None for classes absent everywhere)."""
-    per_class = {k[4:]: (None if v != v else v) for k, v in metrics.items() if k.startswith("iou/")}
+    per_class = {k[4:]: (None if math.isnan(v) else v) for k, v in metrics.items() if k.startswith("iou/")}
     return {k: v for k, v in metrics.items() if not k.startswith("iou/")}, per_class
 
 

@@ -8,7 +8,8 @@ bytes each way, the vehicles' training loss, their privacy spend, and the server
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from flwr.common import FitIns, FitRes, Parameters, Scalar
 from flwr.server.client_manager import ClientManager
@@ -23,7 +24,6 @@ from flwr.server.strategy import (
 
 from fedseg.config import FederationSpec, RunSettings
 from fedseg.privacy import CentralDPSpec, central_epsilon, default_delta
-
 from fedseg.reporting import split_metrics
 
 STRATEGIES: dict[str, type[FedAvg]] = {"fedavg": FedAvg, "fedprox": FedProx, "fedadam": FedAdam}

@@ -9,6 +9,14 @@ of PyTorch, ONNX fp32 and ONNX INT8 measured in the same run.
 
 from __future__ import annotations
 
+import os
+
+# Before torch loads OpenMP: idle OpenMP workers sleep rather than spin. On cores shared with other
+# work (a vehicle's whole software stack; CI), spinning workers stall each other's barriers. Measured
+# here, 2 threads, UNet-ResNet34 at 192x256, load ~3.5 on 2 cores: median/p95 834/1989 ms spinning,
+# 146/150 ms passive. Set OMP_WAIT_POLICY yourself to measure otherwise.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import dataclasses
 import json
 from dataclasses import dataclass
@@ -31,7 +39,7 @@ from fedseg.export import (
     quantize_int8,
 )
 from fedseg.search.measure import round_robin_indices
-from fedseg.search.profile import MB, torch_latency, usable_threads
+from fedseg.search.profile import MB, state_dict_mb, torch_latency, usable_threads
 from sim._cli import CONF_DIR, resolve, user_errors
 
 
@@ -52,14 +60,18 @@ class ExportSpec:
 def _frames(meta: dict[str, Any], raw: dict[str, Any], spec: ExportSpec, size: tuple[int, int]) -> dict:
     """Calibration images (vehicles' frames) and parity images + masks (held-out), at ``size``."""
     run_cfg = meta.get("config") or raw  # the training run's own data and split, when it was saved
-    data_spec = spec_from(DataSpec, run_cfg["data"])
+    data_block = dict(run_cfg["data"])
+    if not meta.get("config"):  # at least read frames the way the model was trained on them
+        data_block.update({k: meta[k] for k in ("tagset", "task", "input", "image_size") if k in meta})
+    data_spec = spec_from(DataSpec, data_block)
     fleet = load_data(data_spec, num_clients=int(run_cfg["federation"]["num_clients"]),
                       seed=int(run_cfg.get("seed", 0)), progress=False)
     if fleet.label_map.num_classes != int(meta["num_classes"]):
         raise ValueError(f"checkpoint predicts {meta['num_classes']} classes but its data config gives "
                          f"{fleet.label_map.num_classes} (task {data_spec.task!r})")
     pooled = torch.utils.data.ConcatDataset(fleet.clients)
-    calib = [pooled[i][0] for i in round_robin_indices([len(d) for d in fleet.clients], spec.calibration_frames)]
+    order = round_robin_indices([len(d) for d in fleet.clients], spec.calibration_frames)
+    calib = [pooled[i][0] for i in order]
     count = len(fleet.heldout) if spec.parity_frames is None else min(spec.parity_frames, len(fleet.heldout))
     held = [fleet.heldout[i] for i in range(count)]
     images, masks = torch.stack([h[0] for h in held]), torch.stack([torch.as_tensor(h[1]) for h in held])
@@ -106,8 +118,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "checkpoint": str(raw["checkpoint"]), "backbone": meta["backbone"], "round": meta.get("round"),
         "image_size": list(size), "threads": threads, "opset": spec.opset,
         "files": {"fp32": str(fp32), "int8": str(int8) if int8 else None},
-        "size_mb": {"fp32": fp32.stat().st_size / MB, "int8": int8.stat().st_size / MB if int8 else None},
-        "int8_weights": granularity, "parity": {**dataclasses.asdict(parity), "int8_miou_drop": parity.int8_miou_drop},
+        "size_mb": {"torch": state_dict_mb(deployable(model)), "fp32": fp32.stat().st_size / MB,
+                    "int8": int8.stat().st_size / MB if int8 else None},
+        "int8_weights": granularity,
+        "parity": {**dataclasses.asdict(parity), "int8_miou_drop": parity.int8_miou_drop},
         "latency_ms": latency,
     }
     (out / "export.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -125,7 +139,7 @@ def _print_report(r: dict[str, Any]) -> None:
     print(f"fedseg-export: {r['backbone']} at {h}x{w}, {r['threads']} threads, {p['frames']} held-out frames")
     print("| model | file MB | latency ms (median) | × torch | max |logit diff| | mIoU |")
     print("|---|---|---|---|---|---|")
-    rows = [("PyTorch fp32", None, lat["torch_fp32"], 0.0, p["miou_torch"]),
+    rows = [("PyTorch fp32", mb["torch"], lat["torch_fp32"], 0.0, p["miou_torch"]),
             ("ONNX fp32", mb["fp32"], lat.get("onnx_fp32"), p["fp32_max_abs_diff"], p["miou_fp32"]),
             ("ONNX INT8", mb["int8"], lat.get("onnx_int8"), p["int8_max_abs_diff"], p["miou_int8"])]
     for name, size, ms, diff, miou in rows:

@@ -11,6 +11,14 @@ Writes into the run dir: ``search.md``, ``search.csv``, ``search.json``, ``searc
 
 from __future__ import annotations
 
+import os
+
+# Before torch loads OpenMP: idle OpenMP workers sleep rather than spin. On cores shared with other
+# work (a vehicle's whole software stack; CI), spinning workers stall each other's barriers. Measured
+# here, 2 threads, UNet-ResNet34 at 192x256, load ~3.5 on 2 cores: median/p95 834/1989 ms spinning,
+# 146/150 ms passive. Set OMP_WAIT_POLICY yourself to measure otherwise.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import dataclasses
 import json
 import sys
@@ -23,7 +31,14 @@ from tqdm import tqdm
 
 from fedseg.config import RunSettings, resolve_device, spec_from
 from fedseg.data import load_data
-from fedseg.search.measure import SearchSpec, measure_backbone, prepare_data, resolve_backbones, to_candidate
+from fedseg.search.measure import (
+    SearchSpec,
+    measure_backbone,
+    prepare_data,
+    resolve_backbones,
+    retime_interleaved,
+    to_candidate,
+)
 from fedseg.search.profile import usable_threads
 from fedseg.search.report import plot_search, table_rows, write_csv, write_markdown, write_model_config
 from fedseg.search.select import HardwareBudget, NoBackboneFits, pareto_front, select_backbone
@@ -50,19 +65,23 @@ def _dp_spec(raw: dict[str, Any]) -> Any:
     return DPSpec.from_block(block)
 
 
-def _notes(raw: dict[str, Any], spec: SearchSpec, budget: HardwareBudget, threads: int, dp: bool) -> list[str]:
+def _notes(raw: dict[str, Any], spec: SearchSpec, budget: HardwareBudget, threads: int,
+           dp: bool) -> list[str]:
     data = raw["data"]
     return [
         f"Hardware profile `{budget.name}`: {budget.limits()}; {budget.description}",
         (f"Latency: batch 1 at {budget.image_size[0]}x{budget.image_size[1]}, {threads} thread(s), median "
-        f"and p95 of {spec.repeats} runs after {spec.warmup} warm-up; the budget is checked against p95 of "
-        f"the {spec.precision} measurement. `× resnet34`: median latency / {spec.reference}'s (same run)."),
+        f"and p95 of {spec.repeats} runs after {spec.warmup} warm-up; the budget is checked against p95 "
+        f"of the {spec.precision} measurement. PyTorch fp32 is timed with all backbones in alternation "
+        f"(blocks of 5 runs) so that load drift hits them alike; `× {spec.reference}`: median latency / "
+        f"{spec.reference}'s in this run."),
         (f"mIoU: each backbone trained from the same seed for {spec.train_epochs} epoch(s) on the same "
-        f"{data['name']} frames at {data['image_size'][0]}x{data['image_size'][1]} (batch {spec.batch_size}, "
-        f"{spec.optimizer} lr {spec.lr}{', DP-SGD' if dp else ''}), evaluated on the held-out frames."),
-        ("Memory: weights + batch + peak live tensor storage (fedseg.search.profile); train step: one Adam "
-        "step at the training batch and size; DP step: the same under Opacus DP-SGD."),
-        "INT8: ONNX Runtime static quantization (QDQ), calibrated on held-out frames; ONNX fp32 beside it.",
+        f"{data['name']} frames at {data['image_size'][0]}x{data['image_size'][1]} (batch "
+        f"{spec.batch_size}, {spec.optimizer} lr {spec.lr}{', DP-SGD' if dp else ''}), evaluated on the "
+        "held-out frames."),
+        ("Memory: weights + batch + peak live tensor storage (fedseg.search.profile); train step: one "
+        "Adam step at the training batch and size; DP step: the same under Opacus DP-SGD."),
+        "INT8: ONNX Runtime static quantization (QDQ), calibrated on training frames; ONNX fp32 beside it.",
         "Ties: mIoU equal at 3 decimals -> lower median latency -> fewer parameters.",
     ]
 
@@ -88,8 +107,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     bar = tqdm(names, desc="fedseg-search", unit="backbone", disable=not progress)
     for name in bar:
         bar.set_postfix_str(name)
-        results.append(measure_backbone(name, data, spec, budget, seed=settings.seed, threads=threads, dp=dp_spec,
-                                        device=resolve_device(settings.device)))
+        results.append(measure_backbone(name, data, spec, budget, seed=settings.seed, threads=threads,
+                                        dp=dp_spec, device=resolve_device(settings.device)))
+    if len(results) > 1:  # same-run ratios: time the candidates in alternation (see interleaved_latency)
+        bar.write("fedseg-search: timing all backbones in alternation for fair latency ratios")
+        results = retime_interleaved(results, data.num_classes, budget, threads=threads, repeats=spec.repeats)
     candidates = [to_candidate(r, precision=spec.precision, dp=dp) for r in results]
     front = pareto_front(candidates)
     choice, failure = None, None
@@ -99,7 +121,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         failure = err
     rows = table_rows(results, candidates, choice, front, spec.reference)
     write_markdown(rows, out / "search.md", title=f"Backbone search on `{budget.name}`",
-                   notes=_notes(raw, spec, budget, threads, dp))
+                   reference=spec.reference, notes=_notes(raw, spec, budget, threads, dp))
     write_csv(rows, out / "search.csv")
     plot_search(candidates, front, budget, choice, out / "search.png",
                 latency_label="INT8 (ONNX Runtime)" if spec.precision == "int8" else "fp32 (PyTorch)")
