@@ -1,0 +1,1 @@
+"""Hardware-aware backbone search: measure candidates on this machine, keep those that fit, pick one."""

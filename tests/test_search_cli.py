@@ -1,0 +1,65 @@
+"""End to end: `fedseg-search` and `fedseg-export` write their output contract (smoke sizes, tiny model)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.e2e
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _run(module: str, *overrides: str, cache: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "FEDSEG_DATA_CACHE": str(cache)}
+    return subprocess.run([sys.executable, "-m", module, *overrides], check=False, cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_search_writes_table_plot_and_model_config(tmp_path: Path) -> None:
+    out = tmp_path / "search"
+    done = _run("sim.search", "experiment=smoke", "search.backbones=[tiny]", "run.progress=false",
+                f"hydra.run.dir={out}", cache=tmp_path / "cache")
+    assert done.returncode == 0, done.stderr[-2000:]
+    for name in ("search.md", "search.csv", "search.png", "search.json"):
+        assert (out / name).stat().st_size > 0, name
+    rows = list(csv.DictReader((out / "search.csv").open()))
+    assert [r["backbone"] for r in rows] == ["tiny"] and float(rows[0]["latency_ms"]) > 0
+    assert float(rows[0]["int8_latency_ms"]) > 0
+    assert json.loads((out / "search.json").read_text())["selected"] == "tiny"
+    assert "backbone: tiny" in (out / "selected" / "model" / "searched.yaml").read_text()
+
+
+def test_search_over_budget_exits_2_naming_the_limit(tmp_path: Path) -> None:
+    done = _run("sim.search", "experiment=smoke", "search.backbones=[tiny]", "search.int8=false",
+                "hardware.model_mb=0.01", "run.progress=false", f"hydra.run.dir={tmp_path / 'o'}",
+                cache=tmp_path / "cache")
+    assert done.returncode == 2
+    assert "no backbone fits" in done.stderr and "model_mb" in done.stderr
+    assert (tmp_path / "o" / "search.md").exists()  # the table is still written
+    assert not (tmp_path / "o" / "selected").exists()
+
+
+def test_export_writes_fp32_and_int8_with_parity(tmp_path: Path) -> None:
+    from fedseg.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("tiny", 13)  # the `driving` task's 13 classes
+    checkpoint = tmp_path / "global.pt"
+    torch.save({"model_state": model.state_dict(), "backbone": "tiny", "num_classes": 13,
+                "decoder_channels": None, "image_size": [64, 64], "round": 0}, checkpoint)
+    out = tmp_path / "export"
+    done = _run("sim.export", "experiment=smoke", f"checkpoint={checkpoint}", "export.repeats=2",
+                f"hydra.run.dir={out}", cache=tmp_path / "cache")
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads((out / "export.json").read_text())
+    assert report["parity"]["fp32_max_abs_diff"] < 1e-3
+    assert report["parity"]["int8_miou_drop"] is not None
+    assert (out / "model_fp32.onnx").exists() and (out / "model_int8.onnx").exists()
+    assert "ONNX INT8" in done.stdout
