@@ -24,9 +24,10 @@ import torch
 from torch import nn
 
 _DEFAULT_DECODER = (256, 128, 64, 32, 16)  # smp's UNet default
-# Reached with ``batchnorm_to_groupnorm`` + Opacus ``grad_sample_mode="ew"`` (measured, 64 px):
-# "hooks" fails on every entry (in-place ops on hooked outputs, e.g. ResNet's ``out += identity``).
-_DP_ROUTE = "batchnorm_to_groupnorm + grad_sample_mode='ew'"
+# Every entry trains under DP-SGD through ``fedseg.privacy.make_dp_compatible`` (BatchNorm ->
+# GroupNorm, out-of-place residual adds and activations) with the default ghost clipping; plain
+# ``hooks`` fails without those fixes (in-place ``out += identity`` on hooked outputs).
+_DP_ROUTE = "fedseg.privacy.make_dp_compatible + grad_sample_mode='ghost' (hooks/functorch/ew work too)"
 
 
 @dataclass(frozen=True)

@@ -36,8 +36,9 @@ def make_reporter(settings: RunSettings, raw: dict[str, Any]) -> RunReporter:
     out_dir = Path(settings.output_dir)
     tracker = make_tracker(settings.blocks.get("tracking", {}), run_dir=out_dir, config=raw,
                            name=f"{settings.experiment}-{settings.model.backbone}")
-    meta = model_meta(settings.model, data, settings.data, {"mode": "federated",
-                                                            "strategy": settings.strategy.name})
+    meta = model_meta(settings.model, data, settings.data, {"mode": "federated", "dp_model": dp,
+                                                            "strategy": settings.strategy.name,
+                                                            "config": raw})
     return RunReporter(model=model, data=data, out_dir=out_dir, tracker=tracker, meta=meta,
                        total_rounds=fed.rounds, batch_size=max(fed.batch_size, 8),
                        device=resolve_device(settings.device),

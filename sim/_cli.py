@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -13,12 +12,6 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
-
-# Flower and Ray phone home or chatter by default; a vehicle fleet simulation should do neither.
-os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # silence Ray's GPU-env FutureWarning
-
 
 def resolve(cfg: DictConfig) -> dict[str, Any]:
     """The resolved config as plain containers, with the Hydra run directory as ``output_dir``."""

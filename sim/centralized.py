@@ -37,7 +37,7 @@ def run(cfg: DictConfig) -> dict:
     tracker = make_tracker(s.blocks["tracking"], run_dir=out, config=raw,
                            name=f"{s.experiment}-{s.model.backbone}-centralized")
     reporter = RunReporter(model=model, data=data, out_dir=out, tracker=tracker,
-                           meta=model_meta(s.model, data, s.data, {"mode": "centralized"}),
+                           meta=model_meta(s.model, data, s.data, {"mode": "centralized", "config": raw}),
                            total_rounds=epochs, batch_size=max(fed.batch_size, 8), device=device,
                            example_images=int(run_opts["example_images"]), progress=bool(run_opts["progress"]))
     print(f"fedseg-train: {len(pooled)} pooled frames, {len(data.heldout)} held-out, {s.model.backbone}, "

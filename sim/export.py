@@ -9,14 +9,7 @@ of PyTorch, ONNX fp32 and ONNX INT8 measured in the same run.
 
 from __future__ import annotations
 
-import os
-
-# Before torch loads OpenMP: idle OpenMP workers sleep rather than spin. On cores shared with other
-# work (a vehicle's whole software stack; CI), spinning workers stall each other's barriers. Measured
-# here, 2 threads, UNet-ResNet34 at 192x256, load ~3.5 on 2 cores: median/p95 834/1989 ms spinning,
-# 146/150 ms passive. Set OMP_WAIT_POLICY yourself to measure otherwise.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
+# (OMP_WAIT_POLICY=PASSIVE is set by the sim package before torch loads: see sim/__init__.py.)
 import dataclasses
 import json
 from dataclasses import dataclass

@@ -65,3 +65,11 @@ def test_prefix_lookalike_strings_survive() -> None:
     flat = to_run_config({"s": "json:not-really"})
 
     assert from_run_config(flat) == {"s": "json:not-really"}
+
+
+def test_model_group_mirrors_the_backbone_registry() -> None:
+    from fedseg.models import BACKBONES
+
+    names = {p.stem for p in (Path(CONF) / "model").glob("*.yaml")}
+
+    assert names == set(BACKBONES)
