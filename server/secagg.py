@@ -51,6 +51,7 @@ from fedseg.codec import (
 )
 from fedseg.config import RunSettings
 from server.grids import MeteredGrid
+from server.strategy import StrategyWrapper
 
 log = logging.getLogger("fedseg.secagg")
 
@@ -102,7 +103,7 @@ def wrap_strategy(strategy: Strategy, settings: RunSettings) -> Strategy:
     return SecureSumStrategy(strategy, all_or_nothing=central)
 
 
-class SecureSumStrategy(Strategy):
+class SecureSumStrategy(StrategyWrapper):
     """Adds the global weights back to the unmasked mean update and annotates the round's row.
 
     ``inner`` is the run's strategy (usually the ``RoundRecorder``); if it has an ``on_round``
@@ -113,7 +114,7 @@ class SecureSumStrategy(Strategy):
     """
 
     def __init__(self, inner: Strategy, *, all_or_nothing: bool = False) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.all_or_nothing = all_or_nothing
         self._sampled: dict[int, int] = {}
         self._global: list[np.ndarray] = []
@@ -123,9 +124,6 @@ class SecureSumStrategy(Strategy):
         emit = getattr(inner, "on_round", None)
         if callable(emit):  # the recorder's callback: rows pass through self._annotated on their way out
             inner.on_round = self._annotated(emit)  # type: ignore[attr-defined]
-
-    def __repr__(self) -> str:
-        return f"SecureSumStrategy({self.inner!r})"
 
     def __getattr__(self, name: str) -> Any:  # e.g. RoundRecorder.client_epsilon
         if name == "inner":  # not set yet (copy, unpickling): no recursion
@@ -139,9 +137,6 @@ class SecureSumStrategy(Strategy):
     def note(self, server_round: int, fields: dict[str, Any]) -> None:
         """Fields to merge into the row of ``server_round`` when the inner strategy emits it."""
         self._notes.setdefault(server_round, {}).update(fields)
-
-    def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
-        return self.inner.initialize_parameters(client_manager)
 
     def configure_fit(self, server_round: int, parameters: Parameters, client_manager: ClientManager
                       ) -> list[tuple[ClientProxy, FitIns]]:
@@ -164,17 +159,6 @@ class SecureSumStrategy(Strategy):
         parameters, metrics = self.inner.aggregate_fit(server_round, results, failures)
         self.aggregated[server_round] = parameters is not None
         return parameters, metrics
-
-    def configure_evaluate(self, server_round: int, parameters: Parameters, client_manager: ClientManager
-                           ) -> list:
-        return self.inner.configure_evaluate(server_round, parameters, client_manager)
-
-    def aggregate_evaluate(self, server_round: int, results: list, failures: list
-                           ) -> tuple[float | None, dict[str, Scalar]]:
-        return self.inner.aggregate_evaluate(server_round, results, failures)
-
-    def evaluate(self, server_round: int, parameters: Parameters) -> tuple[float, dict[str, Scalar]] | None:
-        return self.inner.evaluate(server_round, parameters)
 
 
 class SecAggPlusFit:

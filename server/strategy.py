@@ -68,23 +68,49 @@ def parameters_bytes(parameters: Parameters) -> int:
     return sum(len(t) for t in parameters.tensors)
 
 
-class RoundRecorder(Strategy):
+class StrategyWrapper(Strategy):
+    """A strategy that delegates every call to ``inner``; wrappers override only what they change."""
+
+    def __init__(self, inner: Strategy) -> None:
+        self.inner = inner
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.inner!r})"
+
+    def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
+        return self.inner.initialize_parameters(client_manager)
+
+    def configure_fit(self, server_round: int, parameters: Parameters, client_manager: ClientManager
+                      ) -> list[tuple[ClientProxy, FitIns]]:
+        return self.inner.configure_fit(server_round, parameters, client_manager)
+
+    def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]],
+                      failures: list[Any]) -> tuple[Parameters | None, dict[str, Scalar]]:
+        return self.inner.aggregate_fit(server_round, results, failures)
+
+    def configure_evaluate(self, server_round: int, parameters: Parameters, client_manager: ClientManager
+                           ) -> list:
+        return self.inner.configure_evaluate(server_round, parameters, client_manager)
+
+    def aggregate_evaluate(self, server_round: int, results: list, failures: list
+                           ) -> tuple[float | None, dict[str, Scalar]]:
+        return self.inner.aggregate_evaluate(server_round, results, failures)
+
+    def evaluate(self, server_round: int, parameters: Parameters) -> tuple[float, dict[str, Scalar]] | None:
+        return self.inner.evaluate(server_round, parameters)
+
+
+class RoundRecorder(StrategyWrapper):
     """Delegates to ``inner`` and calls ``on_round(row)`` after each server-side evaluation."""
 
     def __init__(self, inner: Strategy, on_round: Callable[[dict[str, Any]], None],
                  central_dp: Callable[[int], tuple[float, float]] | None = None) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.on_round = on_round
         self.central_dp = central_dp
         self.client_epsilon: dict[str, float] = {}
         self.client_delta: dict[str, float] = {}
         self._pending: dict[str, Any] = {}
-
-    def __repr__(self) -> str:
-        return f"RoundRecorder({self.inner!r})"
-
-    def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
-        return self.inner.initialize_parameters(client_manager)
 
     def configure_fit(self, server_round: int, parameters: Parameters, client_manager: ClientManager
                       ) -> list[tuple[ClientProxy, FitIns]]:
@@ -118,14 +144,6 @@ class RoundRecorder(Strategy):
         if "t0" in self._pending:  # configure_fit opened this round
             self._pending["round_s"] = time.perf_counter() - self._pending["t0"]
         return aggregated
-
-    def configure_evaluate(self, server_round: int, parameters: Parameters, client_manager: ClientManager
-                           ) -> list:
-        return self.inner.configure_evaluate(server_round, parameters, client_manager)
-
-    def aggregate_evaluate(self, server_round: int, results: list, failures: list
-                           ) -> tuple[float | None, dict[str, Scalar]]:
-        return self.inner.aggregate_evaluate(server_round, results, failures)
 
     def evaluate(self, server_round: int, parameters: Parameters) -> tuple[float, dict[str, Scalar]] | None:
         evaluated = self.inner.evaluate(server_round, parameters)
