@@ -39,6 +39,8 @@ def user_errors(prog: str) -> Callable:
                 return fn(*args, **kwargs)
             except (DataError, ValueError, KeyError, FileNotFoundError, MissingMandatoryValue) as err:
                 msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                if isinstance(err, MissingMandatoryValue) and getattr(err, "full_key", None):
+                    msg = f"{err.full_key} is required (set it on the command line: {err.full_key}=...)"
                 logging.getLogger(prog).debug("user error", exc_info=True)
                 print(f"{prog}: error: {msg}", file=sys.stderr)
                 sys.exit(2)

@@ -72,3 +72,11 @@ def test_corrupt_png_fails_with_one_line_naming_the_file(tmp_path: Path) -> None
     assert len(lines) == 1, proc.stderr
     assert lines[0].startswith("fedseg-train: error: ") and "000_0414.png" in lines[0]
     assert "Traceback" not in proc.stderr + proc.stdout
+
+
+def test_missing_data_root_names_the_key(tmp_path: Path) -> None:
+    proc = run_cli("fedseg-train", "experiment=smoke", "data=carla", "run.progress=false",
+                   f"hydra.run.dir={tmp_path / 'out'}", tmp=tmp_path)
+
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "fedseg-train: error: data.root is required (set it on the command line: data.root=...)"
