@@ -22,7 +22,13 @@ from fedseg.reporting import RunReporter
 from fedseg.task import cached_data, model_meta, run_model
 from fedseg.tracking import make_tracker
 from server.secagg import build_fit_workflow, wrap_strategy
-from server.strategy import RoundRecorder, build_strategy, central_accounting, wrap_privacy
+from server.strategy import (
+    RoundRecorder,
+    build_strategy,
+    central_accounting,
+    mean_train_loss,
+    wrap_privacy,
+)
 
 app = ServerApp()
 
@@ -44,13 +50,6 @@ def make_reporter(settings: RunSettings, raw: dict[str, Any]) -> RunReporter:
                        device=resolve_device(settings.device),
                        example_images=int(run.get("example_images", 4)),
                        progress=bool(run.get("progress", True)))
-
-
-def mean_train_loss(metrics: list[tuple[int, dict]]) -> dict[str, float]:
-    """Vehicles' training loss weighted by their frames (what Flower logs as fit metrics)."""
-    pairs = [(n, m["loss"]) for n, m in metrics if "loss" in m]
-    total = sum(n for n, _ in pairs)
-    return {"train_loss": sum(n * v for n, v in pairs) / total} if total else {}
 
 
 def make_strategy(settings: RunSettings, reporter: RunReporter) -> RoundRecorder:

@@ -29,6 +29,13 @@ from fedseg.reporting import split_metrics
 STRATEGIES: dict[str, type[FedAvg]] = {"fedavg": FedAvg, "fedprox": FedProx, "fedadam": FedAdam}
 
 
+def mean_train_loss(metrics: list[tuple[int, dict]]) -> dict[str, float]:
+    """Vehicles' training loss weighted by their frames (also what Flower logs as fit metrics)."""
+    pairs = [(n, m["loss"]) for n, m in metrics if "loss" in m]
+    total = sum(n for n, _ in pairs)
+    return {"train_loss": sum(n * v for n, v in pairs) / total} if total else {}
+
+
 def sampled_per_round(fed: FederationSpec) -> int:
     """Vehicles Flower samples each round (its own rule: fraction of the available, at least min)."""
     return max(int(fed.num_clients * fed.fraction_fit), fed.min_fit_clients)
@@ -126,7 +133,6 @@ class RoundRecorder(StrategyWrapper):
         trained = [(p, r) for p, r in results if not r.metrics.get("skipped")]
         skipped = [str(r.metrics.get("partition_id", p.cid)) for p, r in results if r.metrics.get("skipped")]
         n = sum(r.num_examples for _, r in trained)
-        losses = [(r.num_examples, r.metrics["loss"]) for _, r in trained if "loss" in r.metrics]
         for proxy, res in results:
             vehicle = str(res.metrics.get("partition_id", proxy.cid))
             if res.metrics.get("epsilon") is not None:  # cumulative per vehicle: keep the latest
@@ -134,7 +140,7 @@ class RoundRecorder(StrategyWrapper):
                 self.client_delta[vehicle] = float(res.metrics.get("delta", 0.0))
         self._pending.update(
             bytes_up=sum(parameters_bytes(r.parameters) for _, r in results),
-            train_loss=sum(k * v for k, v in losses) / max(1, sum(k for k, _ in losses)) if losses else None,
+            train_loss=mean_train_loss([(r.num_examples, r.metrics) for _, r in trained]).get("train_loss"),
             clients=len(trained),
             skipped=skipped,
             failures=len(failures),
