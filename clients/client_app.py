@@ -44,9 +44,9 @@ class VehicleClient(NumPyClient):
     def fit(self, parameters: list, config: dict[str, Any]) -> tuple[list, int, dict[str, Any]]:
         fed, server_round = self.settings.federation, int(config.get("server_round", 0))
         seed = derive_seed(self.settings.seed, server_round, self.partition_id)
-        torch.manual_seed(seed)
         model = run_model(self.settings.model, self.num_classes, seed=self.settings.seed, dp=self.dp_model)
         set_weights(model, parameters)
+        torch.manual_seed(seed)  # after run_model, which seeds the (overwritten) initialisation
         loader = make_loader(self.dataset, batch_size=fed.batch_size, shuffle=True, seed=seed)
         optimizer = make_optimizer(model, name=fed.optimizer, lr=fed.lr)
         epochs, mu = int(config.get("local_epochs", fed.local_epochs)), float(config.get("proximal_mu", 0.0))

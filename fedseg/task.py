@@ -20,8 +20,11 @@ from fedseg.models import build_model
 
 @functools.lru_cache(maxsize=4)
 def cached_data(spec: DataSpec, num_clients: int, seed: int, progress: bool = False) -> FleetData:
-    """Load (once per process) the fleet; Ray reuses actor processes across rounds."""
-    return load_data(spec, num_clients=num_clients, seed=seed, progress=progress)
+    """Load (once per process) the fleet; Ray reuses actor processes across rounds.
+
+    Files are not re-validated here: the entry point (``fedseg-sim``) has checked them once.
+    """
+    return load_data(spec, num_clients=num_clients, seed=seed, progress=progress, check=False)
 
 
 def run_model(spec: ModelSpec, num_classes: int, *, seed: int, dp: bool = False) -> torch.nn.Module:
