@@ -16,10 +16,10 @@ from flwr.common import ConfigRecord, Context
 
 from clients.mods import central_dp_clipping_mod, secure_aggregation_mod
 from fedseg.config import RunSettings, from_run_config, resolve_device
-from fedseg.engine import make_optimizer, train
-from fedseg.models import get_weights, set_weights
+from fedseg.data import cached_fleet
+from fedseg.models import build_run_model, get_weights, set_weights
 from fedseg.privacy import ClientPrivacy, DPSpec, private_round, steps_per_epoch, uses_dp_model
-from fedseg.task import cached_data, derive_seed, make_loader, run_model
+from fedseg.training import derive_seed, make_loader, make_optimizer, train
 
 
 class VehicleClient(NumPyClient):
@@ -30,7 +30,7 @@ class VehicleClient(NumPyClient):
         self.partition_id = partition_id
         self.state = context.state
         fed = settings.federation
-        data = cached_data(settings.data, fed.num_clients, settings.seed)
+        data = cached_fleet(settings.data, fed.num_clients, settings.seed)
         if not 0 <= partition_id < len(data.clients):
             raise ValueError(f"partition-id {partition_id} outside 0..{len(data.clients) - 1}")
         self.dataset = data.clients[partition_id]
@@ -44,7 +44,7 @@ class VehicleClient(NumPyClient):
     def fit(self, parameters: list, config: dict[str, Any]) -> tuple[list, int, dict[str, Any]]:
         fed, server_round = self.settings.federation, int(config.get("server_round", 0))
         seed = derive_seed(self.settings.seed, server_round, self.partition_id)
-        model = run_model(self.settings.model, self.num_classes, seed=self.settings.seed, dp=self.dp_model)
+        model = build_run_model(self.settings.model, self.num_classes, seed=self.settings.seed, dp=self.dp_model)
         set_weights(model, parameters)
         torch.manual_seed(seed)  # after run_model, which seeds the (overwritten) initialisation
         loader = make_loader(self.dataset, batch_size=fed.batch_size, shuffle=True, seed=seed)

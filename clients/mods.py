@@ -24,8 +24,8 @@ from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_STATE
 from flwr.compat.common import recorddict_compat as compat
 
-from fedseg.codec import SecAggSpec, check_secagg_range, encode_delta
 from fedseg.config import from_run_config
+from fedseg.fixedpoint import SecAggSpec, check_secagg_range, encode_delta
 
 
 def _block(context: Context, name: str) -> dict[str, Any]:

@@ -75,9 +75,9 @@ class DataSpec:
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """UNet backbone choice (conf/model/*.yaml), see fedseg.models.BACKBONES."""
+    """UNet backbone choice (conf/model/*.yaml): ``name`` is a key of fedseg.models.BACKBONES."""
 
-    backbone: str = "resnet34"
+    name: str = "resnet34"
     encoder_weights: str | None = None
     decoder_channels: tuple[int, ...] | None = None
 

@@ -21,7 +21,6 @@ import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -61,43 +60,6 @@ class Parity:
         if self.miou_torch is None or self.miou_int8 is None:
             return None
         return self.miou_torch - self.miou_int8
-
-
-def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild the UNet saved at ``path`` (``<run_dir>/checkpoints/global.pt``); returns (model, metadata).
-
-    A DP run's model has GroupNorm where the registry's has BatchNorm, so the DP-compatible rebuild
-    is tried when the plain one does not match the saved keys.
-    """
-    from fedseg.models import build_model
-
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path} (expected <run_dir>/checkpoints/global.pt "
-                                "written by fedseg-sim or fedseg-train)")
-    meta = torch.load(path, map_location="cpu", weights_only=False)
-    missing = [key for key in ("model_state", "backbone", "num_classes") if key not in meta]
-    if missing:
-        raise ValueError(f"{path} is not a fedseg checkpoint: it lacks {missing}")
-    model = build_model(meta["backbone"], int(meta["num_classes"]),
-                        decoder_channels=meta.get("decoder_channels"))
-    state = meta["model_state"]
-    for rebuild in (lambda m: m, _dp_rebuild):
-        candidate = rebuild(model)
-        if candidate is not None and set(candidate.state_dict()) == set(state):
-            candidate.load_state_dict(state)
-            return candidate.eval(), {k: v for k, v in meta.items() if k != "model_state"}
-    extra = sorted(set(state) - set(model.state_dict()))[:3]
-    raise ValueError(f"{path}: weights do not match backbone {meta['backbone']!r} (plain or DP-compatible), "
-                     f"e.g. unexpected keys {extra}")
-
-
-def _dp_rebuild(model: nn.Module) -> nn.Module | None:
-    try:
-        from fedseg.privacy import make_dp_compatible
-    except ImportError:
-        return None
-    return make_dp_compatible(model)
 
 
 def deployable(model: nn.Module) -> nn.Module:

@@ -23,11 +23,12 @@ import segmentation_models_pytorch as smp
 import torch
 from torch import nn
 
+from fedseg.config import ModelSpec
+
 _DEFAULT_DECODER = (256, 128, 64, 32, 16)  # smp's UNet default
 # Every entry trains under DP-SGD through ``fedseg.privacy.make_dp_compatible`` (BatchNorm ->
-# GroupNorm, out-of-place residual adds and activations) with the default ghost clipping; plain
-# ``hooks`` fails without those fixes (in-place ``out += identity`` on hooked outputs).
-_DP_ROUTE = "fedseg.privacy.make_dp_compatible + grad_sample_mode='ghost' (hooks/functorch/ew work too)"
+# GroupNorm, out-of-place residual adds and activations), tested for each in tests/test_privacy.py;
+# plain ``hooks`` fails without those fixes (in-place ``out += identity`` on hooked outputs).
 
 
 @dataclass(frozen=True)
@@ -39,8 +40,6 @@ class BackboneSpec:
     description: str  # which seed paper / family it stands for
     decoder_channels: tuple[int, ...] = _DEFAULT_DECODER
     encoder_depth: int = 5
-    dp_capable: bool = True
-    dp_note: str = _DP_ROUTE
     # Encoder submodules the forward pass never uses; removed so they are neither trained, sent to the
     # server, nor trip Opacus (a trainable parameter without a per-sample gradient).
     unused_modules: tuple[str, ...] = ()
@@ -113,6 +112,22 @@ def build_model(
     if encoder_weights is not None:
         path = _find_weights_file(backbone, spec, encoder_weights)
         _load_encoder_state(model.encoder, _read_state_dict(path), in_channels, path)
+    return model
+
+
+def build_run_model(spec: ModelSpec, num_classes: int, *, seed: int, dp: bool = False) -> nn.Module:
+    """The run's UNet, initialised identically everywhere (server, vehicles, baseline) from ``seed``.
+
+    ``dp``: the DP-compatible variant (GroupNorm, out-of-place residuals). Server and vehicles
+    must agree on it, since GroupNorm has no running-statistics buffers.
+    """
+    torch.manual_seed(seed)
+    model = build_model(spec.name, num_classes, encoder_weights=spec.encoder_weights,
+                        decoder_channels=spec.decoder_channels)
+    if dp:
+        from fedseg._dp_compat import make_dp_compatible  # local: pulls in Opacus
+
+        model = make_dp_compatible(model)
     return model
 
 

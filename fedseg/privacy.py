@@ -37,7 +37,7 @@ from fedseg._dp_compat import (
     unwrap_model,
     unwrap_state_dict,
 )
-from fedseg.engine import TrainResult, train
+from fedseg.training import TrainResult, train
 
 # Measured on UNet-ResNet34 (scripts/bench/dp_step.py; numbers in conf/privacy/dpsgd.yaml): ghost
 # (fast gradient clipping) ties hooks for speed at the default image size and needs half the memory.
@@ -60,7 +60,6 @@ __all__ = [
     "PerSampleSegmentationLoss",
     "calibrate_noise",
     "central_epsilon",
-    "check_dp_capable",
     "default_delta",
     "epsilon_of",
     "make_dp_compatible",
@@ -125,19 +124,6 @@ def _spec_from_block(cls: type[Any], block: Mapping[str, Any], caller_keys: tupl
     if unknown:
         raise ValueError(f"unknown privacy keys {unknown}; valid: {sorted(valid | set(caller_keys))}")
     return cls(**values)
-
-
-def check_dp_capable(backbone: str) -> None:
-    """Raise a ValueError naming ``backbone``, why it cannot train under DP, and the ones that can."""
-    from fedseg.models import BACKBONES  # local import: models may import heavy encoder code
-
-    if backbone not in BACKBONES:
-        raise ValueError(f"unknown backbone {backbone!r}; valid: {sorted(BACKBONES)}")
-    spec = BACKBONES[backbone]
-    if not spec.dp_capable:
-        capable = sorted(name for name, s in BACKBONES.items() if s.dp_capable)
-        raise ValueError(f"backbone {backbone!r} cannot train under DP-SGD (privacy=dpsgd): "
-                         f"{spec.dp_note or 'marked not DP-capable'}. DP-capable backbones: {capable}")
 
 
 def steps_per_epoch(num_examples: int, batch_size: int) -> int:

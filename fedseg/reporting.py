@@ -17,14 +17,13 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from fedseg.data import FleetData
-from fedseg.engine import evaluate, predict
 from fedseg.labels import class_colors
 from fedseg.metrics import scores
 from fedseg.models import count_parameters
 from fedseg.plots import plot_curves, plot_examples
 from fedseg.runlog import RunLog, format_row
-from fedseg.task import make_loader
 from fedseg.tracking import Tracker
+from fedseg.training import evaluate, make_loader, predict
 
 
 def split_metrics(metrics: dict[str, float]) -> tuple[dict[str, float], dict[str, float | None]]:

@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from fedseg.checkpoints import save_checkpoint
+
 # Keys every metrics.jsonl row carries (DESIGN.md); extra keys (train_loss, ...) may follow.
 ROW_KEYS = (
     "round", "loss", "pixel_acc", "miou", "dice", "per_class_iou", "epsilon", "delta",
@@ -67,11 +69,7 @@ class RunLog:
 
     def save_checkpoint(self, model: torch.nn.Module, meta: dict[str, Any], name: str = "global.pt") -> Path:
         """Save the model state with what rebuilding and resuming it needs (atomically)."""
-        path = self.out_dir / "checkpoints" / name
-        tmp = path.with_name(f".{name}.tmp-{os.getpid()}")
-        torch.save({"model_state": model.state_dict(), **meta}, tmp)
-        os.replace(tmp, path)
-        return path
+        return save_checkpoint(self.out_dir / "checkpoints" / name, model, meta)
 
     def write_summary(self, extra: dict[str, Any]) -> dict[str, Any]:
         """``summary.json``: the final row plus run-level facts (backbone, params, privacy, ...)."""

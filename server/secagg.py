@@ -39,7 +39,8 @@ from flwr.server.strategy import Strategy
 from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, Key
 
-from fedseg.codec import (
+from fedseg.config import RunSettings
+from fedseg.fixedpoint import (
     SecAggRangeError,
     SecAggSpec,
     aggregate_error_bound,
@@ -49,7 +50,6 @@ from fedseg.codec import (
     validate_secagg,
     vehicles_per_round,
 )
-from fedseg.config import RunSettings
 from server.grids import MeteredGrid
 from server.strategy import StrategyWrapper
 
@@ -74,9 +74,9 @@ def check_config(settings: RunSettings, partition_sizes: list[int] | None = None
 
 def _partition_sizes(settings: RunSettings) -> list[int]:
     """Frames per vehicle, as the simulation partitions them (cached: the server loaded them already)."""
-    from fedseg.task import cached_data
+    from fedseg.data import cached_fleet
 
-    data = cached_data(settings.data, settings.federation.num_clients, settings.seed)
+    data = cached_fleet(settings.data, settings.federation.num_clients, settings.seed)
     return [len(d) for d in data.clients]
 
 

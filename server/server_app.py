@@ -15,11 +15,12 @@ from flwr.common import Context, ndarrays_to_parameters
 from flwr.server import Grid, LegacyContext, ServerApp, ServerConfig
 from flwr.server.workflow import DefaultWorkflow
 
+from fedseg.checkpoints import checkpoint_meta
 from fedseg.config import RunSettings, from_run_config, resolve_device
-from fedseg.models import get_weights, set_weights
+from fedseg.data import cached_fleet
+from fedseg.models import build_run_model, get_weights, set_weights
 from fedseg.privacy import uses_dp_model
 from fedseg.reporting import RunReporter
-from fedseg.task import cached_data, model_meta, run_model
 from fedseg.tracking import make_tracker
 from server.secagg import build_fit_workflow, wrap_strategy
 from server.strategy import (
@@ -36,13 +37,13 @@ app = ServerApp()
 def make_reporter(settings: RunSettings, raw: dict[str, Any]) -> RunReporter:
     """The held-out evaluator and output writer for this run's directory."""
     fed, run = settings.federation, settings.blocks.get("run", {})
-    data = cached_data(settings.data, fed.num_clients, settings.seed)
+    data = cached_fleet(settings.data, fed.num_clients, settings.seed)
     dp = uses_dp_model(settings.blocks.get("privacy", {}).get("name", "none"))
-    model = run_model(settings.model, data.label_map.num_classes, seed=settings.seed, dp=dp)
+    model = build_run_model(settings.model, data.label_map.num_classes, seed=settings.seed, dp=dp)
     out_dir = Path(settings.output_dir)
     tracker = make_tracker(settings.blocks.get("tracking", {}), run_dir=out_dir, config=raw,
-                           name=f"{settings.experiment}-{settings.model.backbone}")
-    meta = model_meta(settings.model, data, settings.data, {"mode": "federated", "dp_model": dp,
+                           name=f"{settings.experiment}-{settings.model.name}")
+    meta = checkpoint_meta(settings.model, settings.data, data.label_map, {"mode": "federated", "dp_model": dp,
                                                             "strategy": settings.strategy.name,
                                                             "config": raw})
     return RunReporter(model=model, data=data, out_dir=out_dir, tracker=tracker, meta=meta,

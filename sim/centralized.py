@@ -15,12 +15,13 @@ import hydra
 from omegaconf import DictConfig
 from torch.utils.data import ConcatDataset
 
+from fedseg.checkpoints import checkpoint_meta
 from fedseg.config import RunSettings, resolve_device
 from fedseg.data import load_data
-from fedseg.engine import make_optimizer, train
+from fedseg.models import build_run_model
 from fedseg.reporting import RunReporter, split_metrics
-from fedseg.task import derive_seed, make_loader, model_meta, run_model
 from fedseg.tracking import make_tracker
+from fedseg.training import derive_seed, make_loader, make_optimizer, train
 from sim._cli import CONF_DIR, resolve, user_errors
 
 
@@ -32,15 +33,15 @@ def run(cfg: DictConfig) -> dict:
     epochs = int(s.blocks["train"].get("epochs") or fed.rounds * fed.local_epochs)
     data = load_data(s.data, num_clients=fed.num_clients, seed=s.seed, progress=bool(run_opts["progress"]))
     pooled = ConcatDataset(data.clients)
-    model = run_model(s.model, data.label_map.num_classes, seed=s.seed)
+    model = build_run_model(s.model, data.label_map.num_classes, seed=s.seed)
     out, device = Path(s.output_dir), resolve_device(s.device)
     tracker = make_tracker(s.blocks["tracking"], run_dir=out, config=raw,
-                           name=f"{s.experiment}-{s.model.backbone}-centralized")
+                           name=f"{s.experiment}-{s.model.name}-centralized")
     reporter = RunReporter(model=model, data=data, out_dir=out, tracker=tracker,
-                           meta=model_meta(s.model, data, s.data, {"mode": "centralized", "config": raw}),
+                           meta=checkpoint_meta(s.model, s.data, data.label_map, {"mode": "centralized", "config": raw}),
                            total_rounds=epochs, batch_size=max(fed.batch_size, 8), device=device,
                            example_images=int(run_opts["example_images"]), progress=bool(run_opts["progress"]))
-    print(f"fedseg-train: {len(pooled)} pooled frames, {len(data.heldout)} held-out, {s.model.backbone}, "
+    print(f"fedseg-train: {len(pooled)} pooled frames, {len(data.heldout)} held-out, {s.model.name}, "
           f"{epochs} epochs -> {out}", flush=True)
     loss, metrics = reporter.evaluate()
     reporter.record(_row(0, loss, metrics, train_loss=None, seconds=0.0, examples=0))

@@ -21,13 +21,13 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
+from fedseg.checkpoints import load_checkpoint
 from fedseg.config import DataSpec, spec_from
 from fedseg.data import load_data
 from fedseg.export import (
     check_parity,
     deployable,
     export_onnx,
-    load_checkpoint,
     onnx_latency,
     quantize_int8,
 )

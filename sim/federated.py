@@ -32,7 +32,7 @@ def run(cfg: DictConfig) -> dict:
     sizes = [len(d) for d in data.clients]
     check_secagg(settings, sizes)  # impossible SecAgg+ settings fail here, before Ray starts
     print(f"fedseg-sim: {fed.num_clients} vehicles ({sizes} frames), {len(data.heldout)} held-out, "
-          f"{settings.model.backbone}, {fed.rounds} rounds -> {settings.output_dir}", flush=True)
+          f"{settings.model.name}, {fed.rounds} rounds -> {settings.output_dir}", flush=True)
     out = Path(settings.output_dir)
     run_federation(to_run_config(raw), num_vehicles=fed.num_clients, client_cpus=fed.client_cpus,
                    client_gpus=fed.client_gpus, app_dir=out / "flwr_app",

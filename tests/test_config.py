@@ -44,7 +44,7 @@ def test_settings_from_smoke_config_are_typed() -> None:
 
     s = RunSettings.from_config(from_run_config(to_run_config(cfg)))
 
-    assert s.model.backbone == "tiny"
+    assert s.model.name == "tiny"
     assert s.data.image_size == (64, 64)
     assert s.federation.num_clients == 3 and s.federation.rounds == 2
     assert s.strategy.name == "fedprox" and s.strategy.options == {"proximal_mu": 0.01}
@@ -53,7 +53,7 @@ def test_settings_from_smoke_config_are_typed() -> None:
 def test_default_run_is_unet_resnet34_on_synthetic_data() -> None:
     s = RunSettings.from_config(compose_config())
 
-    assert (s.model.backbone, s.data.name, s.model.encoder_weights) == ("resnet34", "synthetic", None)
+    assert (s.model.name, s.data.name, s.model.encoder_weights) == ("resnet34", "synthetic", None)
 
 
 def test_unknown_spec_key_names_it_and_the_valid_ones() -> None:

@@ -13,11 +13,10 @@ from PIL import Image
 from fedseg.baselines import ColourLookup, to_uint8
 from fedseg.data.carla import Frame, SegmentationDataset, load_fleet
 from fedseg.data.synthetic import generate_fleet
-from fedseg.engine import evaluate, make_optimizer, train
 from fedseg.labels import IGNORE_INDEX, build_label_map
 from fedseg.metrics import scores
 from fedseg.models import build_model
-from fedseg.task import make_loader
+from fedseg.training import evaluate, make_loader, make_optimizer, train
 
 X = IGNORE_INDEX
 

@@ -7,7 +7,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from fedseg.engine import (
+from fedseg.labels import IGNORE_INDEX
+from fedseg.models import build_model
+from fedseg.training import (
     EvalResult,
     TrainResult,
     evaluate,
@@ -16,8 +18,6 @@ from fedseg.engine import (
     segmentation_loss,
     train,
 )
-from fedseg.labels import IGNORE_INDEX
-from fedseg.models import build_model
 
 
 def _pattern_data(n: int = 8, size: int = 64, seed: int = 0) -> TensorDataset:

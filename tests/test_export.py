@@ -48,7 +48,7 @@ def test_missing_onnx_file_is_a_clear_error(tmp_path: Path) -> None:
 
 
 def test_load_checkpoint_round_trip_and_errors(exported: tuple, tmp_path: Path) -> None:
-    from fedseg.export import load_checkpoint
+    from fedseg.checkpoints import load_checkpoint
 
     model = exported[0]
     path = tmp_path / "global.pt"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import dataclasses
 import math
 
 import pytest
@@ -16,7 +15,6 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from fedseg import models
 from fedseg._dp_compat import make_residuals_out_of_place
-from fedseg.engine import train
 from fedseg.models import BACKBONES, build_model
 from fedseg.privacy import (
     DEFAULT_GRAD_SAMPLE_MODE,
@@ -24,7 +22,6 @@ from fedseg.privacy import (
     ClientPrivacy,
     DPSpec,
     calibrate_noise,
-    check_dp_capable,
     default_delta,
     epsilon_of,
     make_dp_compatible,
@@ -32,6 +29,7 @@ from fedseg.privacy import (
     unwrap_model,
     unwrap_state_dict,
 )
+from fedseg.training import train
 
 CLASSES = 3
 # Opacus hooks the first conv, whose input (the image) needs no grad; PyTorch warns on each backward.
@@ -308,23 +306,13 @@ def test_default_backbone_takes_a_dp_step_in_the_default_mode():
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("backbone", sorted(name for name, s in BACKBONES.items() if s.dp_capable))
-def test_every_dp_capable_backbone_takes_a_dp_step(backbone):
+@pytest.mark.parametrize("backbone", sorted(BACKBONES))
+def test_every_backbone_takes_a_dp_step(backbone):
     torch.manual_seed(0)
     model = make_dp_compatible(build_model(backbone, CLASSES))
     privacy = ClientPrivacy(DPSpec(noise_multiplier=1.0), num_examples=2, batch_size=2, planned_steps=1)
     wrapped = _dp_round(privacy, model, _frames(2, size=32), batch=2, steps=1)
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in wrapped.parameters())
-
-
-def test_a_backbone_marked_not_dp_capable_raises_a_clear_error(monkeypatch):
-    spec = dataclasses.replace(BACKBONES["resnet18"], dp_capable=False, dp_note="uses reason-X layers")
-    monkeypatch.setitem(BACKBONES, "resnet18", spec)
-    with pytest.raises(ValueError, match="'resnet18'.*reason-X.*'resnet34'"):
-        check_dp_capable("resnet18")
-    with pytest.raises(ValueError, match="unknown backbone 'nope'"):
-        check_dp_capable("nope")
-    check_dp_capable("resnet34")  # a capable one passes silently
 
 
 def test_dp_spec_rejects_ambiguous_or_unknown_settings():

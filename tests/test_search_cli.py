@@ -33,7 +33,7 @@ def test_search_writes_table_plot_and_model_config(tmp_path: Path) -> None:
     assert [r["backbone"] for r in rows] == ["tiny"] and float(rows[0]["latency_ms"]) > 0
     assert float(rows[0]["int8_latency_ms"]) > 0
     assert json.loads((out / "search.json").read_text())["selected"] == "tiny"
-    assert "backbone: tiny" in (out / "selected" / "model" / "searched.yaml").read_text()
+    assert "name: tiny" in (out / "selected" / "model" / "searched.yaml").read_text()
 
 
 def test_search_over_budget_exits_2_naming_the_limit(tmp_path: Path) -> None:

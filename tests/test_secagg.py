@@ -24,7 +24,8 @@ from flwr.server import LegacyContext, ServerConfig
 from flwr.server.workflow import DefaultWorkflow
 
 from clients.mods import central_dp_clipping_mod, secure_aggregation_mod
-from fedseg.codec import (
+from fedseg.config import RunSettings, to_run_config
+from fedseg.fixedpoint import (
     SecAggRangeError,
     SecAggSpec,
     aggregate_error_bound,
@@ -33,10 +34,9 @@ from fedseg.codec import (
     encode_delta,
     resolve_shares,
 )
-from fedseg.config import RunSettings, to_run_config
-from server.grids import LoopbackGrid
 from server.secagg import SecAggRoundError, build_fit_workflow, check_config, wrap_strategy
 from server.strategy import RoundRecorder, build_strategy, wrap_privacy
+from sim.loopback import LoopbackGrid
 
 SECAGG = {"name": "secaggplus", "num_shares": 3, "reconstruction_threshold": 2}
 # Vehicle i adds UPDATES[i] to every global element and trains on EXAMPLES[i] frames.

@@ -7,6 +7,7 @@ trains on a real CARLA collection.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ from fedseg.config import DataSpec
 from fedseg.data.carla import DataError, SegmentationDataset, load_fleet, validate
 from fedseg.labels import LabelMap, build_label_map
 
-__all__ = ["DATASETS", "DataError", "FleetData", "dataset_root", "load_data"]
+__all__ = ["DATASETS", "DataError", "FleetData", "cached_fleet", "dataset_root", "load_data"]
 
 DATASETS = ("synthetic", "carla")
 
@@ -92,3 +93,12 @@ def load_data(spec: DataSpec, *, num_clients: int, seed: int, progress: bool = T
 
     return FleetData([make(frames) for frames in fleet.clients], make(fleet.heldout), label_map)
 
+
+
+@functools.lru_cache(maxsize=4)
+def cached_fleet(spec: DataSpec, num_clients: int, seed: int) -> FleetData:
+    """The fleet, loaded once per process (Ray reuses actor processes across rounds).
+
+    Files are not re-validated here: the entry point (``fedseg-sim``) has checked them once.
+    """
+    return load_data(spec, num_clients=num_clients, seed=seed, progress=False, check=False)

@@ -128,9 +128,8 @@ def train_and_score(model: torch.nn.Module, data: SearchData, spec: SearchSpec, 
     ``dp``: a :class:`fedseg.privacy.DPSpec` to train under DP-SGD as the run would (a DP-compatible
     copy of ``model`` is trained; with ``target_epsilon`` the noise is calibrated to this short budget).
     """
-    from fedseg.engine import evaluate, make_optimizer, train
     from fedseg.metrics import scores
-    from fedseg.task import make_loader
+    from fedseg.training import evaluate, make_loader, make_optimizer, train
 
     loader = make_loader(data.train, batch_size=spec.batch_size, shuffle=True, seed=seed)
     criterion, privacy = None, None
@@ -161,9 +160,7 @@ def measure_backbone(name: str, data: SearchData, spec: SearchSpec, budget: Hard
                      seed: int, threads: int, dp: Any = None, device: str = "cpu") -> BackboneResult:
     """Profile ``name`` at the budget's image size and threads, then train it and score it.
 
-    The DP-SGD step's memory is always measured; ``dp`` (a ``DPSpec``) also trains under DP. A
-    backbone the registry marks not DP-capable is then profiled but not trained (mIoU ``None``: it
-    can never be selected).
+    The DP-SGD step's memory is always measured; ``dp`` (a ``DPSpec``) also trains under DP.
     """
     from fedseg.models import BACKBONES, build_model
 
@@ -173,8 +170,6 @@ def measure_backbone(name: str, data: SearchData, spec: SearchSpec, budget: Hard
         model, image_size=budget.image_size, threads=threads, warmup=spec.warmup, repeats=spec.repeats,
         train_batch_size=spec.batch_size, train_image_size=data.train_image_size, dp=True,  # always reported
         int8_calibration=data.calibration if spec.int8 else None)
-    if dp is not None and not BACKBONES[name].dp_capable:
-        return BackboneResult(name, BACKBONES[name].family, profile, None, None, None, 0.0)
     miou, pixel_acc, loss, seconds = train_and_score(model, data, spec, seed=seed, dp=dp, device=device)
     return BackboneResult(name, BACKBONES[name].family, profile, miou, pixel_acc, loss, seconds)
 

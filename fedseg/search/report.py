@@ -141,5 +141,5 @@ def write_model_config(backbone: str, decoder_channels: Sequence[int] | None, pa
     path.write_text(
         f"# Chosen by fedseg-search: {note}\n"
         f"# Use: fedseg-sim --config-dir {path.parent.parent} model=searched\n"
-        f"backbone: {backbone}\nencoder_weights: null\ndecoder_channels: {channels}\n")
+        f"name: {backbone}\nencoder_weights: null\ndecoder_channels: {channels}\n")
     return path

@@ -2,7 +2,7 @@
 
 Both modes run in one process, in one run, through the real apps' pieces: the client mods (delta codec,
 Flower's ``secaggplus_mod``), Flower's ``DefaultWorkflow`` with its default fit workflow or fedseg's
-``SecAggPlusFit``, and the same strategy. Vehicles are served in-process (``server.grids.LoopbackGrid``:
+``SecAggPlusFit``, and the same strategy. Vehicles are served in-process (``sim.loopback.LoopbackGrid``:
 every message copied through protobuf as on the wire; no Ray, whose start-up would swamp the rounds),
 one after another. So the round time is the whole fleet's work done serially: ``vehicle s`` is the
 time inside the vehicles' ClientApps divided by their number (what one vehicle spends, in parallel
@@ -40,9 +40,9 @@ def make_fleet(vehicles: int, weights: list[np.ndarray], secagg: dict[str, Any],
 
     from clients.mods import central_dp_clipping_mod, secure_aggregation_mod
     from fedseg.config import RunSettings, to_run_config
-    from server.grids import LoopbackGrid
     from server.secagg import build_fit_workflow, wrap_strategy
     from server.strategy import build_strategy
+    from sim.loopback import LoopbackGrid
 
     cfg = {"federation": {"num_clients": vehicles, "min_fit_clients": vehicles, "rounds": rounds},
            "strategy": {"name": "fedavg"}, "privacy": {"name": "none"}, "secagg": secagg}

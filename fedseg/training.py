@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from fedseg.labels import IGNORE_INDEX
@@ -41,6 +42,17 @@ OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
     # Momentum 0.9 as in Flower's and torchvision's references; plain SGD rarely trains a UNet well.
     "sgd": lambda params, lr, wd: torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=wd),
 }
+
+
+def make_loader(dataset: Dataset, *, batch_size: int, shuffle: bool, seed: int) -> DataLoader:
+    """A loader whose shuffling is reproducible from ``seed`` (no worker processes: tiny frames)."""
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator)
+
+
+def derive_seed(*parts: int) -> int:
+    """A stable 31-bit seed from (run seed, round, vehicle, ...), independent of hash randomisation."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0] & 0x7FFFFFFF)
 
 
 def make_optimizer(
