@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fedseg.data import synthetic
 from fedseg.data.synthetic import (
     FORMAT_VERSION,
     WEATHERS,
+    fleet,
     generate_fleet,
     render_scene,
     town_style,
@@ -209,7 +209,7 @@ def test_a_folder_that_is_not_a_fleet_is_left_alone(tmp_path: Path) -> None:
 
 def test_interrupted_generation_leaves_no_fleet(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Prepare: the fourth frame fails
-    real, calls = synthetic.render_scene, []
+    real, calls = fleet.render_scene, []
 
     def failing(*args: object, **kwargs: object) -> tuple[np.ndarray, np.ndarray]:
         calls.append(1)
@@ -217,7 +217,7 @@ def test_interrupted_generation_leaves_no_fleet(tmp_path: Path, monkeypatch: pyt
             raise KeyboardInterrupt
         return real(*args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(synthetic, "render_scene", failing)
+    monkeypatch.setattr(fleet, "render_scene", failing)  # where generate_fleet looks it up
     # Execute
     with pytest.raises(KeyboardInterrupt):
         _fleet(tmp_path / "fleet")

@@ -13,22 +13,17 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
-from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageDraw
 
+from fedseg.data.synthetic.styles import RGB, Weather
 from fedseg.labels import CANONICAL_NAMES
-
-if TYPE_CHECKING:
-    from fedseg.data.synthetic import Weather
-
 
 ID = {name: i for i, name in enumerate(CANONICAL_NAMES)}  # label layer values: canonical indices
 ZMAX = 200.0  # farthest ground point drawn; the skyline just before it hides the horizon
 NEAR = 0.6  # near plane (camera depth, m): polygons are clipped here
 SKY_DEPTH = 240.0  # depth given to sky pixels: fog then tints the sky like a far horizon
-RGB = tuple[int, int, int]
 Item = tuple[float, Callable[["Canvas"], None]]  # (order_key, draw): drawn far to near
 Ink = float | tuple[int, ...]  # a PIL fill: a colour, a label id or a depth
 
@@ -48,7 +43,7 @@ class Camera:
     def trig(self) -> tuple[float, float, float, float]:
         return math.cos(self.yaw), math.sin(self.yaw), math.cos(self.pitch), math.sin(self.pitch)
 
-    def to_camera(self, x, y, z):  # type: ignore[no-untyped-def]  # floats or arrays alike
+    def to_camera(self, x, y, z):  # floats or arrays alike (numpy broadcasts), hence no annotations
         """World points -> camera coordinates (right, up, depth)."""
         cy, sy, cp, sp = self.trig
         dx, dy = x - self.x, y - self.height
@@ -88,13 +83,13 @@ class Road:
     def half(self) -> float:
         return self.lanes * self.lane_w / 2
 
-    def centre(self, z):  # type: ignore[no-untyped-def]
+    def centre(self, z):  # floats or arrays alike
         return self.curve * z * z
 
     def lane_x(self, lane: float, z: float) -> float:
         return self.centre(z) - self.half + (lane + 0.5) * self.lane_w
 
-    def side_x(self, side: int, offset, z):  # type: ignore[no-untyped-def]
+    def side_x(self, side: int, offset, z):  # floats or arrays alike
         """x of a point ``offset`` metres beyond the road edge on ``side``."""
         return self.centre(z) + side * (self.half + offset)
 
@@ -153,7 +148,7 @@ class Canvas:
         if alpha:
             self._layers[0].polygon(xy, fill=(0, 0, 0, alpha))
 
-    def quad(self, xs, ys, zs) -> tuple[list, float] | None:  # type: ignore[no-untyped-def]
+    def quad(self, xs, ys, zs) -> tuple[list, float] | None:  # any sequences of numbers
         """Project a 3D polygon, clipped at the near plane: (pixel vertices, mean depth) or None.
 
         Plain Python on purpose: for a handful of vertices it is several times faster than numpy.

@@ -8,14 +8,10 @@ perspective-correct. Rays above the horizon get the sky: a gradient with clouds 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
 
-from fedseg.data._canvas import ID, SKY_DEPTH, ZMAX, Camera, Road
-
-if TYPE_CHECKING:
-    from fedseg.data.synthetic import TownStyle, Weather
+from fedseg.data.synthetic._canvas import ID, SKY_DEPTH, ZMAX, Camera, Road
+from fedseg.data.synthetic.styles import TownStyle, Weather
 
 
 def lattice(table: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:

@@ -17,25 +17,22 @@ centre line is ``x = curve * z**2``. ``side`` is -1 (left) or +1 (right).
 
 Every random draw comes from the one ``rng`` passed in, in a fixed order (road, camera, textures,
 roadside and furniture per side, traffic, pedestrians, skyline, development): reordering calls
-changes every generated pixel, so it needs a ``FORMAT_VERSION`` bump in ``synthetic``.
+changes every generated pixel, so it needs a ``FORMAT_VERSION`` bump (in ``fleet``).
 """
 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from fedseg.data._agents import draw_hood, pedestrians, traffic
-from fedseg.data._canvas import ID, ZMAX, Camera, Canvas, Item, Road
-from fedseg.data._furniture import furniture
-from fedseg.data._ground import ground_and_sky
-from fedseg.data._roadside import roadside, skyline
-
-if TYPE_CHECKING:
-    from fedseg.data.synthetic import TownStyle, Weather
+from fedseg.data.synthetic._agents import draw_hood, pedestrians, traffic
+from fedseg.data.synthetic._canvas import ID, ZMAX, Camera, Canvas, Item, Road
+from fedseg.data.synthetic._furniture import furniture
+from fedseg.data.synthetic._ground import ground_and_sky
+from fedseg.data.synthetic._roadside import roadside, skyline
+from fedseg.data.synthetic.styles import TownStyle, Weather
 
 
 def _camera(rng: np.random.Generator, style: TownStyle, road: Road, size: tuple[int, int]) -> Camera:

@@ -8,15 +8,23 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from functools import partial
-from typing import TYPE_CHECKING
 
 import numpy as np
 
-from fedseg.data._canvas import ID, RGB, ZMAX, Camera, Canvas, Item, Road, jitter, order_key, pick, scaled
-
-if TYPE_CHECKING:
-    from fedseg.data.synthetic import TownStyle
-
+from fedseg.data.synthetic._canvas import (
+    ID,
+    RGB,
+    ZMAX,
+    Camera,
+    Canvas,
+    Item,
+    Road,
+    jitter,
+    order_key,
+    pick,
+    scaled,
+)
+from fedseg.data.synthetic.styles import TownStyle
 
 Coords = Sequence[float] | np.ndarray  # one coordinate of a polygon's vertices
 

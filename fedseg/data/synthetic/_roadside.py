@@ -7,11 +7,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING
 
 import numpy as np
 
-from fedseg.data._canvas import (
+from fedseg.data.synthetic._canvas import (
     ID,
     NEAR,
     RGB,
@@ -26,9 +25,7 @@ from fedseg.data._canvas import (
     scaled,
     spans,
 )
-
-if TYPE_CHECKING:
-    from fedseg.data.synthetic import TownStyle
+from fedseg.data.synthetic.styles import TownStyle
 
 
 @dataclass(frozen=True)
@@ -152,7 +149,7 @@ def _tree(rng: np.random.Generator, style: TownStyle, x: float, z: float, scale:
     greens = np.asarray(style.vegetation_rgbs)[rng.integers(len(style.vegetation_rgbs), size=n)]
     colors = np.clip(greens + rng.uniform(-18, 18, (n, 3)), 0, 255).astype(int).tolist()
     blobs = tuple((dx, dy, rr, tuple(c)) for (dx, dy, rr), c in zip(shape.tolist(), colors, strict=True))
-    return Tree(x, z, 0.0 if bush else rng.uniform(1.5, 3.5) * scale, r, blobs,  # type: ignore[arg-type]
+    return Tree(x, z, 0.0 if bush else rng.uniform(1.5, 3.5) * scale, r, blobs,
                 jitter(rng, (85, 65, 45), 15), bool(rng.random() < style.conifers) and not bush)
 
 

@@ -7,16 +7,24 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING
 
 import numpy as np
 
-from fedseg.data._canvas import ID, NEAR, RGB, Camera, Canvas, Item, Road, jitter, order_key, pick, scaled
-from fedseg.data._roadside import scatter_trees
-
-if TYPE_CHECKING:
-    from fedseg.data.synthetic import TownStyle
-
+from fedseg.data.synthetic._canvas import (
+    ID,
+    NEAR,
+    RGB,
+    Camera,
+    Canvas,
+    Item,
+    Road,
+    jitter,
+    order_key,
+    pick,
+    scaled,
+)
+from fedseg.data.synthetic._roadside import scatter_trees
+from fedseg.data.synthetic.styles import TownStyle
 
 _PROPS = ((40, 80, 50), (60, 60, 65), (30, 50, 110), (150, 110, 60), (170, 170, 160), (120, 30, 30))
 
