@@ -21,6 +21,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
+from fedseg.data.frames import Frame
 from fedseg.data.partition import partition_frames
 from fedseg.labels import TAGSETS, LabelMap, TagSet, get_tagset
 
@@ -35,15 +36,6 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 class DataError(ValueError):
     """Bad input data. ``str(e)`` is one line naming the file (path) and what is wrong."""
-
-
-@dataclass(frozen=True)
-class Frame:
-    """One camera frame: the RGB image, its semantic-tag image, and its source folder's name."""
-
-    rgb: Path
-    seg: Path
-    source: str
 
 
 def _is_camera_folder(folder: Path) -> bool:

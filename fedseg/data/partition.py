@@ -8,12 +8,10 @@ function of the inputs and the seed, so every simulated client can rebuild its o
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import numpy as np
 
-if TYPE_CHECKING:  # only a type here; importing carla at run time would be circular
-    from fedseg.data.carla import Frame
+from fedseg.data.frames import Frame
 
 
 def _by_vehicle(
@@ -87,7 +85,7 @@ def _fill_empty(clients: list[list[Frame]]) -> None:
             client.append(donor.pop())
 
 
-PartitionFn = Callable[[dict[str, list["Frame"]], int, float, np.random.Generator], list[list["Frame"]]]
+PartitionFn = Callable[[dict[str, list[Frame]], int, float, np.random.Generator], list[list[Frame]]]
 PARTITIONS: dict[str, PartitionFn] = {
     "vehicle": _by_vehicle,
     "iid": _iid,
