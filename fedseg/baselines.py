@@ -13,7 +13,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from fedseg.data.carla import IMAGENET_MEAN, IMAGENET_STD
+from fedseg.data.normalize import denormalize
 from fedseg.labels import IGNORE_INDEX
 from fedseg.metrics import confusion_matrix
 
@@ -26,26 +26,14 @@ class FrameSet(Protocol):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
-def to_uint8(image: torch.Tensor) -> np.ndarray:
-    """Undo ``SegmentationDataset``'s ImageNet normalisation: (3, H, W) float -> (H, W, 3) uint8.
-
-    Exact: the dataset divides the uint8 camera values by 255 and normalises in float32, so
-    rounding after the inverse recovers every value.
-    """
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    raw = (image.detach().cpu().float() * std + mean) * 255.0
-    return raw.round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
-
-
 class ColourLookup:
     """Per-pixel colour -> class table: the majority class of each quantised RGB bin.
 
     ``bits`` per channel (5: 32^3 = 32768 bins) sets how finely colours are told apart. Fitting
     counts (bin, class) pairs over the training pixels, skipping ``IGNORE_INDEX``; a bin holds its
     most frequent class (the lowest class id on a tie) and a bin never seen in training predicts
-    the most frequent class overall. Input is the raw uint8 camera image (``to_uint8`` recovers it
-    from a dataset item).
+    the most frequent class overall. Input is the raw uint8 camera image (``denormalize`` recovers
+    it from a dataset item).
     """
 
     def __init__(self, num_classes: int, *, bits: int = 5) -> None:
@@ -81,7 +69,7 @@ class ColourLookup:
         """Count every frame of ``dataset`` (its images de-normalised back to uint8)."""
         for i in range(len(dataset)):
             image, mask = dataset[i]
-            self.add(to_uint8(image), mask.numpy())
+            self.add(denormalize(image), mask.numpy())
         return self
 
     def table(self) -> np.ndarray:
@@ -102,6 +90,6 @@ class ColourLookup:
         total = torch.zeros(self.num_classes, self.num_classes, dtype=torch.int64)
         for i in range(len(dataset)):
             image, mask = dataset[i]
-            pred = torch.from_numpy(table[self.bins(to_uint8(image))])
+            pred = torch.from_numpy(table[self.bins(denormalize(image))])
             total += confusion_matrix(pred, mask, self.num_classes)
         return total.numpy()

@@ -12,8 +12,7 @@ matplotlib.use("Agg")  # headless: runs on servers and edge boxes without a disp
 import matplotlib.pyplot as plt
 import numpy as np
 
-_MEAN = np.array([0.485, 0.456, 0.406])
-_STD = np.array([0.229, 0.224, 0.225])
+from fedseg.data.normalize import denormalize
 
 
 def plot_curves(rows: Sequence[dict[str, Any]], out_dir: Path, *, title: str = "") -> list[Path]:
@@ -59,12 +58,6 @@ def _plot_per_class(rows: Sequence[dict[str, Any]], path: Path, title: str) -> P
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return _save(fig, path)
-
-
-def denormalize(image: np.ndarray) -> np.ndarray:
-    """(3,H,W) ImageNet-normalised float -> (H,W,3) uint8 for display."""
-    rgb = image.transpose(1, 2, 0) * _STD + _MEAN
-    return (np.clip(rgb, 0, 1) * 255).astype(np.uint8)
 
 
 def plot_examples(

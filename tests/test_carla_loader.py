@@ -10,11 +10,11 @@ import torch
 from PIL import Image
 
 from fedseg.data.carla import DataError, Frame, SegmentationDataset, discover, validate
+from fedseg.data.normalize import IMAGENET_MEAN, IMAGENET_STD, denormalize
 from fedseg.labels import IGNORE_INDEX, build_label_map
 
 SAMPLE = Path(__file__).parent / "data" / "carla_sample"
-MEAN = np.array([0.485, 0.456, 0.406])
-STD = np.array([0.229, 0.224, 0.225])
+MEAN, STD = np.array(IMAGENET_MEAN), np.array(IMAGENET_STD)
 
 # legacy13 tag -> "driving" class, written out by hand from the two tables in fedseg/labels.py.
 # Classes: 0 background, 1 road, 2 lane, 3 sidewalk, 4 building, 5 wall_fence, 6 pole,
@@ -105,9 +105,9 @@ def test_seg_variant_feeds_palette_colours_with_the_same_mask() -> None:
     image, mask = SegmentationDataset(frames, label_map, input_variant="seg")[0]
     _, rgb_mask = SegmentationDataset(frames, label_map, input_variant="rgb")[0]
     # Assert: legacy palette, car (0, 0, 142) at the hood, road (128, 64, 128) ahead
-    colour = image.permute(1, 2, 0).numpy() * STD + MEAN
-    np.testing.assert_allclose(colour[590, 400] * 255, [0, 0, 142], atol=1e-3)
-    np.testing.assert_allclose(colour[450, 300] * 255, [128, 64, 128], atol=1e-3)
+    colour = denormalize(image)
+    assert colour[590, 400].tolist() == [0, 0, 142]
+    assert colour[450, 300].tolist() == [128, 64, 128]
     assert torch.equal(mask, rgb_mask)
 
 

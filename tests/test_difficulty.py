@@ -10,8 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from fedseg.baselines import ColourLookup, to_uint8
+from fedseg.baselines import ColourLookup
 from fedseg.data.carla import Frame, SegmentationDataset, load_fleet
+from fedseg.data.normalize import denormalize
 from fedseg.data.synthetic import generate_fleet
 from fedseg.labels import IGNORE_INDEX, build_label_map
 from fedseg.metrics import scores
@@ -65,7 +66,7 @@ def test_confmat_counts_predictions_on_dataset_frames(tmp_path: Path) -> None:
     assert np.array_equal(confmat, expected)
 
 
-def test_to_uint8_recovers_every_camera_value(tmp_path: Path) -> None:
+def test_denormalize_recovers_every_camera_value(tmp_path: Path) -> None:
     # Prepare: all 256 levels in each channel, written and normalised by the real dataset
     levels = np.arange(256, dtype=np.uint8)
     rgb = np.stack([levels, levels[::-1], np.roll(levels, 7)], -1).reshape(16, 16, 3)
@@ -75,7 +76,7 @@ def test_to_uint8_recovers_every_camera_value(tmp_path: Path) -> None:
     frame = Frame(tmp_path / "CameraRGB" / "0.png", tmp_path / "CameraSeg" / "0.png", "v")
     image, _ = SegmentationDataset([frame], build_label_map("carla29", "driving"))[0]
     # Execute / Assert
-    assert np.array_equal(to_uint8(image), rgb)
+    assert np.array_equal(denormalize(image), rgb)
 
 
 def test_lookup_rejects_bad_input() -> None:

@@ -22,6 +22,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from fedseg.data.frames import Frame
+from fedseg.data.normalize import normalize
 from fedseg.data.partition import partition_frames
 from fedseg.labels import TAGSETS, LabelMap, TagSet, get_tagset
 
@@ -29,9 +30,6 @@ RGB_DIR = "CameraRGB"
 SEG_DIR = "CameraSeg"
 HELDOUT_NAMES = ("heldout", "val", "test")  # in priority order when several exist
 INPUT_VARIANTS = ("rgb", "seg")
-# ImageNet statistics: the encoders are ImageNet-pretrained, so inputs are normalised the same way.
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class DataError(ValueError):
@@ -184,8 +182,6 @@ class SegmentationDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         self.cache = cache
         self._tagset = get_tagset(label_map.tagset)
         self._cached: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-        self._mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-        self._std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
 
     def __len__(self) -> int:
         return len(self.frames)
@@ -212,8 +208,7 @@ class SegmentationDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
             if self.cache:
                 self._cached[index] = arrays
         image, mask = arrays
-        x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)
-        return (x - self._mean) / self._std, torch.from_numpy(mask).long()
+        return normalize(image), torch.from_numpy(mask).long()
 
 
 @dataclass(frozen=True)
