@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -22,12 +23,12 @@ def plot_curves(rows: Sequence[dict[str, Any]], out_dir: Path, *, title: str = "
     paths = []
     for key, label in (("loss", "held-out loss"), ("miou", "mIoU")):
         fig, ax = plt.subplots(figsize=(6, 4))
-        ax.plot(rounds, [r.get(key) if r.get(key) is not None else np.nan for r in rows], "o-", label=label)
+        ax.plot(rounds, _series(rows, key), "o-", label=label)
         if key == "miou":
-            ax.plot(rounds, [r.get("pixel_acc") or np.nan for r in rows], "s--", label="pixel accuracy")
-            ax.plot(rounds, [r.get("dice") or np.nan for r in rows], "^:", label="Dice")
+            ax.plot(rounds, _series(rows, "pixel_acc"), "s--", label="pixel accuracy")
+            ax.plot(rounds, _series(rows, "dice"), "^:", label="Dice")
         if key == "loss" and any(r.get("train_loss") is not None for r in rows):
-            ax.plot(rounds, [r.get("train_loss") or np.nan for r in rows], "s--", label="train loss (clients)")
+            ax.plot(rounds, _series(rows, "train_loss"), "s--", label="train loss (clients)")
         ax.set_xlabel("round")
         ax.set_title(f"{title} {label}".strip())
         ax.grid(alpha=0.3)
@@ -36,12 +37,17 @@ def plot_curves(rows: Sequence[dict[str, Any]], out_dir: Path, *, title: str = "
     paths.append(_plot_per_class(rows, out_dir / "per_class_iou.png", title))
     if any(r.get("epsilon") is not None for r in rows):
         fig, ax = plt.subplots(figsize=(6, 4))
-        ax.plot(rounds, [r.get("epsilon") or np.nan for r in rows], "o-")
+        ax.plot(rounds, _series(rows, "epsilon"), "o-")
         ax.set_xlabel("round")
         ax.set_ylabel("epsilon (max over vehicles)")
         ax.grid(alpha=0.3)
         paths.append(_save(fig, out_dir / "epsilon.png"))
     return paths
+
+
+def _series(rows: Sequence[dict[str, Any]], key: str) -> list[float]:
+    """``key`` of every row as floats; a missing value is NaN, so the curve shows a gap there."""
+    return [float(r[key]) if r.get(key) is not None else math.nan for r in rows]
 
 
 def _plot_per_class(rows: Sequence[dict[str, Any]], path: Path, title: str) -> Path:
