@@ -9,6 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
+from fedseg.config import DataSpec
+from fedseg.data import dataset_root, load_data
 from fedseg.data.carla import DataError, Frame, SegmentationDataset, discover, validate
 from fedseg.data.normalize import IMAGENET_MEAN, IMAGENET_STD, denormalize
 from fedseg.labels import IGNORE_INDEX, build_label_map
@@ -296,3 +298,34 @@ def test_unknown_input_variant(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="'depth'") as err:
         SegmentationDataset([], build_label_map("legacy13", "driving"), input_variant="depth")
     assert "'rgb'" in str(err.value) and "'seg'" in str(err.value)
+
+
+# --- data sources: data.name -> CARLA-format tree (fedseg.data) -------------------------------
+
+
+def test_carla_source_needs_a_root() -> None:
+    with pytest.raises(DataError, match=r"data\.root=DIR"):
+        dataset_root(DataSpec(name="carla", root=None), num_clients=1, seed=0)
+
+
+def test_unknown_data_source_names_itself_and_lists_the_valid_ones() -> None:
+    with pytest.raises(ValueError, match="'kitti'") as err:
+        dataset_root(DataSpec(name="kitti"), num_clients=1, seed=0)
+    assert "'synthetic'" in str(err.value) and "'carla'" in str(err.value)
+
+
+def test_carla_source_checks_every_file_up_front_unless_told_not_to(tmp_path: Path) -> None:
+    # Prepare: two vehicles; the second one's only label holds tag 40, outside legacy13
+    for name in ("001.png", "002.png"):
+        write_frame(tmp_path / "v1", name, tags_of(7))
+    write_frame(tmp_path / "v2", "001.png", tags_of(40))
+    spec = DataSpec(name="carla", root=str(tmp_path), tagset="legacy13", image_size=(6, 8))
+    # Execute / Assert: checked at load time, naming the file ...
+    with pytest.raises(DataError, match="outside tag set") as err:
+        load_data(spec, num_clients=2, seed=0, progress=False)
+    assert str(tmp_path / "v2" / "CameraSeg" / "001.png") in str(err.value)
+    # ... or, unchecked, only when the frame is read
+    fleet = load_data(spec, num_clients=2, seed=0, progress=False, check=False)
+    assert [len(client) for client in fleet.clients] == [1, 1] and len(fleet.heldout) == 1
+    with pytest.raises(DataError, match="outside tag set"):
+        fleet.clients[1][0]

@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import fedseg.data
+from fedseg.config import DataSpec
 from fedseg.data.synthetic import (
     FORMAT_VERSION,
     WEATHERS,
@@ -224,3 +226,18 @@ def test_interrupted_generation_leaves_no_fleet(tmp_path: Path, monkeypatch: pyt
     # Assert
     assert len(calls) == 4
     assert list(tmp_path.iterdir()) == []
+
+
+def test_generated_fleet_is_loaded_without_rereading_every_file(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    # Prepare: the generator's output is valid by construction, so load_data must not validate it
+    checked: list[int] = []
+    monkeypatch.setattr(fedseg.data, "validate", lambda frames, *a, **k: checked.append(len(frames)))
+    spec = DataSpec(name="synthetic", root=str(tmp_path), image_size=TINY, frames_per_vehicle=2,
+                    heldout_frames=1)
+    # Execute
+    data = fedseg.data.load_data(spec, num_clients=2, seed=0, progress=False, check=True)
+    # Assert
+    assert checked == []
+    assert [len(client) for client in data.clients] == [2, 2] and len(data.heldout) == 1
+    assert data.clients[0][0][0].shape == (3, *TINY)

@@ -2,7 +2,8 @@
 
 Both end in the same loader (:mod:`fedseg.data.carla`): the synthetic generator writes CARLA's
 camera format to a cache folder, so the code path that trains on embedded data is the one that
-trains on a real CARLA collection.
+trains on a real CARLA collection. Each source is one entry of ``DATA_SOURCES``, named like its
+``conf/data/<name>.yaml``; a new source is a function returning its tree plus one entry there.
 """
 
 from __future__ import annotations
@@ -10,16 +11,17 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from fedseg.config import DataSpec
 from fedseg.data.carla import DataError, SegmentationDataset, load_fleet, validate
+from fedseg.data.synthetic import generate_fleet
 from fedseg.labels import LabelMap, build_label_map
 
-__all__ = ["DATASETS", "DataError", "FleetData", "cached_fleet", "dataset_root", "load_data"]
-
-DATASETS = ("synthetic", "carla")
+__all__ = ["DATA_SOURCES", "DataError", "DataSource", "FleetData", "cached_fleet", "dataset_root",
+           "get_data_source", "load_data"]
 
 
 @dataclass
@@ -31,16 +33,23 @@ class FleetData:
     label_map: LabelMap
 
 
-def dataset_root(spec: DataSpec, *, num_clients: int, seed: int, progress: bool = True) -> Path:
-    """The CARLA-format tree for ``spec``; generates (once, cached by parameters) the synthetic fleet."""
-    if spec.name not in DATASETS:
-        raise ValueError(f"unknown dataset {spec.name!r}; valid: {list(DATASETS)}")
-    if spec.name == "carla":
-        if not spec.root:
-            raise DataError("data=carla needs data.root=DIR (a folder of <vehicle>/CameraRGB|CameraSeg)")
-        return Path(spec.root).expanduser()
-    from fedseg.data.synthetic import generate_fleet
+@dataclass(frozen=True)
+class DataSource:
+    """One ``data.name`` (``conf/data/<name>.yaml``): where its CARLA-format tree comes from."""
 
+    root: Callable[[DataSpec, int, int, bool], Path]  # (spec, num_clients, seed, progress) -> tree
+    check_files: bool  # load_data(check=True) decodes every file up front (user data can be broken)
+
+
+def _carla_root(spec: DataSpec, num_clients: int, seed: int, progress: bool) -> Path:
+    """A CARLA-format tree the user points ``data.root`` at."""
+    if not spec.root:
+        raise DataError("data=carla needs data.root=DIR (a folder of <vehicle>/CameraRGB|CameraSeg)")
+    return Path(spec.root).expanduser()
+
+
+def _synthetic_root(spec: DataSpec, num_clients: int, seed: int, progress: bool) -> Path:
+    """The synthetic fleet for these parameters, generated once under a folder keyed by them."""
     params = {
         "num_vehicles": num_clients,
         "frames_per_vehicle": spec.frames_per_vehicle,
@@ -63,6 +72,25 @@ def dataset_root(spec: DataSpec, *, num_clients: int, seed: int, progress: bool 
     )
 
 
+# One entry per conf/data/<name>.yaml (a test keeps the two in step).
+DATA_SOURCES: dict[str, DataSource] = {
+    "synthetic": DataSource(_synthetic_root, check_files=False),  # valid by construction
+    "carla": DataSource(_carla_root, check_files=True),
+}
+
+
+def get_data_source(name: str) -> DataSource:
+    """The registered source ``name``; an unknown name raises ``ValueError`` listing the valid ones."""
+    if name not in DATA_SOURCES:
+        raise ValueError(f"unknown dataset {name!r}; valid: {list(DATA_SOURCES)}")
+    return DATA_SOURCES[name]
+
+
+def dataset_root(spec: DataSpec, *, num_clients: int, seed: int, progress: bool = True) -> Path:
+    """The CARLA-format tree for ``spec``; generates (once, cached by parameters) the synthetic fleet."""
+    return get_data_source(spec.name).root(spec, num_clients, seed, progress)
+
+
 def load_data(spec: DataSpec, *, num_clients: int, seed: int, progress: bool = True,
               check: bool = True) -> FleetData:
     """Partition ``spec``'s frames over ``num_clients`` vehicles and a held-out set, validated up front.
@@ -72,17 +100,17 @@ def load_data(spec: DataSpec, *, num_clients: int, seed: int, progress: bool = T
     Flower apps they start pass ``check=False`` rather than re-reading the whole fleet in every
     vehicle (a frame that still fails to load raises the same ``DataError`` naming it).
     """
-    root = dataset_root(spec, num_clients=num_clients, seed=seed, progress=progress)
-    partition = "vehicle" if spec.name == "synthetic" and spec.partition == "vehicle" else spec.partition
+    source = get_data_source(spec.name)
+    root = source.root(spec, num_clients, seed, progress)
     fleet = load_fleet(
         root,
         num_clients=num_clients,
-        partition=partition,
+        partition=spec.partition,
         alpha=spec.dirichlet_alpha,
         heldout_fraction=spec.heldout_fraction,
         seed=seed,
     )
-    if check and spec.name == "carla":  # the generator's output is valid by construction
+    if check and source.check_files:
         validate([f for frames in fleet.clients for f in frames] + fleet.heldout, spec.tagset,
                  progress=progress)
     label_map = build_label_map(spec.tagset, spec.task)
@@ -92,7 +120,6 @@ def load_data(spec: DataSpec, *, num_clients: int, seed: int, progress: bool = T
         return SegmentationDataset(frames, label_map, input_variant=spec.input, image_size=size)
 
     return FleetData([make(frames) for frames in fleet.clients], make(fleet.heldout), label_map)
-
 
 
 @functools.lru_cache(maxsize=4)
