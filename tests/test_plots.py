@@ -23,7 +23,8 @@ def test_series_keeps_zero_and_turns_missing_values_into_gaps() -> None:
 
 def test_plot_curves_writes_the_epsilon_plot_only_for_private_runs(tmp_path: Path) -> None:
     # Prepare
-    rows = [{"round": r, "loss": 1.0 / r, "miou": 0.1 * r, "per_class_iou": {"road": 0.2 * r}} for r in (1, 2)]
+    rows = [{"round": r, "loss": 1.0 / r, "miou": 0.1 * r, "per_class_iou": {"road": 0.2 * r}}
+            for r in (1, 2)]
     private = [{**row, "epsilon": 0.5 * row["round"]} for row in rows]
     # Execute
     plain_paths = plot_curves(rows, tmp_path / "plain")
