@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import types
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 _JSON_PREFIX = "json:"
 RunConfig = dict[str, "str | int | float | bool"]
@@ -56,6 +59,151 @@ def from_run_config(flat: Mapping[str, Any]) -> dict[str, Any]:
     return nested
 
 
+# ---- one spec parser, one error path -------------------------------------------------------------
+
+def bounded(default: Any, *, ge: float | None = None, gt: float | None = None, le: float | None = None,
+            lt: float | None = None) -> Any:
+    """A dataclass field whose numeric value :func:`parse_spec` checks against these bounds."""
+    limits = {k: v for k, v in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt)) if v is not None}
+    return field(default=default, metadata={"bounds": limits})
+
+
+_BOUND_TEXT = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
+_BOUND_OK = {"ge": lambda v, b: v >= b, "gt": lambda v, b: v > b, "le": lambda v, b: v <= b,
+             "lt": lambda v, b: v < b}
+
+
+def _type_name(tp: Any) -> str:
+    if tp is type(None):
+        return "null"
+    if typing.get_origin(tp) is typing.Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) in (types.UnionType, typing.Union):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) is tuple:
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"a list of {_type_name(args[0])}"
+        return f"a list of {len(args)} ({', '.join(_type_name(a) for a in args)})"
+    return {int: "an integer", float: "a number", bool: "true/false", str: "a string"}.get(
+        tp, getattr(tp, "__name__", str(tp)))
+
+
+class _Mismatch(Exception):
+    """A value that does not have a field's type (caught by parse_spec, which names the key)."""
+
+
+def _coerce(value: Any, tp: Any) -> Any:
+    """``value`` as type ``tp`` (int -> float, list -> tuple); raises ``_Mismatch`` if it is not one."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (types.UnionType, typing.Union):
+        for option in typing.get_args(tp):
+            try:
+                return _coerce(value, option)
+            except _Mismatch:
+                continue
+        raise _Mismatch
+    if origin is typing.Literal:
+        if value in typing.get_args(tp) and not isinstance(value, bool):
+            return value
+        raise _Mismatch
+    if tp is type(None):
+        if value is None:
+            return None
+        raise _Mismatch
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise _Mismatch
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0]) for v in value)
+        if len(args) != len(value):
+            raise _Mismatch
+        return tuple(_coerce(v, a) for v, a in zip(value, args, strict=True))
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise _Mismatch
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise _Mismatch
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise _Mismatch
+    if tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        raise _Mismatch
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise _Mismatch
+    raise TypeError(f"parse_spec: unsupported field type {tp!r}")
+
+
+def _check_bounds(key: str, value: Any, limits: Mapping[str, float]) -> None:
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return
+    failed = [f"{_BOUND_TEXT[k]} {b:g}" for k, b in limits.items() if not _BOUND_OK[k](value, b)]
+    if failed or (isinstance(value, float) and math.isnan(value)):
+        valid = " and ".join(f"{_BOUND_TEXT[k]} {b:g}" for k, b in limits.items())
+        raise ValueError(f"{key}={value!r} is out of range: must be {valid}")
+
+
+T = TypeVar("T")
+
+
+def parse_spec(cls: type[T], values: Mapping[str, Any] | None, *, key: str | None = None) -> T:
+    """Build the frozen dataclass ``cls`` from a config block: the one place settings are checked.
+
+    Errors (all ``ValueError``, one line) name the key, the value and what is valid: unknown keys
+    (listing the valid ones), a value of the wrong type (``federation.rounds='abc'``), a number out of
+    the range its field declares with :func:`bounded`, and whatever ``cls.__post_init__`` rejects.
+    """
+    key = key or cls.__name__
+    values = dict(values or {})
+    names = {f.name: f for f in dataclasses.fields(cls) if f.init}  # type: ignore[arg-type]
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        raise ValueError(f"unknown {key} keys {unknown}; valid: {sorted(names)}")
+    hints = typing.get_type_hints(cls)
+    for name, value in values.items():
+        try:
+            values[name] = _coerce(value, hints[name])
+        except _Mismatch:
+            raise ValueError(f"{key}.{name}={value!r}: expected {_type_name(hints[name])}") from None
+        _check_bounds(f"{key}.{name}", values[name], names[name].metadata.get("bounds", {}))
+    return cls(**values)
+
+
+def spec_from(cls: type[T], values: Mapping[str, Any] | None) -> T:
+    """:func:`parse_spec` with the class name as the key (for blocks outside a run config)."""
+    return parse_spec(cls, values)
+
+
+def parse_choice(registry: Mapping[str, type[T]], block: Mapping[str, Any] | None, *, key: str,
+                 default: str) -> T:
+    """The spec named by ``block['name']`` in ``registry``, built from the rest of the block."""
+    values = dict(block or {})
+    name = values.pop("name", default)
+    if name not in registry:
+        raise ValueError(f"{key}={name}: valid: {list(registry)}")
+    return parse_spec(registry[name], values, key=key)
+
+
+def spec_block(spec: Any) -> dict[str, Any]:
+    """A spec back as its config block (``name`` first, as in conf/): for summaries and run configs."""
+    name = getattr(spec, "name", None)
+    body = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(spec).items()}
+    return {"name": name, **body} if name is not None else body
+
+
+# ---- the core blocks ------------------------------------------------------------------------------
+
 @dataclass(frozen=True)
 class DataSpec:
     """Where frames come from and how they become (input, mask) pairs (conf/data/*.yaml)."""
@@ -64,13 +212,13 @@ class DataSpec:
     root: str | None = None
     tagset: str = "carla29"
     task: str = "driving"
-    input: str = "rgb"
+    input: Literal["rgb", "seg"] = "rgb"
     image_size: tuple[int, int] = (96, 128)
-    frames_per_vehicle: int | None = 48
-    heldout_frames: int | None = 32
+    frames_per_vehicle: int | None = bounded(48, ge=1)
+    heldout_frames: int | None = bounded(32, ge=1)
     partition: str = "vehicle"
-    dirichlet_alpha: float = 0.5
-    heldout_fraction: float = 0.1
+    dirichlet_alpha: float = bounded(0.5, gt=0)
+    heldout_fraction: float = bounded(0.1, gt=0, lt=1)
 
 
 @dataclass(frozen=True)
@@ -86,74 +234,55 @@ class ModelSpec:
 class FederationSpec:
     """Fleet size, sampling and local training (the ``federation`` block of conf/config.yaml)."""
 
-    num_clients: int = 4
-    rounds: int = 5
-    fraction_fit: float = 1.0
-    min_fit_clients: int = 2
-    local_epochs: int = 1
-    batch_size: int = 8
-    lr: float = 1e-3
+    num_clients: int = bounded(4, ge=1)
+    rounds: int = bounded(5, ge=1)
+    fraction_fit: float = bounded(1.0, gt=0, le=1)
+    min_fit_clients: int = bounded(2, ge=1)
+    local_epochs: int = bounded(1, ge=1)
+    batch_size: int = bounded(8, ge=1)
+    lr: float = bounded(1e-3, gt=0)
     optimizer: str = "adam"
-    client_cpus: int = 1
-    client_gpus: float = 0.0
+    client_cpus: int = bounded(1, ge=1)
+    client_gpus: float = bounded(0.0, ge=0)
+
+    def __post_init__(self) -> None:
+        if self.min_fit_clients > self.num_clients:
+            raise ValueError(f"federation.min_fit_clients={self.min_fit_clients} exceeds "
+                             f"federation.num_clients={self.num_clients}: no round could start")
+
+    @property
+    def vehicles_per_round(self) -> int:
+        """Vehicles Flower's FedAvg family samples each round: ``max(int(n * fraction), min_fit)``."""
+        return max(int(self.num_clients * self.fraction_fit), self.min_fit_clients)
 
 
 @dataclass(frozen=True)
 class StrategySpec:
-    """Server aggregation (conf/strategy/*.yaml); extra keys go to the Flower strategy."""
+    """Server aggregation (conf/strategy/*.yaml); ``options`` go to the Flower strategy as they are."""
 
     name: str = "fedavg"
-    options: dict[str, Any] = field(default_factory=dict)
+    options: dict[str, Any] = field(default_factory=dict, hash=False)  # settings stay hashable (caches)
 
-
-T = TypeVar("T")
-
-
-def spec_from(cls: type[T], values: Mapping[str, Any] | None) -> T:
-    """Build a spec dataclass from a config block, rejecting unknown keys with the valid ones."""
-    values = dict(values or {})
-    names = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    unknown = sorted(set(values) - set(names))
-    if unknown:
-        raise ValueError(f"unknown {cls.__name__} keys {unknown}; valid: {sorted(names)}")
-    for key, value in values.items():
-        if isinstance(value, list):  # YAML lists -> tuples, so specs stay hashable and frozen
-            values[key] = tuple(value)
-    return cls(**values)
+    @classmethod
+    def from_block(cls, block: Mapping[str, Any] | None) -> StrategySpec:
+        options = dict(block or {})
+        return cls(name=str(options.pop("name", "fedavg")), options=options)
 
 
 @dataclass(frozen=True)
-class RunSettings:
-    """Everything a run needs, typed; built once from the resolved Hydra config or the run config."""
+class RunOptions:
+    """How a run reports itself (the ``run`` block)."""
 
-    data: DataSpec
-    model: ModelSpec
-    federation: FederationSpec
-    strategy: StrategySpec
-    seed: int = 0
-    device: str = "cpu"
-    output_dir: str = "."
-    experiment: str = "custom"
-    # Feature blocks (privacy, secagg, compression, tracking, run, hardware) stay plain dicts: each
-    # feature parses its own block into its own spec where it is used.
-    blocks: dict[str, dict[str, Any]] = field(default_factory=dict)
+    progress: bool = True
+    example_images: int = bounded(4, ge=0)
+    verbose: bool = False
 
-    @classmethod
-    def from_config(cls, cfg: Mapping[str, Any]) -> RunSettings:
-        strategy = dict(cfg.get("strategy") or {})
-        blocks = {k: dict(cfg.get(k) or {}) for k in
-                  ("privacy", "secagg", "compression", "tracking", "run", "hardware", "train")}
-        return cls(
-            data=spec_from(DataSpec, cfg.get("data")),
-            model=spec_from(ModelSpec, cfg.get("model")),
-            federation=spec_from(FederationSpec, cfg.get("federation")),
-            strategy=StrategySpec(name=strategy.pop("name", "fedavg"), options=strategy),
-            seed=int(cfg.get("seed", 0)),
-            device=str(cfg.get("device", "cpu")),
-            output_dir=str(cfg.get("output_dir", ".")),
-            experiment=str(cfg.get("experiment_name", "custom")),
-            blocks=blocks,
-        )
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """``fedseg-train`` (the ``train`` block): epochs of the centralized baseline."""
+
+    epochs: int | None = bounded(None, ge=1)  # None: rounds x local_epochs of the federated run
 
 
 def resolve_device(name: str) -> str:

@@ -10,23 +10,20 @@ running variances move by up to 27.5 in its first local epoch (measured, default
 Flower's default range of 8, hence ``clipping_range: 64`` and a quantization grid that is as fine
 as the modulus allows (:func:`auto_quantization_range`).
 
-No Flower imports here: the client mod and the server workflow both use these functions.
+No Flower imports here: the client mod and the server workflow both use these functions. The\n``SECAGG`` registry (``none``, ``secaggplus``) holds the typed settings.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import numpy as np
 
-SECAGG_MODES = ("none", "secaggplus")
-# Strategies whose aggregate is a weighted sum of the vehicles' arrays: the only thing SecAgg+ reveals.
-WEIGHTED_SUM_STRATEGIES = ("fedavg", "fedprox", "fedadam")
-SECAGG_PRIVACY = ("none", "dpsgd", "central")
-ON_FAILURE = ("skip", "stop")
+from fedseg.config import bounded, parse_choice
+
 # Flower rounds quantized values into int32 (flwr.common.secure_aggregation.quantization).
 MAX_QUANTIZATION_RANGE = 2**30
 
@@ -36,37 +33,36 @@ class SecAggRangeError(ValueError):
 
 
 @dataclass(frozen=True)
+class NoSecAgg:
+    """``secagg=none``: the server sees each vehicle's update (fine for simulation studies)."""
+
+    name: ClassVar[str] = "none"
+
+
+@dataclass(frozen=True)
 class SecAggSpec:
     """``conf/secagg/secaggplus.yaml``: Flower's SecAggPlusWorkflow settings plus fedseg's failure policy."""
 
+    name: ClassVar[str] = "secaggplus"
+
     num_shares: int | float = 3  # int: vehicles holding a share (self included); float: fraction of round
     reconstruction_threshold: int | float = 2  # int: shares that rebuild a secret; float: of num_shares
-    clipping_range: float = 64.0
+    clipping_range: float = bounded(64.0, gt=0)
     quantization_range: int | None = None  # None: auto_quantization_range(vehicles)
     max_weight: float | None = None  # None: the largest vehicle partition (frames)
     modulus_range: int = 2**32
     timeout: float | None = None  # seconds per protocol stage (stage 2 includes training); None: no limit
     on_failure: str = "skip"  # round below the threshold: "skip" keeps the global model, "stop" ends the run
 
-    @classmethod
-    def from_block(cls, block: Mapping[str, Any]) -> SecAggSpec | None:
-        """The spec of a resolved ``secagg`` block; ``None`` for ``secagg=none``."""
-        values = dict(block)
-        name = values.pop("name", "none")
-        if name not in SECAGG_MODES:
-            raise ValueError(f"secagg={name!r}; valid: {list(SECAGG_MODES)}")
-        if name == "none":
-            return None
-        valid = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - valid)
-        if unknown:
-            raise ValueError(f"unknown secagg keys {unknown}; valid: {sorted(valid | {'name'})}")
-        return cls(**values)
+
+# The secure-aggregation registry, mirrored one to one by conf/secagg/*.yaml.
+SECAGG: dict[str, type[NoSecAgg | SecAggSpec]] = {"none": NoSecAgg, "secaggplus": SecAggSpec}
+ON_FAILURE = ("skip", "stop")
 
 
-def vehicles_per_round(num_clients: int, fraction_fit: float, min_fit_clients: int) -> int:
-    """Vehicles Flower's FedAvg family samples each round: ``max(int(n * fraction), min_fit)``, at most n."""
-    return min(num_clients, max(int(num_clients * fraction_fit), min_fit_clients))
+def parse_secagg(block: Mapping[str, Any] | None) -> NoSecAgg | SecAggSpec:
+    """The ``secagg`` block as its registry spec."""
+    return parse_choice(SECAGG, block, key="secagg", default="none")
 
 
 def resolve_shares(spec: SecAggSpec, sampled: int) -> tuple[int, int]:
@@ -173,14 +169,11 @@ def aggregate_error_bound(examples: Sequence[int], *, clipping_range: float, qua
     return rounding + weighting
 
 
-def validate_secagg(spec: SecAggSpec, *, sampled: int, strategy: str, privacy: str,
-                    partition_sizes: Sequence[int] | None = None) -> None:
-    """Raise a ValueError naming the setting for any configuration SecAgg+ cannot run (before training)."""
-    if strategy not in WEIGHTED_SUM_STRATEGIES:
-        raise ValueError(f"secagg=secaggplus reveals only the weighted sum of the vehicles' updates, but "
-                         f"strategy={strategy} needs each update; valid: {list(WEIGHTED_SUM_STRATEGIES)}")
-    if privacy not in SECAGG_PRIVACY:
-        raise ValueError(f"secagg=secaggplus with privacy={privacy}: valid: {list(SECAGG_PRIVACY)}")
+def validate_secagg(spec: SecAggSpec, *, sampled: int, partition_sizes: Sequence[int] | None = None) -> None:
+    """Raise a ValueError naming the setting for any configuration SecAgg+ cannot run (before training).
+
+    Which strategies can consume a sum is the strategy registry's business (``server/compose.py``).
+    """
     if sampled < 3:
         raise ValueError(f"secagg=secaggplus needs at least 3 vehicles per round, got {sampled} "
                          "(federation.num_clients x fraction_fit, at least min_fit_clients): with 2, "

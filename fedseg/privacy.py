@@ -6,7 +6,10 @@ Gaussian noise ``noise_multiplier * max_grad_norm``). A vehicle trains in many r
 accountant history, a list of ``(noise_multiplier, sample_rate, steps)``, outlives the process
 (:class:`ClientPrivacy`); epsilon is always Opacus' own accountant applied to that history.
 
-Client-level DP (``privacy=central``) is Flower's business; only its typed settings live here.
+The ``PRIVACY`` registry holds one typed spec per mode (``none``, ``dpsgd``, ``central``); each spec
+gives the vehicle its :class:`LocalTrainer`, so DP-SGD wraps local training and a client's ``fit``
+has no privacy branch. Client-level DP (``privacy=central``) is Flower's business (a strategy
+wrapper and a client mod, composed in ``server/compose.py`` and ``clients/``).
 """
 
 from __future__ import annotations
@@ -17,9 +20,9 @@ import os
 import tempfile
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Literal, Protocol
 
 import numpy as np
 import torch
@@ -37,6 +40,7 @@ from fedseg._dp_compat import (
     unwrap_model,
     unwrap_state_dict,
 )
+from fedseg.config import bounded, parse_choice
 from fedseg.training import TrainResult, train
 
 # Measured on UNet-ResNet34 (scripts/bench/dp_step.py; numbers in conf/privacy/dpsgd.yaml): ghost
@@ -54,15 +58,24 @@ __all__ = [
     "ACCOUNTANTS",
     "DEFAULT_GRAD_SAMPLE_MODE",
     "GRAD_SAMPLE_MODES",
+    "PRIVACY",
     "CentralDPSpec",
     "ClientPrivacy",
+    "DPSGDTrainer",
     "DPSpec",
+    "LocalTrainer",
+    "NoPrivacy",
     "PerSampleSegmentationLoss",
+    "PlainTrainer",
+    "PrivacySpec",
+    "RoundOutcome",
+    "VehicleBudget",
     "calibrate_noise",
     "central_epsilon",
     "default_delta",
     "epsilon_of",
     "make_dp_compatible",
+    "parse_privacy",
     "per_sample_segmentation_loss",
     "private_round",
     "steps_per_epoch",
@@ -71,18 +84,77 @@ __all__ = [
 ]
 
 
+class LocalTrainer(Protocol):
+    """How a vehicle trains one round: plainly, or wrapped by a privacy mechanism (DP-SGD)."""
+
+    def train_round(self, model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, *,
+                    epochs: int, seed: int, proximal_mu: float, device: str) -> RoundOutcome: ...
+
+    def state(self) -> bytes | None:
+        """What must survive the process (an accountant), or ``None`` if nothing."""
+
+
+@dataclass(frozen=True)
+class RoundOutcome:
+    """A vehicle's round: the training result (``None``: it did not train) and what to report."""
+
+    result: TrainResult | None
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class VehicleBudget:
+    """What a vehicle's privacy state is sized by (its data and plan) and where it persists."""
+
+    vehicle: int
+    num_examples: int
+    batch_size: int
+    rounds: int
+    local_epochs: int
+    state_dir: Path  # the run's default home of accountant files (a spec's state_dir wins)
+    saved_state: bytes | None = None  # accountant copy from Flower's context.state, if any
+
+
+class PlainTrainer:
+    """No per-frame privacy: ``training.train`` as it is (also under client-level DP, which the mods add)."""
+
+    def train_round(self, model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, *,
+                    epochs: int, seed: int, proximal_mu: float, device: str) -> RoundOutcome:
+        return RoundOutcome(train(model, loader, optimizer, epochs=epochs, proximal_mu=proximal_mu,
+                                  device=device))
+
+    def state(self) -> bytes | None:
+        return None
+
+
+@dataclass(frozen=True)
+class NoPrivacy:
+    """``privacy=none``: vehicles train plainly, the server sees each update (or SecAgg+'s sum)."""
+
+    name: ClassVar[str] = "none"
+    dp_model: ClassVar[bool] = False  # the plain (BatchNorm) UNet
+
+    def vehicle_trainer(self, budget: VehicleBudget) -> LocalTrainer:
+        return PlainTrainer()
+
+
 @dataclass(frozen=True)
 class DPSpec:
     """Local DP-SGD settings (``conf/privacy/dpsgd.yaml``). Exactly one of noise / target epsilon."""
 
-    noise_multiplier: float | None = None
-    target_epsilon: float | None = None  # for the whole run: noise calibrated from the planned steps
-    delta: float | None = None  # None: default_delta(frames of this vehicle)
-    max_grad_norm: float = 1.0
-    accountant: str = "rdp"
-    grad_sample_mode: str = DEFAULT_GRAD_SAMPLE_MODE
-    max_epsilon: float | None = None  # a vehicle stops training before it would pass this
+    name: ClassVar[str] = "dpsgd"
+    # Per-sample gradients need GroupNorm (BatchNorm mixes a batch's frames).
+    dp_model: ClassVar[bool] = True
+
+    noise_multiplier: float | None = bounded(None, gt=0)
+    target_epsilon: float | None = bounded(None, gt=0)  # whole run: noise calibrated from planned steps
+    delta: float | None = bounded(None, gt=0, lt=1)  # None: default_delta(frames of this vehicle)
+    max_grad_norm: float = bounded(1.0, gt=0)
+    accountant: Literal["rdp", "prv"] = "rdp"
+    grad_sample_mode: Literal["ghost", "hooks", "functorch", "ew"] = DEFAULT_GRAD_SAMPLE_MODE
+    max_epsilon: float | None = bounded(None, gt=0)  # a vehicle stops training before it would pass this
     secure_rng: bool = False  # cryptographic RNG for noise and sampling (needs torchcsprng)
+    state_dir: str | None = None  # None: <run dir>/privacy
 
     def __post_init__(self) -> None:
         if (self.noise_multiplier is None) == (self.target_epsilon is None):
@@ -96,34 +168,45 @@ class DPSpec:
         if self.max_grad_norm <= 0:
             raise ValueError(f"privacy.max_grad_norm must be > 0, got {self.max_grad_norm}")
 
-    @classmethod
-    def from_block(cls, block: Mapping[str, Any]) -> DPSpec:
-        """Build from the resolved ``privacy`` config block (``name`` and ``state_dir`` are the caller's)."""
-        return _spec_from_block(cls, block, ("name", "state_dir"))
+    def vehicle_trainer(self, budget: VehicleBudget) -> LocalTrainer:
+        """DP-SGD with this vehicle's accountant: from its disk file, then context.state if that spent more."""
+        planned = budget.rounds * budget.local_epochs * steps_per_epoch(budget.num_examples, budget.batch_size)
+        state_dir = Path(self.state_dir) if self.state_dir else budget.state_dir
+        privacy = ClientPrivacy(self, num_examples=budget.num_examples, batch_size=budget.batch_size,
+                                planned_steps=planned, state_path=state_dir / f"vehicle_{budget.vehicle}.json")
+        if budget.saved_state is not None:
+            privacy.load_state(budget.saved_state)
+        return DPSGDTrainer(privacy)
 
 
 @dataclass(frozen=True)
 class CentralDPSpec:
-    """Client-level DP (``conf/privacy/central.yaml``) for Flower's client-side fixed clipping."""
+    """Client-level DP (``conf/privacy/central.yaml``) for Flower's client-side fixed clipping.
 
-    noise_multiplier: float = 0.5
-    clipping_norm: float = 1.0
-    num_sampled_clients: int | None = None  # None: the number of vehicles sampled per round
+    The vehicle trains plainly; ``fixedclipping_mod`` clips its update and the server wrapper adds the
+    noise (both composed in ``clients/`` and ``server/compose.py``).
+    """
 
-    @classmethod
-    def from_block(cls, block: Mapping[str, Any]) -> CentralDPSpec:
-        """Build from the resolved ``privacy`` config block (``name`` is the caller's)."""
-        return _spec_from_block(cls, block, ("name",))
+    name: ClassVar[str] = "central"
+    # Flower's noise lands on every array: noised BatchNorm statistics (or step counters) wreck a model.
+    dp_model: ClassVar[bool] = True
+
+    noise_multiplier: float = bounded(0.5, ge=0)
+    clipping_norm: float = bounded(1.0, gt=0)
+    num_sampled_clients: int | None = bounded(None, ge=1)  # None: the vehicles sampled per round
+
+    def vehicle_trainer(self, budget: VehicleBudget) -> LocalTrainer:
+        return PlainTrainer()
 
 
-def _spec_from_block(cls: type[Any], block: Mapping[str, Any], caller_keys: tuple[str, ...]) -> Any:
-    """``cls(**block)`` without the caller's keys; unknown keys raise an error listing the valid ones."""
-    values = {k: v for k, v in block.items() if k not in caller_keys}
-    valid = {f.name for f in fields(cls)}
-    unknown = sorted(set(values) - valid)
-    if unknown:
-        raise ValueError(f"unknown privacy keys {unknown}; valid: {sorted(valid | set(caller_keys))}")
-    return cls(**values)
+PrivacySpec = NoPrivacy | DPSpec | CentralDPSpec
+# The privacy registry, mirrored one to one by conf/privacy/*.yaml.
+PRIVACY: dict[str, type[PrivacySpec]] = {"none": NoPrivacy, "dpsgd": DPSpec, "central": CentralDPSpec}
+
+
+def parse_privacy(block: Mapping[str, Any] | None) -> PrivacySpec:
+    """The ``privacy`` block as its registry spec (``name`` picks it; errors name key and choices)."""
+    return parse_choice(PRIVACY, block, key="privacy", default="none")
 
 
 def steps_per_epoch(num_examples: int, batch_size: int) -> int:
@@ -319,6 +402,26 @@ def private_round(privacy: ClientPrivacy, model: nn.Module, loader: DataLoader,
     return result
 
 
+class DPSGDTrainer:
+    """DP-SGD around local training: Opacus wraps model, optimizer and loader for each round."""
+
+    def __init__(self, privacy: ClientPrivacy) -> None:
+        self.privacy = privacy
+
+    def train_round(self, model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, *,
+                    epochs: int, seed: int, proximal_mu: float, device: str) -> RoundOutcome:
+        result = private_round(self.privacy, model, loader, optimizer, epochs=epochs, seed=seed,
+                               proximal_mu=proximal_mu, device=device)
+        metrics: dict[str, Any] = {"epsilon": self.privacy.epsilon(), "delta": self.privacy.delta,
+                                   "noise_multiplier": self.privacy.noise_multiplier}
+        if result is None:  # budget exhausted: say so; the server leaves this vehicle out
+            metrics |= {"skipped": True, "reason": "privacy budget exhausted"}
+        return RoundOutcome(result, metrics)
+
+    def state(self) -> bytes | None:
+        return self.privacy.to_bytes()
+
+
 def central_epsilon(spec: CentralDPSpec, *, sample_rate: float, rounds: int, delta: float) -> float:
     """Vehicle-level epsilon of ``privacy=central`` after ``rounds`` rounds.
 
@@ -327,11 +430,3 @@ def central_epsilon(spec: CentralDPSpec, *, sample_rate: float, rounds: int, del
     """
     return epsilon_of([(spec.noise_multiplier, sample_rate, rounds)], delta, "rdp")
 
-
-def uses_dp_model(privacy: str) -> bool:
-    """Whether ``privacy`` needs the DP-compatible model (GroupNorm, no running-statistics buffers).
-
-    ``dpsgd`` needs it for per-sample gradients; ``central`` because Flower's server noise lands on
-    every array, and noised BatchNorm statistics (or the integer batch counter) wreck the model.
-    """
-    return privacy in ("dpsgd", "central")

@@ -1,4 +1,4 @@
-"""Experiment tracking: one registry of trackers; ``tracking=wandb`` logs to Weights & Biases.
+"""Experiment tracking: one registry of trackers (``TRACKERS``); ``tracking=wandb`` logs to Weights & Biases.
 
 W&B works with no account and no network in offline mode (``WANDB_MODE=offline``); the run is
 stored under ``<run_dir>/wandb`` and can be uploaded later with ``wandb sync``.
@@ -6,8 +6,12 @@ stored under ``<run_dir>/wandb`` and can be uploaded later with ``wandb sync``.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, ClassVar, Literal, Protocol
+
+from fedseg.config import parse_choice
 
 
 class Tracker(Protocol):
@@ -33,8 +37,8 @@ class WandbTracker:
     """Logs every metrics row (per-class IoU flattened) and example sheets to one W&B run."""
 
     def __init__(self, *, run_dir: Path, config: dict[str, Any], name: str, project: str = "fedseg",
-                 entity: str | None = None, mode: str | None = None, tags: list[str] | None = None,
-                 log_images: bool = True) -> None:
+                 entity: str | None = None, mode: Literal["online", "offline", "disabled"] | None = None,
+                 tags: list[str] | None = None, log_images: bool = True) -> None:
         import wandb
 
         self._wandb = wandb
@@ -64,15 +68,39 @@ class WandbTracker:
         self.run.finish()
 
 
-TRACKERS = ("none", "wandb")
+@dataclass(frozen=True)
+class NoTracking:
+    """``tracking=none``: the run directory's files are the record."""
 
+    name: ClassVar[str] = "none"
 
-def make_tracker(options: dict[str, Any], *, run_dir: Path, config: dict[str, Any], name: str) -> Tracker:
-    """Build the tracker named by ``options['name']`` (conf/tracking/*.yaml)."""
-    options = dict(options)
-    kind = options.pop("name", "none")
-    if kind == "none":
+    def build(self, *, run_dir: Path, config: dict[str, Any], name: str) -> Tracker:
         return NullTracker()
-    if kind == "wandb":
-        return WandbTracker(run_dir=run_dir, config=config, name=name, **options)
-    raise ValueError(f"unknown tracking {kind!r}; valid: {list(TRACKERS)}")
+
+
+@dataclass(frozen=True)
+class WandbSpec:
+    """``tracking=wandb`` (conf/tracking/wandb.yaml): one W&B run per fedseg run."""
+
+    name: ClassVar[str] = "wandb"
+
+    project: str = "fedseg"
+    entity: str | None = None
+    mode: Literal["online", "offline", "disabled"] | None = None  # None: W&B's own default / WANDB_MODE
+    tags: tuple[str, ...] = ()
+    log_images: bool = True
+
+    def build(self, *, run_dir: Path, config: dict[str, Any], name: str) -> Tracker:
+        return WandbTracker(run_dir=run_dir, config=config, name=name, project=self.project,
+                            entity=self.entity, mode=self.mode, tags=list(self.tags),
+                            log_images=self.log_images)
+
+
+TrackingSpec = NoTracking | WandbSpec
+# The tracker registry, mirrored one to one by conf/tracking/*.yaml.
+TRACKERS: dict[str, type[TrackingSpec]] = {"none": NoTracking, "wandb": WandbSpec}
+
+
+def parse_tracking(block: Mapping[str, Any] | None) -> TrackingSpec:
+    """The ``tracking`` block as its registry spec."""
+    return parse_choice(TRACKERS, block, key="tracking", default="none")

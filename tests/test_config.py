@@ -8,7 +8,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from fedseg.config import DataSpec, RunSettings, from_run_config, spec_from, to_run_config
+from fedseg.config import DataSpec, from_run_config, spec_from, to_run_config
+from fedseg.settings import RunSettings
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 

@@ -25,6 +25,7 @@ from fedseg.privacy import (
     default_delta,
     epsilon_of,
     make_dp_compatible,
+    parse_privacy,
     per_sample_segmentation_loss,
     unwrap_model,
     unwrap_state_dict,
@@ -321,6 +322,6 @@ def test_dp_spec_rejects_ambiguous_or_unknown_settings():
     with pytest.raises(ValueError, match="valid: .*'ghost'"):
         DPSpec(noise_multiplier=1.0, grad_sample_mode="fast")
     with pytest.raises(ValueError, match="unknown privacy keys"):
-        DPSpec.from_block({"name": "dpsgd", "noise_multiplier": 1.0, "noise": 2})
+        parse_privacy({"name": "dpsgd", "noise_multiplier": 1.0, "noise": 2})
     block = {"name": "dpsgd", "noise_multiplier": None, "target_epsilon": 8.0, "state_dir": None}
-    assert DPSpec.from_block(block).target_epsilon == 8.0
+    assert parse_privacy(block) == DPSpec(target_epsilon=8.0)
