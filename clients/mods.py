@@ -1,20 +1,20 @@
-"""Client mods: Flower's SecAgg+ and central-DP clipping, switched on by the run config.
+"""Client mods: Flower's SecAgg+ and central-DP clipping, chosen once per run from the run's settings.
 
 The ``ClientApp`` is a module-level object, but whether a run uses SecAgg+ or client-level DP is only
-known from ``context.run_config`` when a message arrives; so each mod here reads the config and
-either routes through Flower's own mod or calls the next one directly. Use them in this order::
-
-    ClientApp(client_fn=client_fn, mods=[secure_aggregation_mod, central_dp_clipping_mod])
-
-which gives, for a training message, the chain of Flower's ``fl-dp-sa`` example plus the delta codec:
-``secaggplus_mod -> delta encoding + range check -> fixedclipping_mod -> client``. Clipping sees the
-weights it expects (it computes the update itself); the codec then turns the clipped weights into
-the update that SecAgg+ masks (the server adds the global weights back: ``server/secagg.py``).
+known from ``context.run_config``; :func:`run_mods` looks up the run's parsed settings (cached per
+run, ``fedseg.settings.settings_of``) and the mod chain built for them (:func:`mods_for`, cached
+too), which for a training message is the chain of Flower's ``fl-dp-sa`` example plus the delta
+codec: ``secaggplus_mod -> delta encoding + range check -> fixedclipping_mod -> client``. Clipping
+sees the weights it expects (it computes the update itself); the codec then turns the clipped
+weights into the update that SecAgg+ masks (the server adds the global weights back:
+``server/secagg.py``).
 """
 
 from __future__ import annotations
 
-from typing import Any, cast
+import functools
+from collections.abc import Callable, Sequence
+from typing import cast
 
 from flwr.app import Context, Message
 from flwr.app.message_type import MessageType
@@ -24,23 +24,48 @@ from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_STATE
 from flwr.compat.common import recorddict_compat as compat
 
-from fedseg.config import from_run_config
 from fedseg.fixedpoint import SecAggSpec, check_secagg_range, encode_delta
+from fedseg.privacy import CentralDPSpec
+from fedseg.settings import RunSettings, settings_of
+
+Mod = Callable[[Message, Context, ClientAppCallable], Message]
 
 
-def _block(context: Context, name: str) -> dict[str, Any]:
-    """One block of the run config (the flattened Hydra config), e.g. ``secagg`` or ``privacy``."""
-    return dict(from_run_config(context.run_config).get(name) or {})
+@functools.lru_cache(maxsize=8)
+def mods_for(settings: RunSettings) -> tuple[Mod, ...]:
+    """The run's mods, outermost first: SecAgg+ (with the delta codec inside) then update clipping."""
+    mods: list[Mod] = []
+    if isinstance(settings.secagg, SecAggSpec):
+        mods.append(secure_aggregation_mod)
+    if isinstance(settings.privacy, CentralDPSpec):
+        # The clipping norm comes from the server's DifferentialPrivacyClientSideFixedClipping wrapper.
+        mods.append(fixedclipping_mod)
+    return tuple(mods)
+
+
+def chain(mods: Sequence[Mod], call_next: ClientAppCallable) -> ClientAppCallable:
+    """``call_next`` wrapped by ``mods`` (the first one outermost), as Flower's ClientApp chains them."""
+    for mod in reversed(mods):
+        call_next = functools.partial(_call_mod, mod, call_next)
+    return call_next
+
+
+def _call_mod(mod: Mod, call_next: ClientAppCallable, msg: Message, ctxt: Context) -> Message:
+    return mod(msg, ctxt, call_next)
+
+
+def run_mods(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
+    """The one mod the ClientApp lists: the chain :func:`mods_for` built for this run."""
+    return chain(mods_for(settings_of(ctxt.run_config)), call_next)(msg, ctxt)
 
 
 def secure_aggregation_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
-    """Under ``secagg=secaggplus``, answer the four SecAgg+ stages with Flower's ``secaggplus_mod``.
+    """Answer the four SecAgg+ stages with Flower's ``secaggplus_mod``, the delta codec inside it.
 
     Only the masked stage-2 vector carries the update; it is the delta codec's output, checked
-    against the fixed-point range first. Any other run, or any non-training message, passes through.
+    against the fixed-point range first. Non-training messages pass through.
     """
-    secagg = SecAggSpec.from_block(_block(ctxt, "secagg"))
-    if msg.metadata.message_type != MessageType.TRAIN or secagg is None:
+    if msg.metadata.message_type != MessageType.TRAIN:
         return call_next(msg, ctxt)
 
     def encode_then_next(inner_msg: Message, inner_ctxt: Context) -> Message:
@@ -75,14 +100,3 @@ def delta_encoding_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable
     fitres.parameters = ndarrays_to_parameters(delta)
     out.content = compat.fitres_to_recorddict(fitres, keep_input=True)
     return out
-
-
-def central_dp_clipping_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
-    """Under ``privacy=central``, clip the vehicle's update with Flower's ``fixedclipping_mod``.
-
-    The clipping norm comes from the server's ``DifferentialPrivacyClientSideFixedClipping`` wrapper
-    in each training message; with any other privacy setting this mod does nothing.
-    """
-    if _block(ctxt, "privacy").get("name") == "central":
-        return fixedclipping_mod(msg, ctxt, call_next)
-    return call_next(msg, ctxt)

@@ -8,13 +8,12 @@ can be compared key for key.
 
 from __future__ import annotations
 
-import math
+import logging
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils.data import Dataset
-from tqdm.auto import tqdm
 
 from fedseg.data import FleetData
 from fedseg.labels import class_colors
@@ -23,13 +22,9 @@ from fedseg.models import count_parameters
 from fedseg.plots import plot_curves, plot_examples
 from fedseg.runlog import RunLog, format_row
 from fedseg.tracking import Tracker
+
+log = logging.getLogger("fedseg")
 from fedseg.training import evaluate, make_loader, predict
-
-
-def split_metrics(metrics: dict[str, float]) -> tuple[dict[str, float], dict[str, float | None]]:
-    """Flower-style flat metrics -> (scalars, per-class IoU with None for classes absent everywhere)."""
-    per_class = {k[4:]: (None if math.isnan(v) else v) for k, v in metrics.items() if k.startswith("iou/")}
-    return {k: v for k, v in metrics.items() if not k.startswith("iou/")}, per_class
 
 
 class RunReporter:
@@ -37,7 +32,7 @@ class RunReporter:
 
     def __init__(self, *, model: torch.nn.Module, data: FleetData, out_dir: Path, tracker: Tracker,
                  meta: dict[str, Any], total_rounds: int, batch_size: int = 16, device: str = "cpu",
-                 example_images: int = 4, progress: bool = True) -> None:
+                 example_images: int = 4) -> None:
         self.model = model.to(device)
         self.data = data
         self.log = RunLog(out_dir)
@@ -46,7 +41,6 @@ class RunReporter:
         self.total_rounds = total_rounds
         self.device = device
         self.example_images = example_images
-        self.progress = progress
         self.loader = make_loader(data.heldout, batch_size=batch_size, shuffle=False, seed=0)
 
     def evaluate(self) -> tuple[float, dict[str, float]]:
@@ -62,8 +56,7 @@ class RunReporter:
     def record(self, row: dict[str, Any]) -> None:
         """Write one round everywhere it belongs, and checkpoint the model that produced it."""
         row = self.log.log_round(row)
-        line = format_row(row, self.total_rounds)
-        tqdm.write(line) if self.progress else print(line, flush=True)
+        log.info(format_row(row, self.total_rounds))  # the console and the run's job log alike
         self.tracker.log_round(row)
         self.log.save_checkpoint(self.model, {**self.meta, "round": row["round"]})
 

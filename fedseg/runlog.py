@@ -1,7 +1,7 @@
 """The run-output contract: ``metrics.jsonl``, ``summary.json``, ``checkpoints/``, ``plots/``.
 
 One :class:`RunLog` serves the federated server and the centralized baseline, so both write the
-same files with the same keys (see DESIGN.md, "Run outputs").
+same files with the same keys (README, "What a run writes").
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 
 from fedseg.checkpoints import save_checkpoint
 
-# Keys every metrics.jsonl row carries (DESIGN.md); extra keys (train_loss, ...) may follow.
+# Keys every metrics.jsonl row carries (the run-output contract); extra keys (train_loss, ...) may follow.
 ROW_KEYS = (
     "round", "loss", "pixel_acc", "miou", "dice", "per_class_iou", "epsilon", "delta",
     "bytes_up", "bytes_down", "round_s", "clients",
@@ -35,6 +35,18 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+def split_metrics(metrics: dict[str, float]) -> tuple[dict[str, float], dict[str, float | None]]:
+    """Flower-style flat metrics -> (scalars, per-class IoU with None for classes absent everywhere)."""
+    per_class = {k[4:]: (None if math.isnan(v) else v) for k, v in metrics.items() if k.startswith("iou/")}
+    return {k: v for k, v in metrics.items() if not k.startswith("iou/")}, per_class
+
+
+def metrics_row(server_round: int, loss: float, metrics: dict[str, float], **fields: Any) -> dict[str, Any]:
+    """The ``metrics.jsonl`` row of a round (federated) or epoch (centralized): one builder for both."""
+    scalars, per_class = split_metrics(metrics)
+    return {"round": server_round, "loss": loss, **scalars, "per_class_iou": per_class, **fields}
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Write via a temporary file and rename, so a crash never leaves a half-written file."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -45,15 +57,13 @@ def atomic_write_text(path: Path, text: str) -> None:
 class RunLog:
     """Appends one row per round and writes the summary and checkpoints of a run directory."""
 
-    def __init__(self, out_dir: str | Path, *, resume: bool = False) -> None:
+    def __init__(self, out_dir: str | Path) -> None:
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         (self.out_dir / "checkpoints").mkdir(exist_ok=True)
         self.metrics_path = self.out_dir / "metrics.jsonl"
         self.rows: list[dict[str, Any]] = []
-        if resume and self.metrics_path.exists():
-            self.rows = [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line]
-        elif self.metrics_path.exists():
+        if self.metrics_path.exists():  # a new run in an old directory starts a new file
             self.metrics_path.unlink()
         self.started = time.time()
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from typing import Any, cast
 
 import numpy as np
@@ -39,19 +38,9 @@ from flwr.server.strategy import Strategy
 from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, Key
 
-from fedseg.config import RunSettings
-from fedseg.fixedpoint import (
-    SecAggRangeError,
-    SecAggSpec,
-    aggregate_error_bound,
-    auto_quantization_range,
-    decode_delta,
-    resolve_max_weight,
-    validate_secagg,
-    vehicles_per_round,
-)
+from fedseg.fixedpoint import SecAggRangeError, SecAggSpec, aggregate_error_bound, decode_delta
 from server.grids import MeteredGrid
-from server.strategy import StrategyWrapper
+from server.strategy import RoundRecorder, StrategyWrapper
 
 log = logging.getLogger("fedseg.secagg")
 
@@ -60,83 +49,24 @@ class SecAggRoundError(ValueError):
     """A SecAgg+ round the run cannot go on from (a ValueError: entry points print it as one line)."""
 
 
-def check_config(settings: RunSettings, partition_sizes: list[int] | None = None) -> SecAggSpec | None:
-    """The run's SecAgg+ spec after every check that can fail before training; ``None`` without SecAgg+."""
-    spec = SecAggSpec.from_block(settings.blocks.get("secagg", {}))
-    if spec is None:
-        return None
-    fed = settings.federation
-    privacy = str(settings.blocks.get("privacy", {}).get("name", "none"))
-    validate_secagg(spec, sampled=vehicles_per_round(fed.num_clients, fed.fraction_fit, fed.min_fit_clients),
-                    strategy=settings.strategy.name, privacy=privacy, partition_sizes=partition_sizes)
-    return spec
-
-
-def _partition_sizes(settings: RunSettings) -> list[int]:
-    """Frames per vehicle, as the simulation partitions them (cached: the server loaded them already)."""
-    from fedseg.data import cached_fleet
-
-    data = cached_fleet(settings.data, settings.federation.num_clients, settings.seed)
-    return [len(d) for d in data.clients]
-
-
-def build_fit_workflow(settings: RunSettings, partition_sizes: list[int] | None = None
-                       ) -> SecAggPlusFit | None:
-    """The fit workflow for ``DefaultWorkflow``: SecAgg+ under ``secagg=secaggplus``, else ``None``."""
-    if SecAggSpec.from_block(settings.blocks.get("secagg", {})) is None:
-        return None
-    sizes = partition_sizes if partition_sizes is not None else _partition_sizes(settings)
-    spec = check_config(settings, sizes)
-    assert spec is not None
-    fed = settings.federation
-    sampled = vehicles_per_round(fed.num_clients, fed.fraction_fit, fed.min_fit_clients)
-    max_weight = resolve_max_weight(spec, sizes)
-    grid_levels = spec.quantization_range or auto_quantization_range(sampled, spec.modulus_range)
-    return SecAggPlusFit(spec, max_weight=max_weight, quantization_range=grid_levels)
-
-
-def wrap_strategy(strategy: Strategy, settings: RunSettings) -> Strategy:
-    """``strategy`` wrapped for delta decoding under ``secagg=secaggplus``; unchanged otherwise."""
-    if SecAggSpec.from_block(settings.blocks.get("secagg", {})) is None:
-        return strategy
-    central = settings.blocks.get("privacy", {}).get("name") == "central"
-    return SecureSumStrategy(strategy, all_or_nothing=central)
-
-
 class SecureSumStrategy(StrategyWrapper):
-    """Adds the global weights back to the unmasked mean update and annotates the round's row.
+    """Adds the global weights back to the unmasked mean update before ``inner`` aggregates it.
 
-    ``inner`` is the run's strategy (usually the ``RoundRecorder``); if it has an ``on_round``
-    callback, the rows it emits get the protocol's measured bytes and a ``secagg`` entry.
+    ``inner`` is the run's strategy chain up to and including the ``RoundRecorder`` (``recorder``),
+    whose rows get the protocol's measured bytes and a ``secagg`` entry through its ``annotate`` API.
     ``all_or_nothing`` (``privacy=central``) discards a round that lost any vehicle: Flower's DP
     wrapper calibrates its noise to the sampled count and rejects rounds with error replies itself,
     but a vehicle that vanished silently (no reply) would slip through with too little noise.
     """
 
-    def __init__(self, inner: Strategy, *, all_or_nothing: bool = False) -> None:
+    def __init__(self, inner: Strategy, recorder: RoundRecorder, *, all_or_nothing: bool = False) -> None:
         super().__init__(inner)
+        self.recorder = recorder
         self.all_or_nothing = all_or_nothing
         self._sampled: dict[int, int] = {}
         self._global: list[np.ndarray] = []
-        self._notes: dict[int, dict[str, Any]] = {}
         self.aggregated: dict[int, bool] = {}
         self.examples: dict[int, list[int]] = {}
-        emit = getattr(inner, "on_round", None)
-        if callable(emit):  # the recorder's callback: rows pass through self._annotated on their way out
-            inner.on_round = self._annotated(emit)  # type: ignore[attr-defined]
-
-    def __getattr__(self, name: str) -> Any:  # e.g. RoundRecorder.client_epsilon
-        if name == "inner":  # not set yet (copy, unpickling): no recursion
-            raise AttributeError(name)
-        return getattr(self.inner, name)
-
-    def _annotated(self, emit: Callable[[dict[str, Any]], None]) -> Callable[[dict[str, Any]], None]:
-        """``emit`` with the fields noted for the row's round merged in (they win over the recorder's)."""
-        return lambda row: emit({**row, **self._notes.pop(int(row["round"]), {})})
-
-    def note(self, server_round: int, fields: dict[str, Any]) -> None:
-        """Fields to merge into the row of ``server_round`` when the inner strategy emits it."""
-        self._notes.setdefault(server_round, {}).update(fields)
 
     def configure_fit(self, server_round: int, parameters: Parameters, client_manager: ClientManager
                       ) -> list[tuple[ClientProxy, FitIns]]:
@@ -182,8 +112,7 @@ class SecAggPlusFit:
         legacy = cast(LegacyContext, context)
         strategy = legacy.strategy
         if not isinstance(strategy, SecureSumStrategy):
-            raise TypeError("SecAgg+ vehicles send deltas: wrap the strategy with "
-                            "server.secagg.wrap_strategy")
+            raise TypeError("SecAgg+ vehicles send deltas: compose the server with server.compose")
         server_round = int(cast(int, legacy.state.config_records[MAIN_CONFIGS_RECORD][Key.CURRENT_ROUND]))
         metered = MeteredGrid(grid)
         start = time.perf_counter()
@@ -193,7 +122,7 @@ class SecAggPlusFit:
         if range_errors:  # a configuration problem: every later round would drop vehicles the same way
             raise SecAggRangeError(range_errors[0][range_errors[0].find("secagg:"):].rstrip("'>"))
         ok = strategy.aggregated.get(server_round, False)
-        strategy.note(server_round, self._round_fields(metered, strategy.examples.get(server_round, []), ok,
+        strategy.recorder.annotate(server_round, self._round_fields(metered, strategy.examples.get(server_round, []), ok,
                                                        elapsed))
         if not ok:
             self._fail(server_round, metered, strategy.examples.get(server_round))

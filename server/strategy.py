@@ -1,32 +1,51 @@
 """Server strategies: a registry of Flower's own, and a wrapper that records every round.
 
-``RoundRecorder`` wraps whatever strategy the run uses (FedAvg, FedProx, FedAdam, or a DP wrapper
-around one of them) and turns what passes through it into the run-output contract: real serialized
-bytes each way, the vehicles' training loss, their privacy spend, and the server-side evaluation.
+``RoundRecorder`` wraps whatever strategy the run uses (FedAvg, FedProx, FedAdam, or Flower's DP
+wrapper around one of them) and turns what passes through it into the run-output contract: real
+serialized bytes each way, the vehicles' training loss, their privacy spend, and the server-side
+evaluation. The order of the wrappers is fixed in one place, ``server/compose.py``.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from flwr.common import FitIns, FitRes, Parameters, Scalar
 from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
-from flwr.server.strategy import (
-    DifferentialPrivacyClientSideFixedClipping,
-    FedAdam,
-    FedAvg,
-    FedProx,
-    Strategy,
-)
+from flwr.server.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, Strategy
 
-from fedseg.config import FederationSpec, RunSettings
-from fedseg.privacy import CentralDPSpec, central_epsilon, default_delta
-from fedseg.reporting import split_metrics
+from fedseg.runlog import metrics_row
 
-STRATEGIES: dict[str, type[FedAvg]] = {"fedavg": FedAvg, "fedprox": FedProx, "fedadam": FedAdam}
+
+@dataclass(frozen=True)
+class StrategyEntry:
+    """One registry entry: Flower's class, and whether its aggregate is a weighted sum of the updates
+    (the only thing SecAgg+ reveals, and what client-level DP's noise calibration assumes)."""
+
+    flower: type[FedAvg]
+    weighted_sum: bool = True
+
+
+# The strategy registry, mirrored one to one by conf/strategy/*.yaml.
+STRATEGIES: dict[str, StrategyEntry] = {
+    "fedavg": StrategyEntry(FedAvg),
+    "fedprox": StrategyEntry(FedProx),
+    "fedadam": StrategyEntry(FedAdam),
+    # Robust aggregation (coordinate-wise median / trimmed mean): each needs every update in clear.
+    "fedmedian": StrategyEntry(FedMedian, weighted_sum=False),
+    "fedtrimmedavg": StrategyEntry(FedTrimmedAvg, weighted_sum=False),
+}
+
+
+def strategy_entry(name: str) -> StrategyEntry:
+    """The registry entry for ``name``; an unknown name lists the valid ones."""
+    if name not in STRATEGIES:
+        raise ValueError(f"unknown strategy {name!r}; valid: {sorted(STRATEGIES)}")
+    return STRATEGIES[name]
 
 
 def mean_train_loss(metrics: list[tuple[int, dict]]) -> dict[str, float]:
@@ -36,38 +55,9 @@ def mean_train_loss(metrics: list[tuple[int, dict]]) -> dict[str, float]:
     return {"train_loss": sum(n * v for n, v in pairs) / total} if total else {}
 
 
-def sampled_per_round(fed: FederationSpec) -> int:
-    """Vehicles Flower samples each round (its own rule: fraction of the available, at least min)."""
-    return max(int(fed.num_clients * fed.fraction_fit), fed.min_fit_clients)
-
-
-def wrap_privacy(strategy: Strategy, settings: RunSettings) -> Strategy:
-    """``privacy=central``: Flower's client-side fixed clipping wrapper (vehicle-level DP) around it."""
-    block = settings.blocks.get("privacy", {})
-    if block.get("name") != "central":
-        return strategy
-    spec = CentralDPSpec.from_block(block)
-    return DifferentialPrivacyClientSideFixedClipping(
-        strategy, noise_multiplier=spec.noise_multiplier, clipping_norm=spec.clipping_norm,
-        num_sampled_clients=spec.num_sampled_clients or sampled_per_round(settings.federation))
-
-
-def central_accounting(settings: RunSettings) -> Callable[[int], tuple[float, float]] | None:
-    """For ``privacy=central``: round -> (vehicle-level epsilon, delta) from Opacus' RDP accountant."""
-    block = settings.blocks.get("privacy", {})
-    if block.get("name") != "central":
-        return None
-    spec, fed = CentralDPSpec.from_block(block), settings.federation
-    delta = default_delta(fed.num_clients)
-    rate = min(1.0, sampled_per_round(fed) / fed.num_clients)
-    return lambda rounds: (central_epsilon(spec, sample_rate=rate, rounds=rounds, delta=delta), delta)
-
-
 def build_strategy(name: str, options: dict[str, Any], **common: Any) -> Strategy:
     """Instantiate Flower's strategy ``name`` with its own options plus the shared arguments."""
-    if name not in STRATEGIES:
-        raise ValueError(f"unknown strategy {name!r}; valid: {sorted(STRATEGIES)}")
-    return STRATEGIES[name](**common, **options)
+    return strategy_entry(name).flower(**common, **options)
 
 
 def parameters_bytes(parameters: Parameters) -> int:
@@ -108,7 +98,12 @@ class StrategyWrapper(Strategy):
 
 
 class RoundRecorder(StrategyWrapper):
-    """Delegates to ``inner`` and calls ``on_round(row)`` after each server-side evaluation."""
+    """Delegates to ``inner`` and calls ``on_round(row)`` after each server-side evaluation.
+
+    Other wrappers add to a round's row with :meth:`annotate` (their fields win over the recorder's
+    own, e.g. the bytes SecAgg+ really carried); ``central_dp`` maps a round to the vehicle-level
+    ``(epsilon, delta)`` of client-level DP.
+    """
 
     def __init__(self, inner: Strategy, on_round: Callable[[dict[str, Any]], None],
                  central_dp: Callable[[int], tuple[float, float]] | None = None) -> None:
@@ -118,6 +113,11 @@ class RoundRecorder(StrategyWrapper):
         self.client_epsilon: dict[str, float] = {}
         self.client_delta: dict[str, float] = {}
         self._pending: dict[str, Any] = {}
+        self._notes: dict[int, dict[str, Any]] = {}
+
+    def annotate(self, server_round: int, fields: dict[str, Any]) -> None:
+        """Fields to merge into the row of ``server_round`` when it is emitted."""
+        self._notes.setdefault(server_round, {}).update(fields)
 
     def configure_fit(self, server_round: int, parameters: Parameters, client_manager: ClientManager
                       ) -> list[tuple[ClientProxy, FitIns]]:
@@ -158,21 +158,17 @@ class RoundRecorder(StrategyWrapper):
         loss, metrics = evaluated
         pending, self._pending = self._pending, {}
         pending.pop("t0", None)
-        scalars, per_class = split_metrics(dict(metrics))  # type: ignore[arg-type]
-        row = {
-            "round": server_round,
-            "loss": loss,
-            **scalars,
-            "per_class_iou": per_class,
+        row = metrics_row(
+            server_round, loss, dict(metrics),  # type: ignore[arg-type]
             **self._privacy_fields(server_round),
-            "client_epsilon": dict(self.client_epsilon) or None,
-            "bytes_up": pending.pop("bytes_up", 0),
-            "bytes_down": pending.pop("bytes_down", 0),
-            "round_s": pending.pop("round_s", 0.0),
-            "clients": pending.pop("clients", 0),
+            client_epsilon=dict(self.client_epsilon) or None,
+            bytes_up=pending.pop("bytes_up", 0),
+            bytes_down=pending.pop("bytes_down", 0),
+            round_s=pending.pop("round_s", 0.0),
+            clients=pending.pop("clients", 0),
             **pending,
-        }
-        self.on_round(row)
+        )
+        self.on_round({**row, **self._notes.pop(server_round, {})})
         return evaluated
 
     def _privacy_fields(self, server_round: int) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
+
 def resolve(cfg: DictConfig) -> dict[str, Any]:
     """The resolved config as plain containers, with the Hydra run directory as ``output_dir``."""
     from hydra.core.hydra_config import HydraConfig
@@ -35,6 +36,7 @@ def user_errors(prog: str) -> Callable:
     def wrap(fn: Callable) -> Callable:
         @functools.wraps(fn)
         def run(*args: Any, **kwargs: Any) -> Any:
+            logging.captureWarnings(True)  # warnings reach the job log too, not only stderr
             try:
                 return fn(*args, **kwargs)
             except (DataError, ValueError, KeyError, FileNotFoundError, MissingMandatoryValue) as err:

@@ -8,6 +8,7 @@ Each epoch is one row of ``metrics.jsonl`` (``round`` = epoch; round 0 = the ini
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
@@ -16,33 +17,36 @@ from omegaconf import DictConfig
 from torch.utils.data import ConcatDataset
 
 from fedseg.checkpoints import checkpoint_meta
-from fedseg.config import RunSettings, resolve_device
+from fedseg.config import resolve_device
 from fedseg.data import load_data
 from fedseg.models import build_run_model
-from fedseg.reporting import RunReporter, split_metrics
-from fedseg.tracking import make_tracker
+from fedseg.reporting import RunReporter
+from fedseg.runlog import metrics_row
+from fedseg.settings import RunSettings
 from fedseg.training import derive_seed, make_loader, make_optimizer, train
 from sim._cli import CONF_DIR, resolve, user_errors
+
+log = logging.getLogger("fedseg")
 
 
 @user_errors("fedseg-train")
 def run(cfg: DictConfig) -> dict:
     raw = resolve(cfg)
     s = RunSettings.from_config(raw)
-    fed, run_opts = s.federation, s.blocks["run"]
-    epochs = int(s.blocks["train"].get("epochs") or fed.rounds * fed.local_epochs)
-    data = load_data(s.data, num_clients=fed.num_clients, seed=s.seed, progress=bool(run_opts["progress"]))
-    pooled = ConcatDataset(data.clients)
+    fed, progress = s.federation, s.run.progress
+    epochs = s.train.epochs or fed.rounds * fed.local_epochs
+    data = load_data(s.data, num_clients=fed.num_clients, seed=s.seed, progress=progress)
+    pooled: ConcatDataset = ConcatDataset(data.clients)
     model = build_run_model(s.model, data.label_map.num_classes, seed=s.seed)
     out, device = Path(s.output_dir), resolve_device(s.device)
-    tracker = make_tracker(s.blocks["tracking"], run_dir=out, config=raw,
-                           name=f"{s.experiment}-{s.model.name}-centralized")
+    tracker = s.tracking.build(run_dir=out, config=raw, name=f"{s.experiment}-{s.model.name}-centralized")
     reporter = RunReporter(model=model, data=data, out_dir=out, tracker=tracker,
-                           meta=checkpoint_meta(s.model, s.data, data.label_map, {"mode": "centralized", "config": raw}),
+                           meta=checkpoint_meta(s.model, s.data, data.label_map,
+                                                {"mode": "centralized", "config": raw}),
                            total_rounds=epochs, batch_size=max(fed.batch_size, 8), device=device,
-                           example_images=int(run_opts["example_images"]), progress=bool(run_opts["progress"]))
-    print(f"fedseg-train: {len(pooled)} pooled frames, {len(data.heldout)} held-out, {s.model.name}, "
-          f"{epochs} epochs -> {out}", flush=True)
+                           example_images=s.run.example_images)
+    log.info(f"fedseg-train: {len(pooled)} pooled frames, {len(data.heldout)} held-out, {s.model.name}, "
+             f"{epochs} epochs -> {out}")
     loss, metrics = reporter.evaluate()
     reporter.record(_row(0, loss, metrics, train_loss=None, seconds=0.0, examples=0))
     optimizer = make_optimizer(model, name=fed.optimizer, lr=fed.lr)
@@ -50,7 +54,7 @@ def run(cfg: DictConfig) -> dict:
         t0 = time.perf_counter()
         loader = make_loader(pooled, batch_size=fed.batch_size, shuffle=True, seed=derive_seed(s.seed, epoch))
         result = train(model, loader, optimizer, epochs=1, device=device,
-                       progress=f"epoch {epoch}/{epochs}" if run_opts["progress"] else None)
+                       progress=f"epoch {epoch}/{epochs}" if progress else None)
         seconds = time.perf_counter() - t0
         loss, metrics = reporter.evaluate()
         reporter.record(_row(epoch, loss, metrics, result.loss, seconds, result.num_examples))
@@ -59,10 +63,8 @@ def run(cfg: DictConfig) -> dict:
 
 def _row(epoch: int, loss: float, metrics: dict, train_loss: float | None, seconds: float,
          examples: int) -> dict:
-    scalars, per_class = split_metrics(metrics)
-    return {"round": epoch, "loss": loss, **scalars, "per_class_iou": per_class, "epsilon": None,
-            "delta": None, "bytes_up": 0, "bytes_down": 0, "round_s": seconds, "clients": 1,
-            "train_loss": train_loss, "examples": examples}
+    return metrics_row(epoch, loss, metrics, epsilon=None, delta=None, bytes_up=0, bytes_down=0,
+                       round_s=seconds, clients=1, train_loss=train_loss, examples=examples)
 
 
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")

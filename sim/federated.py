@@ -8,16 +8,20 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
-from fedseg.config import RunSettings, to_run_config
+from fedseg.config import to_run_config
 from fedseg.data import load_data
-from server.secagg import check_config as check_secagg
+from fedseg.settings import RunSettings
+from server.compose import check_composition
 from sim._cli import CONF_DIR, resolve, user_errors
 from sim.engine import run_federation
+
+log = logging.getLogger("fedseg")
 
 
 @user_errors("fedseg-sim")
@@ -28,19 +32,18 @@ def run(cfg: DictConfig) -> dict:
     # Generate/validate the data once, up front: bad frames fail here, naming the file, before any
     # vehicle starts, and Ray workers then find the synthetic fleet already cached.
     data = load_data(settings.data, num_clients=fed.num_clients, seed=settings.seed,
-                     progress=bool(raw["run"]["progress"]))
+                     progress=settings.run.progress)
     sizes = [len(d) for d in data.clients]
-    check_secagg(settings, sizes)  # impossible SecAgg+ settings fail here, before Ray starts
-    print(f"fedseg-sim: {fed.num_clients} vehicles ({sizes} frames), {len(data.heldout)} held-out, "
-          f"{settings.model.name}, {fed.rounds} rounds -> {settings.output_dir}", flush=True)
+    check_composition(settings, sizes)  # impossible combinations fail here, before Ray starts
+    log.info(f"fedseg-sim: {fed.num_clients} vehicles ({sizes} frames), {len(data.heldout)} held-out, "
+             f"{settings.model.name}, {fed.rounds} rounds -> {settings.output_dir}")
     out = Path(settings.output_dir)
     run_federation(to_run_config(raw), num_vehicles=fed.num_clients, client_cpus=fed.client_cpus,
-                   client_gpus=fed.client_gpus, app_dir=out / "flwr_app",
-                   verbose=bool(raw["run"].get("verbose", False)))
+                   client_gpus=fed.client_gpus, app_dir=out / "flwr_app", verbose=settings.run.verbose)
     summary = json.loads((out / "summary.json").read_text())
     final = summary["final"]
-    print(f"fedseg-sim: done: round {final['round']} mIoU {final['miou']:.3f} "
-          f"(best {summary['best_miou']:.3f} at round {summary['best_round']}); outputs in {out}")
+    log.info(f"fedseg-sim: done: round {final['round']} mIoU {final['miou']:.3f} "
+             f"(best {summary['best_miou']:.3f} at round {summary['best_round']}); outputs in {out}")
     return summary
 
 

@@ -20,11 +20,9 @@ from flwr.app import Context, RecordDict
 from flwr.client import ClientApp, NumPyClient
 from flwr.common import bytes_to_ndarray, ndarrays_to_parameters
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
-from flwr.server import LegacyContext, ServerConfig
-from flwr.server.workflow import DefaultWorkflow
 
-from clients.mods import central_dp_clipping_mod, secure_aggregation_mod
-from fedseg.config import RunSettings, to_run_config
+from clients.mods import run_mods
+from fedseg.config import to_run_config
 from fedseg.fixedpoint import (
     SecAggRangeError,
     SecAggSpec,
@@ -34,8 +32,9 @@ from fedseg.fixedpoint import (
     encode_delta,
     resolve_shares,
 )
-from server.secagg import SecAggRoundError, build_fit_workflow, check_config, wrap_strategy
-from server.strategy import RoundRecorder, build_strategy, wrap_privacy
+from fedseg.settings import RunSettings
+from server.compose import check_composition, compose_server
+from server.secagg import SecAggRoundError
 from sim.loopback import LoopbackGrid
 
 SECAGG = {"name": "secaggplus", "num_shares": 3, "reconstruction_threshold": 2}
@@ -52,8 +51,10 @@ class Fleet:
                  strategy: str = "fedavg", privacy: dict[str, Any] | None = None, rounds: int = 1,
                  crash: tuple[int, ...] = (), skip: tuple[int, ...] = ()) -> None:
         n, crashed = len(updates), set[int]()
+        options = {"fedprox": {"proximal_mu": 0.01}}.get(strategy, {})
         cfg = {"federation": {"num_clients": n, "min_fit_clients": n, "rounds": rounds},
-               "strategy": {"name": strategy}, "secagg": secagg, "privacy": privacy or {"name": "none"}}
+               "strategy": {"name": strategy, **options}, "secagg": secagg,
+               "privacy": privacy or {"name": "none"}}
         self.settings, run_config = RunSettings.from_config(cfg), to_run_config(cfg)
 
         class Toy(NumPyClient):
@@ -70,7 +71,7 @@ class Fleet:
                         {"loss": float(self.i), "partition_id": self.i})
 
         app = ClientApp(client_fn=lambda c: Toy(int(c.node_config["partition-id"])).to_client(),
-                        mods=[secure_aggregation_mod, central_dp_clipping_mod])
+                        mods=[run_mods])
         contexts = {100 + i: Context(run_id=1, node_id=100 + i, node_config={"partition-id": i},
                                      state=RecordDict(), run_config=run_config) for i in range(n)}
         self.grid = LoopbackGrid(app, contexts)
@@ -84,16 +85,11 @@ class Fleet:
             return 0.0, {}
 
         start = [np.full_like(u, START) for u in self.updates[0]]
-        options = {"fedprox": {"proximal_mu": 0.01}}.get(self.settings.strategy.name, {})
-        inner = build_strategy(self.settings.strategy.name, options, fraction_fit=1.0, min_fit_clients=self.n,
-                               min_available_clients=self.n, fraction_evaluate=0.0, min_evaluate_clients=0,
-                               evaluate_fn=evaluate_fn, initial_parameters=ndarrays_to_parameters(start))
-        recorder = RoundRecorder(wrap_privacy(inner, self.settings), on_round=self.rows.append)
+        parts = compose_server(self.settings, on_round=self.rows.append, evaluate_fn=evaluate_fn,
+                               initial_parameters=ndarrays_to_parameters(start),
+                               partition_sizes=list(self.examples))
         server = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
-        legacy = LegacyContext(context=server, config=ServerConfig(num_rounds=self.rounds),
-                               strategy=wrap_strategy(recorder, self.settings))
-        fit = build_fit_workflow(self.settings, partition_sizes=list(self.examples))
-        DefaultWorkflow(fit_workflow=fit)(self.grid, legacy)
+        parts.run(self.grid, server, self.rounds)
         return self
 
 
@@ -272,24 +268,34 @@ def settings_for(num_clients: int = 3, strategy: str = "fedavg", privacy: str = 
     (settings_for(num_clients=5, num_shares=4, reconstruction_threshold=3), r"num_shares=4 must be odd"),
     (settings_for(num_clients=5, num_shares=5, reconstruction_threshold=2), r"exceed half of num_shares=5"),
     (settings_for(strategy="fedmedian"), r"strategy=fedmedian needs each update; valid: \['fedavg'"),
-    (settings_for(privacy="local"), r"privacy=local: valid: \['none', 'dpsgd', 'central'\]"),
     (settings_for(num_clients=5, quantization_range=2**30), r"overflows: 5 vehicles x 1073741824.*536870912"),
     (settings_for(num_shares=1.5), r"num_shares=1.5: a float is a fraction in \(0, 1\]"),
     (settings_for(max_weight=4), r"max_weight=4 is below the 8 frames of the largest vehicle"),
     (settings_for(on_failure="retry"), r"on_failure='retry'; valid: \['skip', 'stop'\]"),
-    (settings_for(clipping=8), r"unknown secagg keys \['clipping'\]"),
 ])
 def test_impossible_configurations_are_rejected(settings: RunSettings, message: str) -> None:
     with pytest.raises(ValueError, match=message):
-        check_config(settings, partition_sizes=[8, 8, 8])
+        check_composition(settings, partition_sizes=[8, 8, 8])
+
+
+@pytest.mark.parametrize("block, message", [
+    ({"name": "secaggplus", "clipping": 8}, r"unknown secagg keys \['clipping'\]"),
+    ({"name": "secaggplus", "num_shares": "three"}, r"secagg.num_shares='three': expected an integer or a number"),
+    ({"name": "secaggplus", "clipping_range": -1}, r"secagg.clipping_range=-1.0 is out of range: must be > 0"),
+    ({"name": "secagg"}, r"secagg=secagg: valid: \['none', 'secaggplus'\]"),
+])
+def test_malformed_secagg_blocks_fail_when_parsed(block: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        RunSettings.from_config({"secagg": block})
 
 
 def test_possible_configurations_pass_and_plain_runs_are_left_alone() -> None:
     fraction = settings_for(num_clients=10, num_shares=0.5, reconstruction_threshold=0.6)
-    assert check_config(fraction) is not None
+    check_composition(fraction)  # no error
     assert resolve_shares(SecAggSpec(num_shares=0.5, reconstruction_threshold=0.6), 10) == (5, 3)
     plain = RunSettings.from_config({"secagg": {"name": "none"}, "strategy": {"name": "fedmedian"}})
-    assert check_config(plain) is None and build_fit_workflow(plain) is None
+    parts = compose_server(plain, on_round=lambda row: None)
+    assert parts.fit_workflow is None and parts.strategy is parts.recorder
 
 
 def test_finest_grid_that_cannot_overflow_by_hand() -> None:

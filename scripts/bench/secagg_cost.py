@@ -38,10 +38,10 @@ def make_fleet(vehicles: int, weights: list[np.ndarray], secagg: dict[str, Any],
     from flwr.client import ClientApp, NumPyClient
     from flwr.common import ndarrays_to_parameters
 
-    from clients.mods import central_dp_clipping_mod, secure_aggregation_mod
-    from fedseg.config import RunSettings, to_run_config
-    from server.secagg import build_fit_workflow, wrap_strategy
-    from server.strategy import build_strategy
+    from clients.mods import run_mods
+    from fedseg.config import to_run_config
+    from fedseg.settings import RunSettings
+    from server.compose import compose_server
     from sim.loopback import LoopbackGrid
 
     cfg = {"federation": {"num_clients": vehicles, "min_fit_clients": vehicles, "rounds": rounds},
@@ -59,14 +59,13 @@ def make_fleet(vehicles: int, weights: list[np.ndarray], secagg: dict[str, Any],
             return moved, 8, {}
 
     app = ClientApp(client_fn=lambda c: Vehicle(int(c.node_config["partition-id"])).to_client(),
-                    mods=[secure_aggregation_mod, central_dp_clipping_mod])
+                    mods=[run_mods])
     contexts = {100 + i: Context(run_id=1, node_id=100 + i, node_config={"partition-id": i},
                                  state=RecordDict(), run_config=run_config) for i in range(vehicles)}
-    strategy = build_strategy("fedavg", {}, fraction_fit=1.0, min_fit_clients=vehicles, fraction_evaluate=0.0,
-                              min_available_clients=vehicles, min_evaluate_clients=0,
-                              initial_parameters=ndarrays_to_parameters(weights))
-    return {"grid": LoopbackGrid(app, contexts), "strategy": wrap_strategy(strategy, settings),
-            "fit": build_fit_workflow(settings, partition_sizes=[8] * vehicles), "run_config": run_config}
+    parts = compose_server(settings, on_round=lambda row: None,
+                           initial_parameters=ndarrays_to_parameters(weights), partition_sizes=[8] * vehicles)
+    return {"grid": LoopbackGrid(app, contexts), "strategy": parts.strategy, "fit": parts.fit_workflow,
+            "run_config": run_config}
 
 
 def measure(vehicles: int, weights: list[np.ndarray], secagg: dict[str, Any], rounds: int

@@ -1,0 +1,114 @@
+"""The server side of a run, composed in one place and one order. The server app, tests and benchmarks
+all build it here.
+
+From the inside out:
+
+1. Flower's strategy from the registry (FedAvg, FedProx, FedAdam), evaluating server-side;
+2. ``privacy=central``: Flower's ``DifferentialPrivacyClientSideFixedClipping`` around it (noise on
+   the aggregate of updates the vehicles clipped with ``fixedclipping_mod``);
+3. :class:`~server.strategy.RoundRecorder`: the run-output contract (one row per round);
+4. ``secagg=secaggplus``: :class:`~server.secagg.SecureSumStrategy`, outermost, because the
+   vehicles' masked deltas must become weights again before anything inside sees them; it annotates
+   the recorder's rows with what the protocol really carried.
+
+The fit workflow is Flower's default, or :class:`~server.secagg.SecAggPlusFit` under SecAgg+. Why
+the legacy ``LegacyContext``/``DefaultWorkflow`` path: Flower 1.42's SecAgg+ exists only there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from flwr.common import Context, Parameters
+from flwr.server import Grid, LegacyContext, ServerConfig
+from flwr.server.strategy import DifferentialPrivacyClientSideFixedClipping, Strategy
+from flwr.server.workflow import DefaultWorkflow
+
+from fedseg.fixedpoint import SecAggSpec, auto_quantization_range, resolve_max_weight, validate_secagg
+from fedseg.privacy import CentralDPSpec, central_epsilon, default_delta
+from fedseg.settings import RunSettings
+from server.secagg import SecAggPlusFit, SecureSumStrategy
+from server.strategy import STRATEGIES, RoundRecorder, build_strategy, mean_train_loss, strategy_entry
+
+EvaluateFn = Callable[[int, list, dict], tuple[float, dict] | None]
+
+
+@dataclass
+class ServerParts:
+    """The composed server: the outermost strategy, the recorder inside it, and the fit workflow."""
+
+    strategy: Strategy
+    recorder: RoundRecorder
+    fit_workflow: SecAggPlusFit | None
+
+    def run(self, grid: Grid, context: Context, rounds: int) -> None:
+        """Run ``rounds`` rounds on ``grid`` (Flower's legacy workflow: where SecAgg+ lives)."""
+        legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=rounds), strategy=self.strategy)
+        DefaultWorkflow(fit_workflow=self.fit_workflow)(grid, legacy)
+
+
+def check_composition(settings: RunSettings, partition_sizes: Sequence[int] | None = None) -> None:
+    """Every check of how the features combine that can fail before training (a one-line ValueError)."""
+    entry, name = strategy_entry(settings.strategy.name), settings.strategy.name
+    sums = [key for key, e in STRATEGIES.items() if e.weighted_sum]
+    if isinstance(settings.privacy, CentralDPSpec) and not entry.weighted_sum:
+        raise ValueError(f"privacy=central calibrates its noise to a mean of clipped updates, but "
+                         f"strategy={name} is not a mean; valid: {sums}")
+    if not isinstance(settings.secagg, SecAggSpec):
+        return
+    if not entry.weighted_sum:
+        raise ValueError(f"secagg=secaggplus reveals only the weighted sum of the vehicles' updates, but "
+                         f"strategy={name} needs each update; valid: {sums}")
+    if not settings.compression.secagg_compatible:
+        raise ValueError(f"secagg=secaggplus cannot decode a sum of compression={settings.compression.name} "
+                         "outputs")
+    validate_secagg(settings.secagg, sampled=settings.federation.vehicles_per_round,
+                    partition_sizes=partition_sizes)
+
+
+def compose_server(settings: RunSettings, *, on_round: Callable[[dict[str, Any]], None],
+                   evaluate_fn: EvaluateFn | None = None, initial_parameters: Parameters | None = None,
+                   partition_sizes: Sequence[int] | None = None) -> ServerParts:
+    """Strategy -> central DP -> recorder -> secure-sum decoding, and the matching fit workflow."""
+    check_composition(settings, partition_sizes)
+    fed = settings.federation
+
+    def fit_config(server_round: int) -> dict[str, Any]:
+        return {"server_round": server_round, "local_epochs": fed.local_epochs}
+
+    strategy = build_strategy(
+        settings.strategy.name, settings.strategy.options,
+        fraction_fit=fed.fraction_fit, min_fit_clients=fed.min_fit_clients,
+        min_available_clients=fed.num_clients,
+        fraction_evaluate=0.0, min_evaluate_clients=0,  # evaluation is server-side, on the held-out set
+        evaluate_fn=evaluate_fn, on_fit_config_fn=fit_config, initial_parameters=initial_parameters,
+        fit_metrics_aggregation_fn=mean_train_loss)
+    central = settings.privacy if isinstance(settings.privacy, CentralDPSpec) else None
+    if central is not None:
+        strategy = DifferentialPrivacyClientSideFixedClipping(
+            strategy, noise_multiplier=central.noise_multiplier, clipping_norm=central.clipping_norm,
+            num_sampled_clients=central.num_sampled_clients or fed.vehicles_per_round)
+    recorder = RoundRecorder(strategy, on_round=on_round,
+                             central_dp=_central_accounting(central, settings) if central else None)
+    if not isinstance(settings.secagg, SecAggSpec):
+        return ServerParts(recorder, recorder, None)
+    outer = SecureSumStrategy(recorder, recorder, all_or_nothing=central is not None)
+    return ServerParts(outer, recorder, _secagg_fit(settings.secagg, settings, partition_sizes))
+
+
+def _central_accounting(spec: CentralDPSpec, settings: RunSettings) -> Callable[[int], tuple[float, float]]:
+    """Round -> (vehicle-level epsilon, delta) of client-level DP, from Opacus' RDP accountant."""
+    fed = settings.federation
+    delta = default_delta(fed.num_clients)
+    rate = min(1.0, fed.vehicles_per_round / fed.num_clients)
+    return lambda rounds: (central_epsilon(spec, sample_rate=rate, rounds=rounds, delta=delta), delta)
+
+
+def _secagg_fit(spec: SecAggSpec, settings: RunSettings, partition_sizes: Sequence[int] | None
+                ) -> SecAggPlusFit:
+    sampled = settings.federation.vehicles_per_round
+    max_weight = resolve_max_weight(spec, partition_sizes)
+    grid_levels = spec.quantization_range or auto_quantization_range(sampled, spec.modulus_range)
+    return SecAggPlusFit(spec, max_weight=max_weight, quantization_range=grid_levels)
