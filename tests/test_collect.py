@@ -178,6 +178,21 @@ def test_every_actor_destroyed_and_settings_restored_on_failure(tmp_path: Path, 
     assert not fleet["complete"] and fleet["frames_total"] == 2 * 2  # ticks 3, 6 of the Town01 episode
 
 
+def test_a_refused_spawn_is_one_line_and_cleans_up(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import carla_double
+
+    def refuse(world: object, blueprint: object, transform: object, attach_to: object = None) -> None:
+        raise RuntimeError("Spawn failed because of collision at spawn position")
+
+    monkeypatch.setattr(carla_double.World, "spawn_actor", refuse)
+    carla = FakeCarla()
+
+    with pytest.raises(CollectError, match="failed while collecting in Town01: Spawn failed because of collision"):
+        collect(spec_for(tmp_path), carla=carla)
+
+    assert_cleaned_up(carla.server)  # the vehicle spawned before the camera failed is gone too
+
+
 def test_ctrl_c_between_a_pairs_renames_leaves_no_unpaired_file(tmp_path: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     from fedseg.collect import store

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from fedseg.collect.server import Server, VehiclePlan, first_line
+from fedseg.collect.server import Server, VehiclePlan, first_line, server_error
 from fedseg.collect.spec import CollectError
 from fedseg.collect.store import VehicleFolder, bgra_to_rgb, raw_seg_to_rgb
 
@@ -76,10 +76,13 @@ class Episode:
     def run(self) -> None:
         """Configure the world, spawn, drive until every vehicle has its frames, clean up."""
         with ExitStack() as stack:
-            self._synchronous(stack)
-            self.world.set_weather(getattr(self.server.carla.WeatherParameters, self.weather))
-            self._spawn(stack)
-            self._drive()
+            try:
+                self._synchronous(stack)
+                self.world.set_weather(getattr(self.server.carla.WeatherParameters, self.weather))
+                self._spawn(stack)
+                self._drive()
+            except RuntimeError as err:  # raised before the cleanup runs, so it knows a lost server
+                raise server_error(self.server, err, f"collecting in {self.town}") from err
 
     def _quietly(self, what: str, call: Callable[[], Any]) -> None:
         """Run a cleanup step unless the server is gone; a failure is logged, the next step runs."""
@@ -155,21 +158,12 @@ class Episode:
             blueprint.set_attribute(key, str(value))
         return blueprint
 
-    def _tick(self) -> int:
-        try:
-            return int(self.world.tick())
-        except RuntimeError as err:  # the client's time-out: the server is gone
-            self.server.lost = True
-            raise CollectError(f"lost the CARLA server at {self.server.spec.address} "
-                               f"({first_line(err)}); complete frames are kept: run the same "
-                               f"command to continue") from err
-
     def _drive(self) -> None:
         """Tick until every rig is done; on every k-th tick after the warm-up write a frame per rig."""
         spec = self.server.spec
         active, tick = [r for r in self.rigs if not r.done], 0
         while active:
-            frame = self._tick()
+            frame = int(self.world.tick())
             tick += 1
             if tick <= spec.warmup_ticks or (tick - spec.warmup_ticks - 1) % spec.every:
                 continue  # the cameras' queues keep these images until the next written tick

@@ -175,6 +175,15 @@ def plan_fleet(spec: CollectSpec, towns: list[str], presets: list[str],
     return plans
 
 
+def server_error(server: Server, err: RuntimeError, doing: str) -> CollectError:
+    """A ``CollectError`` for a CARLA ``RuntimeError``; a time-out marks the server as lost."""
+    if "time-out" in str(err):
+        server.lost = True
+        return CollectError(f"lost the CARLA server at {server.spec.address} while {doing} "
+                            f"({first_line(err)}); complete frames are kept: run the same command to continue")
+    return CollectError(f"the CARLA server at {server.spec.address} failed while {doing}: {first_line(err)}")
+
+
 def use_town(server: Server, town: str) -> Any:
     """The server's world, loading ``town`` first unless it is already the current map."""
     client = server.client
@@ -187,6 +196,4 @@ def use_town(server: Server, town: str) -> Any:
         client.set_timeout(float(server.spec.timeout))
         return world
     except RuntimeError as err:
-        server.lost = True
-        raise CollectError(f"loading {town} on the CARLA server at {server.spec.address} failed "
-                           f"({first_line(err)})") from err
+        raise server_error(server, err, f"loading {town}") from err
