@@ -18,8 +18,9 @@ def resolve(cfg: DictConfig) -> dict[str, Any]:
     """The resolved config as plain containers, with the Hydra run directory as ``output_dir``."""
     from hydra.core.hydra_config import HydraConfig
 
-    resolved = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
-    assert isinstance(resolved, dict)
+    container = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    assert isinstance(container, dict)
+    resolved = {str(key): value for key, value in container.items()}
     resolved["output_dir"] = HydraConfig.get().runtime.output_dir
     return resolved
 
