@@ -3,8 +3,8 @@
 One dict registry, ``BACKBONES``, in the segmentation-models-pytorch style: every entry names an smp
 encoder (``tu-NAME`` for a timm one) and the decoder shape that goes with it. The default is the
 paper's UNet-ResNet34; the other entries are the seed papers' efficient / searched families, and
-``tiny`` is a test variant (timm's ``test_resnet``) that runs the real smp UNet code path in
-milliseconds.
+``tiny`` is a test variant (timm's ``test_resnet``, flagged ``test_only``) that runs the real smp
+UNet code path in milliseconds.
 
 Nothing is ever downloaded: ``encoder_weights`` defaults to ``None`` and named weights load only from a
 local file or an existing cache (see :func:`build_model`).
@@ -17,6 +17,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import segmentation_models_pytorch as smp
@@ -43,6 +44,9 @@ class BackboneSpec:
     # Encoder submodules the forward pass never uses; removed so they are neither trained, sent to the
     # server, nor trip Opacus (a trainable parameter without a per-sample gradient).
     unused_modules: tuple[str, ...] = ()
+    # A variant for tests and smoke runs only: never a deployment candidate (fedseg-search leaves it
+    # out unless it is named explicitly).
+    test_only: bool = False
 
 
 BACKBONES: dict[str, BackboneSpec] = {
@@ -67,7 +71,7 @@ BACKBONES: dict[str, BackboneSpec] = {
     # timm's test_resnet at depth 3 with a narrow decoder: ~0.1 M parameters, still smp's UNet.
     "tiny": BackboneSpec(
         "tu-test_resnet", "ResNet", "test variant for unit tests and smoke runs",
-        decoder_channels=(32, 16, 8), encoder_depth=3,
+        decoder_channels=(32, 16, 8), encoder_depth=3, test_only=True,
     ),
 }
 DEFAULT_BACKBONE = "resnet34"
@@ -242,18 +246,19 @@ def _cached_hf_weights(spec: BackboneSpec, weights: str) -> tuple[str | None, Pa
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Read a state dict from ``.safetensors`` or a torch file; unwrap common checkpoint layouts."""
+    loaded: Any  # a torch file may hold any (weights-only) structure; checked below
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        state = load_file(str(path), device="cpu")
+        loaded = load_file(str(path), device="cpu")
     else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
     for key in ("state_dict", "model"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    if not isinstance(state, dict):
+        if isinstance(loaded, dict) and isinstance(loaded.get(key), dict):
+            loaded = loaded[key]
+    if not isinstance(loaded, dict):
         raise TypeError(f"{path} does not hold a state dict")
-    state = {k.removeprefix("module."): v for k, v in state.items()}
+    state: dict[str, torch.Tensor] = {k.removeprefix("module."): v for k, v in loaded.items()}
     if any(k.startswith("encoder.") for k in state):  # a whole-UNet checkpoint: keep its encoder
         state = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
     return state
@@ -266,7 +271,8 @@ def _load_encoder_state(
     from timm.models import adapt_input_conv
 
     # smp-native files match the encoder; timm checkpoints match the wrapped timm model.
-    targets = [encoder] + ([encoder.model] if isinstance(getattr(encoder, "model", None), nn.Module) else [])
+    inner = getattr(encoder, "model", None)
+    targets: list[nn.Module] = [encoder, *([inner] if isinstance(inner, nn.Module) else [])]
     target = max(targets, key=lambda m: len(state.keys() & m.state_dict().keys()))
     own = target.state_dict()
     missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]

@@ -47,8 +47,9 @@ def test_every_trainable_parameter_gets_a_gradient(backbone):
     assert dead == []
 
 
-def test_tiny_is_small():
+def test_tiny_is_small_and_the_only_test_only_backbone():
     assert count_parameters(build_model("tiny", num_classes=5)) < 200_000
+    assert [name for name, spec in BACKBONES.items() if spec.test_only] == ["tiny"]
 
 
 def test_unknown_backbone_lists_valid_names():
