@@ -8,7 +8,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from fedseg.search.select import Candidate, Choice, HardwareBudget
+from fedseg.search.hardware import HardwareBudget
+from fedseg.search.select import Candidate, Choice
 
 # (column, header in search.md, format); CSV uses the column names and full precision.
 COLUMNS: list[tuple[str, str, str]] = [
@@ -114,9 +115,10 @@ def plot_search(candidates: Sequence[Candidate], front: Sequence[Candidate], bud
         ax.errorbar([c.latency_ms], [c.miou], xerr=[[0.0], [max(p95 - c.latency_ms, 0.0)]],
                     fmt="o" if c.name in fitting else "x", color=color, capsize=3)
         ax.annotate(c.name, (c.latency_ms, c.miou), textcoords="offset points", xytext=(5, 5), fontsize=8)
-    if front:
-        ax.plot([c.latency_ms for c in front], [c.miou for c in front], "--", color="tab:green",
-                label="Pareto front")
+    # pareto_front only keeps candidates with both measurements; the filter says so to the type checker.
+    line = [(c.latency_ms, c.miou) for c in front if c.latency_ms is not None and c.miou is not None]
+    if line:
+        ax.plot([x for x, _ in line], [y for _, y in line], "--", color="tab:green", label="Pareto front")
     if budget.latency_ms is not None:
         ax.axvline(budget.latency_ms, color="tab:red", linestyle=":",
                    label=f"budget {budget.latency_ms:g} ms (p95) — {budget.name}")

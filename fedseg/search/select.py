@@ -1,6 +1,6 @@
 """Pick a backbone from measurements: pure logic, no torch, so it is tested on hand-made numbers.
 
-Rules (the README and ``conf/hardware/*.yaml`` repeat them):
+Rules (the README and ``conf/hardware/*.yaml`` repeat them; budgets: :mod:`fedseg.search.hardware`):
 
 * A candidate **fits** a budget when every limit the budget sets is met by a *measured* value:
   p95 latency <= ``latency_ms`` (a per-frame deadline: 19 frames in 20 must meet it, the median
@@ -20,39 +20,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from fedseg.search.hardware import HardwareBudget
+
 MIOU_DECIMALS = 3  # ties: equal mIoU as printed in search.md
-
-
-@dataclass(frozen=True)
-class HardwareBudget:
-    """A vehicle computer's limits (``conf/hardware/*.yaml``); ``None`` leaves a limit unchecked."""
-
-    name: str
-    description: str = ""
-    latency_ms: float | None = None  # per frame, batch 1, at image_size, checked against p95
-    memory_mb: float | None = None  # peak inference memory
-    model_mb: float | None = None  # model file size (of the precision deployed)
-    train_memory_mb: float | None = None  # peak memory of one on-board training step
-    threads: int = 2  # CPU threads inference gets on the vehicle
-    image_size: tuple[int, int] = (192, 256)  # deployment (H, W)
-
-    def __post_init__(self) -> None:
-        for limit in ("latency_ms", "memory_mb", "model_mb", "train_memory_mb"):
-            value = getattr(self, limit)
-            if value is not None and value <= 0:
-                raise ValueError(f"hardware.{limit} must be > 0 or null, got {value} (profile {self.name!r})")
-        if self.threads < 1:
-            raise ValueError(f"hardware.threads must be >= 1, got {self.threads} (profile {self.name!r})")
-
-    def limits(self) -> str:
-        """The limits as one line, e.g. ``latency_ms<=250, memory_mb<=1024``."""
-        parts = [f"{name}<={value:g}" for name, value in self.checked_limits()]
-        return ", ".join(parts) or "no limits"
-
-    def checked_limits(self) -> list[tuple[str, float]]:
-        """``(limit name, value)`` for every limit that is set."""
-        names = ("latency_ms", "memory_mb", "model_mb", "train_memory_mb")
-        return [(n, float(getattr(self, n))) for n in names if getattr(self, n) is not None]
 
 
 @dataclass(frozen=True)
