@@ -1,4 +1,4 @@
-"""Export a trained UNet for an edge box: ONNX fp32, INT8 (ONNX Runtime static quantization), parity, latency.
+"""Export a trained UNet for an edge box: ONNX fp32, INT8 (ONNX Runtime static quantization), parity.
 
 The exported files are what a vehicle runs for inference, so parity is checked against the PyTorch
 model on real held-out frames: fp32 by the largest absolute logit difference (should be float
@@ -6,7 +6,8 @@ rounding only), INT8 by the mIoU it loses (its logits legitimately move; what ma
 
 Uses the TorchScript-based exporter (``dynamo=False``): the dynamo exporter needs ``onnxscript``,
 which fedseg does not depend on, and the TorchScript path exports smp's UNet with every encoder
-in the registry at opset 17.
+in the registry at opset 17. Timing the exported files (and the PyTorch model beside them) is
+:mod:`fedseg.measurement`'s job, shared with ``fedseg-search``.
 """
 
 from __future__ import annotations
@@ -14,33 +15,23 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
-import statistics
 import tempfile
-import time
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 import torch
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 from onnxruntime.quantization.shape_inference import quant_pre_process
 from torch import nn
 
+from fedseg.measurement import onnx_session
 from fedseg.metrics import confusion_matrix, scores
 
 INPUT_NAME = "image"
 OUTPUT_NAME = "logits"
-
-
-@dataclass(frozen=True)
-class Latency:
-    """Batch-1 latency over ``repeats`` timed runs after warm-up (milliseconds)."""
-
-    median_ms: float
-    p95_ms: float
 
 
 @dataclass(frozen=True)
@@ -158,42 +149,6 @@ def quantize_int8(fp32_path: str | Path, int8_path: str | Path,
                 if granularity == granularities[-1]:
                     raise
     raise AssertionError("unreachable")
-
-
-def onnx_session(path: str | Path, *, threads: int) -> ort.InferenceSession:
-    """A CPU session pinned to ``threads`` intra-op threads (one inter-op thread: a UNet is a chain)."""
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"ONNX model not found: {path}")
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = int(threads)
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3  # errors only: ORT warns about every unused initializer otherwise
-    # Idle workers sleep instead of spinning: a vehicle's cores are shared with the rest of its stack,
-    # and spinning threads then stall each other (measured here at load ~3.5 on 2 cores, UNet-ResNet34
-    # 192x256: p95 201 ms spinning vs 61 ms not, same 58 ms median).
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
-def onnx_latency(path: str | Path, image_size: Sequence[int], *, threads: int, repeats: int = 20,
-                 warmup: int = 3) -> Latency:
-    """Median and p95 batch-1 latency of an ONNX model in ONNX Runtime on this machine."""
-    session = onnx_session(path, threads=threads)
-    feed = {INPUT_NAME: np.random.default_rng(0).standard_normal(
-        (1, 3, int(image_size[0]), int(image_size[1]))).astype(np.float32)}
-    for _ in range(warmup):
-        session.run(None, feed)
-    times = []
-    for _ in range(max(repeats, 1)):
-        start = time.perf_counter()
-        session.run(None, feed)
-        times.append((time.perf_counter() - start) * 1000.0)
-    return summarize_times(times)
-
-
-def summarize_times(times_ms: Sequence[float]) -> Latency:
-    """Median and 95th percentile (linear interpolation) of a list of timings."""
-    return Latency(float(statistics.median(times_ms)), float(np.percentile(times_ms, 95)))
 
 
 def _miou(preds: list[np.ndarray], masks: np.ndarray, num_classes: int) -> float:

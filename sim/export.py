@@ -24,15 +24,16 @@ from omegaconf import DictConfig
 from fedseg.checkpoints import load_checkpoint
 from fedseg.config import DataSpec, spec_from
 from fedseg.data import load_data
-from fedseg.export import (
-    check_parity,
-    deployable,
-    export_onnx,
+from fedseg.export import check_parity, deployable, export_onnx, quantize_int8
+from fedseg.measurement import (
+    MB,
+    calibration_images,
     onnx_latency,
-    quantize_int8,
+    state_dict_mb,
+    torch_latency,
+    torch_threads,
+    usable_threads,
 )
-from fedseg.search.measure import round_robin_indices
-from fedseg.search.profile import MB, state_dict_mb, torch_latency, usable_threads
 from sim._cli import CONF_DIR, resolve, user_errors
 
 
@@ -62,27 +63,21 @@ def _frames(meta: dict[str, Any], raw: dict[str, Any], spec: ExportSpec, size: t
     if fleet.label_map.num_classes != int(meta["num_classes"]):
         raise ValueError(f"checkpoint predicts {meta['num_classes']} classes but its data config gives "
                          f"{fleet.label_map.num_classes} (task {data_spec.task!r})")
-    pooled = torch.utils.data.ConcatDataset(fleet.clients)
-    order = round_robin_indices([len(d) for d in fleet.clients], spec.calibration_frames)
-    calib = [pooled[i][0] for i in order]
     count = len(fleet.heldout) if spec.parity_frames is None else min(spec.parity_frames, len(fleet.heldout))
     held = [fleet.heldout[i] for i in range(count)]
     images, masks = torch.stack([h[0] for h in held]), torch.stack([torch.as_tensor(h[1]) for h in held])
     if tuple(images.shape[-2:]) != size:  # exporting at another size than trained: resize the frames
         images = F.interpolate(images, size=size, mode="bilinear", align_corners=False)
         masks = F.interpolate(masks[:, None].float(), size=size, mode="nearest")[:, 0].long()
-    calibration = F.interpolate(torch.stack(calib), size=size, mode="bilinear", align_corners=False)
+    calibration = calibration_images(fleet.clients, spec.calibration_frames, size)
     return {"calibration": calibration, "images": images, "masks": masks}
 
 
 def _torch_latency(model: torch.nn.Module, size: tuple[int, int], spec: ExportSpec, threads: int) -> float:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    """Median batch-1 latency of the deployable PyTorch model, the baseline the ONNX files are compared to."""
+    with torch_threads(threads):
         x = torch.randn(1, 3, *size)
-        return torch_latency(deployable(model), x, warmup=spec.warmup, repeats=spec.repeats)[0]
-    finally:
-        torch.set_num_threads(previous)
+        return torch_latency(deployable(model), x, warmup=spec.warmup, repeats=spec.repeats).median_ms
 
 
 @user_errors("fedseg-export")

@@ -22,9 +22,13 @@ import hydra
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from fedseg.config import RunSettings, resolve_device, spec_from
+from fedseg.config import resolve_device, spec_from
 from fedseg.data import load_data
+from fedseg.measurement import usable_threads
+from fedseg.privacy import DPSpec
+from fedseg.search.hardware import HardwareBudget
 from fedseg.search.measure import (
+    BackboneResult,
     SearchSpec,
     measure_backbone,
     prepare_data,
@@ -32,9 +36,9 @@ from fedseg.search.measure import (
     retime_interleaved,
     to_candidate,
 )
-from fedseg.search.profile import usable_threads
 from fedseg.search.report import plot_search, table_rows, write_csv, write_markdown, write_model_config
-from fedseg.search.select import HardwareBudget, NoBackboneFits, pareto_front, select_backbone
+from fedseg.search.select import Choice, NoBackboneFits, pareto_front, select_backbone
+from fedseg.settings import RunSettings
 from sim._cli import CONF_DIR, resolve, user_errors
 
 
@@ -46,16 +50,6 @@ def _threads(budget: HardwareBudget) -> int:
               f"cores; measuring with {threads} (run the search on the target box for its own numbers)",
               file=sys.stderr)
     return threads
-
-
-def _dp_spec(raw: dict[str, Any]) -> Any:
-    """The run's local DP-SGD settings when ``privacy=dpsgd`` (candidates then train under DP), else None."""
-    block = raw.get("privacy") or {}
-    if block.get("name") != "dpsgd":
-        return None
-    from fedseg.privacy import DPSpec
-
-    return DPSpec.from_block(block)
 
 
 def _notes(raw: dict[str, Any], spec: SearchSpec, budget: HardwareBudget, threads: int,
@@ -72,24 +66,19 @@ def _notes(raw: dict[str, Any], spec: SearchSpec, budget: HardwareBudget, thread
         f"{data['name']} frames at {data['image_size'][0]}x{data['image_size'][1]} (batch "
         f"{spec.batch_size}, {spec.optimizer} lr {spec.lr}{', DP-SGD' if dp else ''}), evaluated on the "
         "held-out frames."),
-        ("Memory: weights + batch + peak live tensor storage (fedseg.search.profile); train step: one "
+        ("Memory: weights + batch + peak live tensor storage (fedseg.measurement); train step: one "
         "Adam step at the training batch and size; DP step: the same under Opacus DP-SGD."),
         "INT8: ONNX Runtime static quantization (QDQ), calibrated on training frames; ONNX fp32 beside it.",
         "Ties: mIoU equal at 3 decimals -> lower median latency -> fewer parameters.",
     ]
 
 
-@user_errors("fedseg-search")
-def run(cfg: DictConfig) -> dict[str, Any]:
-    raw = resolve(cfg)
-    settings = RunSettings.from_config(raw)
-    budget = spec_from(HardwareBudget, raw["hardware"])
-    spec = spec_from(SearchSpec, raw["search"])
-    names = resolve_backbones(spec.backbones)
-    dp_spec = _dp_spec(raw)
-    dp = dp_spec is not None
-    threads, progress = _threads(budget), bool(raw["run"]["progress"])
-    out = Path(settings.output_dir)
+def _measure(settings: RunSettings, spec: SearchSpec, budget: HardwareBudget, names: list[str],
+             threads: int) -> list[BackboneResult]:
+    """Every candidate measured on the same frames; fp32 latencies re-timed in alternation."""
+    # Under privacy=dpsgd the candidates train under DP-SGD, as the run's vehicles would.
+    dp = settings.privacy if isinstance(settings.privacy, DPSpec) else None
+    progress, out = settings.run.progress, Path(settings.output_dir)
     fleet = load_data(settings.data, num_clients=settings.federation.num_clients, seed=settings.seed,
                       progress=progress)
     data = prepare_data(fleet, spec, train_image_size=settings.data.image_size,
@@ -101,13 +90,27 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     for name in bar:
         bar.set_postfix_str(name)
         results.append(measure_backbone(name, data, spec, budget, seed=settings.seed, threads=threads,
-                                        dp=dp_spec, device=resolve_device(settings.device)))
+                                        dp=dp, device=resolve_device(settings.device)))
     if len(results) > 1:  # same-run ratios: time the candidates in alternation (see interleaved_latency)
         bar.write("fedseg-search: timing all backbones in alternation for fair latency ratios")
         results = retime_interleaved(results, data.num_classes, budget, threads=threads, repeats=spec.repeats)
+    return results
+
+
+@user_errors("fedseg-search")
+def run(cfg: DictConfig) -> dict[str, Any]:
+    raw = resolve(cfg)
+    settings = RunSettings.from_config(raw)
+    budget = spec_from(HardwareBudget, raw["hardware"])
+    spec = spec_from(SearchSpec, raw["search"])
+    names = resolve_backbones(spec.backbones)
+    dp = isinstance(settings.privacy, DPSpec)
+    threads, out = _threads(budget), Path(settings.output_dir)
+    results = _measure(settings, spec, budget, names, threads)
     candidates = [to_candidate(r, precision=spec.precision, dp=dp) for r in results]
     front = pareto_front(candidates)
-    choice, failure = None, None
+    choice: Choice | None = None
+    failure: NoBackboneFits | None = None
     try:
         choice = select_backbone(candidates, budget)
     except NoBackboneFits as err:

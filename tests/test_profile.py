@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
+from fedseg.measurement import LiveTensorMemory, interleaved_latency, torch_threads
 from fedseg.models import build_model, count_parameters
-from fedseg.search.profile import LiveTensorMemory, profile_model
+from fedseg.search.profile import profile_model
 
 
 @pytest.fixture(scope="module")
@@ -51,11 +54,50 @@ def test_live_tensor_memory_counts_storage_once_and_releases_it() -> None:
     assert tracker.live == 0
 
 
-def test_interleaved_latency_times_every_model_equally(tiny: torch.nn.Module) -> None:
-    from fedseg.search.measure import interleaved_latency
+class _Recorder(torch.nn.Module):
+    """Identity model that logs, per call, its name, the input shape and torch's thread count."""
 
+    def __init__(self, name: str, log: list[tuple[str, tuple[int, ...], int]]) -> None:
+        super().__init__()
+        self.name, self.log = name, log
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.log.append((self.name, tuple(x.shape), torch.get_num_threads()))
+        return x
+
+
+def test_interleaved_latency_times_every_model_equally() -> None:
+    # Prepare: two models that record how they are called; a thread count unlike the current one.
     threads_before = torch.get_num_threads()
-    latency = interleaved_latency({"a": tiny.eval(), "b": tiny.eval()}, (32, 32), threads=1, repeats=7, block=3)
+    threads = 1 if threads_before != 1 else 2
+    log: list[tuple[str, tuple[int, ...], int]] = []
+    models = {"a": _Recorder("a", log), "b": _Recorder("b", log)}
+    # Execute: 7 timed runs each in blocks of 3 -> blocks of 3, 3, 1, each after one untimed run.
+    latency = interleaved_latency(models, (32, 48), threads=threads, repeats=7, block=3)
+    # Assert: same input, same threads, same number of runs, in alternating blocks.
+    assert {shape for _, shape, _ in log} == {(1, 3, 32, 48)}
+    assert {n for _, _, n in log} == {threads}
+    blocks = [("a", 4), ("b", 4), ("a", 4), ("b", 4), ("a", 2), ("b", 2)]
+    assert [name for name, _, _ in log] == [name for name, runs in blocks for _ in range(runs)]
     assert set(latency) == {"a", "b"}
     assert all(0 < lat.median_ms <= lat.p95_ms for lat in latency.values())
     assert torch.get_num_threads() == threads_before
+
+
+def test_torch_threads_restores_the_count_even_on_error() -> None:
+    before = torch.get_num_threads()
+    inside = 1 if before != 1 else 2
+    with pytest.raises(RuntimeError, match="boom"), torch_threads(inside):
+        assert torch.get_num_threads() == inside
+        raise RuntimeError("boom")
+    assert torch.get_num_threads() == before
+
+
+def test_identical_models_get_identical_measurements(tiny: torch.nn.Module) -> None:
+    """Every candidate is profiled alike: a copy of a model measures the same except for time."""
+    first = profile_model(tiny, image_size=(32, 32), threads=1, warmup=0, repeats=1, train_batch_size=2)
+    second = profile_model(copy.deepcopy(tiny), image_size=(32, 32), threads=1, warmup=0, repeats=1,
+                           train_batch_size=2)
+    timing = ("latency_ms", "latency_p95_ms")
+    assert {k: v for k, v in vars(first).items() if k not in timing} == \
+        {k: v for k, v in vars(second).items() if k not in timing}

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from fedseg.search.hardware import HardwareBudget
 from fedseg.search.select import (
     Candidate,
-    HardwareBudget,
     NoBackboneFits,
     fits,
     pareto_front,
@@ -101,3 +101,20 @@ def test_empty_candidates_and_bad_budget_are_clear_errors() -> None:
         select_backbone([], BUDGET)
     with pytest.raises(ValueError, match="hardware.latency_ms must be > 0"):
         HardwareBudget(name="bad", latency_ms=0)
+
+
+def test_default_backbones_leave_out_exactly_the_test_only_entries(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Prepare: one more test-only entry, to show the flag (not a name) decides.
+    import dataclasses
+
+    from fedseg import models
+    from fedseg.search.measure import resolve_backbones
+
+    probe = dataclasses.replace(models.BACKBONES["tiny"], test_only=True)
+    monkeypatch.setitem(models.BACKBONES, "probe", probe)
+    # Execute
+    names = resolve_backbones(None)
+    # Assert
+    assert "tiny" not in names and "probe" not in names
+    assert names == [n for n, spec in models.BACKBONES.items() if not spec.test_only]
+    assert resolve_backbones(["probe", "tiny", "probe"]) == ["probe", "tiny"]  # named: always searched

@@ -14,15 +14,15 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torch.utils.data import ConcatDataset, Dataset, Subset
+from torch.utils.data import ConcatDataset, Subset
 
 from fedseg.data import FleetData
-from fedseg.export import Latency, deployable, summarize_times
+from fedseg.export import deployable
+from fedseg.measurement import calibration_images, interleaved_latency, round_robin_indices
+from fedseg.search.hardware import HardwareBudget
 from fedseg.search.profile import Profile, profile_model
-from fedseg.search.select import Candidate, HardwareBudget
+from fedseg.search.select import Candidate
 
-EXCLUDED_BY_DEFAULT = ("tiny",)  # a test variant, not a deployment candidate
 PRECISIONS = ("fp32", "int8")
 
 
@@ -59,8 +59,8 @@ class SearchSpec:
 class SearchData:
     """What every candidate is trained and evaluated on (identical for all of them)."""
 
-    train: Dataset
-    heldout: Dataset
+    train: Subset[Any]
+    heldout: Subset[Any]
     num_classes: int
     class_names: tuple[str, ...]
     train_image_size: tuple[int, int]
@@ -85,7 +85,7 @@ def resolve_backbones(names: Sequence[str] | None) -> list[str]:
     from fedseg.models import BACKBONES
 
     if names is None:
-        return [name for name in BACKBONES if name not in EXCLUDED_BY_DEFAULT]
+        return [name for name, backbone in BACKBONES.items() if not backbone.test_only]
     unknown = [name for name in names if name not in BACKBONES]
     if unknown:
         raise ValueError(f"unknown backbone(s) {unknown} in search.backbones; valid: {sorted(BACKBONES)}")
@@ -94,29 +94,20 @@ def resolve_backbones(names: Sequence[str] | None) -> list[str]:
     return list(dict.fromkeys(names))  # drop repeats, keep order
 
 
-def round_robin_indices(lengths: Sequence[int], limit: int | None) -> list[int]:
-    """Indices into the concatenation of datasets of ``lengths``, taking one frame per vehicle in turn."""
-    offsets = [sum(lengths[:i]) for i in range(len(lengths))]
-    order = [offsets[v] + i for i in range(max(lengths, default=0))
-             for v in range(len(lengths)) if i < lengths[v]]
-    return order if limit is None else order[:limit]
-
-
 def prepare_data(fleet: FleetData, spec: SearchSpec, *, train_image_size: Sequence[int],
                  deploy_image_size: Sequence[int]) -> SearchData:
     """Pool the vehicles' frames (each vehicle represented), cut the held-out set, take calibration frames."""
     order = round_robin_indices([len(d) for d in fleet.clients], spec.train_frames)
-    train = Subset(ConcatDataset(fleet.clients), order)
+    train: Subset[Any] = Subset(ConcatDataset(fleet.clients), order)
     count = len(fleet.heldout) if spec.eval_frames is None else min(spec.eval_frames, len(fleet.heldout))
-    heldout = Subset(fleet.heldout, list(range(count)))
-    # Calibration frames come from the training pool, as in fedseg-export: held-out frames stay unseen.
-    frames = [train[i][0] for i in range(min(spec.calibration_frames, len(train)))]
+    heldout: Subset[Any] = Subset(fleet.heldout, list(range(count)))
     if len(heldout) == 0 or len(train) == 0:
         raise ValueError(f"search needs training and held-out frames; got {len(train)} and "
                          f"{len(fleet.heldout)}")
-    # INT8 ranges are calibrated at the size the model will run at on the vehicle.
-    calibration = F.interpolate(torch.stack(frames), size=tuple(int(s) for s in deploy_image_size),
-                                mode="bilinear", align_corners=False)
+    # Calibration frames are the first training frames (same round-robin order), as in fedseg-export:
+    # held-out frames stay unseen.
+    calibration = calibration_images(fleet.clients, min(spec.calibration_frames, len(train)),
+                                     deploy_image_size)
     return SearchData(train, heldout, fleet.label_map.num_classes, tuple(fleet.label_map.class_names),
                       (int(train_image_size[0]), int(train_image_size[1])), calibration)
 
@@ -172,32 +163,6 @@ def measure_backbone(name: str, data: SearchData, spec: SearchSpec, budget: Hard
         int8_calibration=data.calibration if spec.int8 else None)
     miou, pixel_acc, loss, seconds = train_and_score(model, data, spec, seed=seed, dp=dp, device=device)
     return BackboneResult(name, BACKBONES[name].family, profile, miou, pixel_acc, loss, seconds)
-
-
-def interleaved_latency(models: dict[str, torch.nn.Module], image_size: Sequence[int], *, threads: int,
-                        repeats: int, block: int = 5) -> dict[str, Latency]:
-    """Batch-1 latency of several models timed in alternation: ``block`` timed runs of each in turn.
-
-    Load on a machine shared with other jobs drifts over the minutes a search takes; timing the
-    candidates in alternation spreads that drift over all of them, so their ratios stay fair. Each
-    block starts with one untimed run, so a model runs with warm caches as it would on a vehicle.
-    """
-    x = torch.randn(1, 3, int(image_size[0]), int(image_size[1]), generator=torch.Generator().manual_seed(0))
-    times: dict[str, list[float]] = {name: [] for name in models}
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        with torch.inference_mode():
-            while any(len(t) < repeats for t in times.values()):
-                for name, model in models.items():
-                    model(x)
-                    for _ in range(min(block, repeats - len(times[name]))):
-                        start = time.perf_counter()
-                        model(x)
-                        times[name].append((time.perf_counter() - start) * 1000.0)
-    finally:
-        torch.set_num_threads(previous)
-    return {name: summarize_times(t) for name, t in times.items()}
 
 
 def retime_interleaved(results: Sequence[BackboneResult], num_classes: int, budget: HardwareBudget, *,

@@ -10,14 +10,14 @@ How each number is obtained (all at batch 1 unless stated):
   (convolutions and matrix products; elementwise ops are not counted, as is customary).
 * ``size_mb``: bytes of the ``torch.save``'d fp32 state dict. 1 MB = 2**20 bytes throughout.
 * ``latency_ms`` / ``latency_p95_ms``: median and 95th percentile of ``repeats`` timed forwards
-  after ``warmup`` untimed ones, with ``torch.set_num_threads(threads)`` (restored afterwards).
-  ``fedseg-search`` sets ``OMP_WAIT_POLICY=PASSIVE`` before torch loads (see ``sim/search.py``):
-  with spinning OpenMP workers, timings on cores shared with other work swing by 10x.
+  after ``warmup`` untimed ones, with torch set to ``threads`` threads (restored afterwards; see
+  :mod:`fedseg.measurement`, which also times ``fedseg-export``). The sim package sets
+  ``OMP_WAIT_POLICY=PASSIVE`` before torch loads (see ``sim/__init__.py``): with spinning OpenMP
+  workers, timings on cores shared with other work swing by 10x.
 * ``memory_mb`` (peak inference memory): the model's parameters, buffers and the input, plus the
-  peak of *live tensor storage* during one forward. Live storage is tracked op by op with a
-  ``TorchDispatchMode`` (each new storage counted once, uncounted when Python frees it). This is
-  deterministic and independent of the allocator and of other processes, unlike RSS; it leaves out
-  scratch memory an op allocates and frees internally (oneDNN workspaces) and the interpreter.
+  peak of *live tensor storage* during one forward (:func:`fedseg.measurement.inference_memory_mb`:
+  each new storage counted once, uncounted when Python frees it; deterministic, unlike RSS).
+* ``train_step_memory_mb``: the same peak over one plain Adam step at the training batch and size.
 * ``dp_step_memory_mb``: the same peak over one Opacus DP-SGD step (forward, per-sample clipping,
   noise, optimizer step) of the DP-compatible model (``fedseg.privacy.make_dp_compatible``) with
   Adam, at the training batch size and image size; ``None`` with ``dp_note`` saying why when it
@@ -29,12 +29,8 @@ How each number is obtained (all at batch 1 unless stated):
 from __future__ import annotations
 
 import copy
-import io
-import os
 import tempfile
-import time
 import warnings
-import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,14 +39,19 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode
 
-from fedseg.export import deployable, export_onnx, onnx_latency, quantize_int8, summarize_times
+from fedseg.export import deployable, export_onnx, quantize_int8
 from fedseg.labels import IGNORE_INDEX
-
-MB = float(2**20)
+from fedseg.measurement import (
+    MB,
+    inference_memory_mb,
+    onnx_latency,
+    state_dict_mb,
+    step_memory_mb,
+    torch_latency,
+    torch_threads,
+)
 
 
 @dataclass(frozen=True)
@@ -75,82 +76,12 @@ class Profile:
     int8_note: str = ""
 
 
-class LiveTensorMemory(TorchDispatchMode):
-    """Tracks bytes of tensor storage created inside the mode and still alive; keeps the peak."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.live = 0
-        self.peak = 0
-        self._seen: set[int] = set()
-
-    def _release(self, key: int, nbytes: int) -> None:
-        self.live -= nbytes
-        self._seen.discard(key)
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        out = func(*args, **(kwargs or {}))
-        for tensor in tree_flatten(out)[0]:
-            if not isinstance(tensor, torch.Tensor):
-                continue
-            storage = tensor.untyped_storage()
-            key, nbytes = storage.data_ptr(), storage.nbytes()
-            if nbytes == 0 or key in self._seen:  # views and in-place results share a counted storage
-                continue
-            self._seen.add(key)
-            self.live += nbytes
-            self.peak = max(self.peak, self.live)
-            # Storage Python objects are preserved while the storage lives, so this fires on free.
-            weakref.finalize(storage, self._release, key, nbytes)
-        return out
-
-
-def usable_threads(requested: int) -> int:
-    """``requested`` capped at the cores this process may run on: more threads only oversubscribe."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(int(requested), cores))
-
-
-def _tensor_bytes(tensors: Sequence[torch.Tensor]) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors)
-
-
-def state_dict_mb(model: nn.Module) -> float:
-    """Size of the saved fp32 state dict, i.e. of the checkpoint file a vehicle downloads."""
-    buffer = io.BytesIO()
-    torch.save(model.state_dict(), buffer)
-    return buffer.getbuffer().nbytes / MB
-
-
 def count_macs(model: nn.Module, x: torch.Tensor) -> int:
     """Multiply-accumulates of one forward (FLOP counter's flops / 2)."""
     counter = FlopCounterMode(display=False)
     with torch.inference_mode(), counter:
         model(x)
     return int(counter.get_total_flops()) // 2
-
-
-def inference_memory_mb(model: nn.Module, x: torch.Tensor) -> float:
-    """Weights + buffers + input + peak live activations of one forward (see module docstring)."""
-    tracker = LiveTensorMemory()
-    with torch.inference_mode(), tracker:
-        model(x)
-    resident = _tensor_bytes([*model.parameters(), *model.buffers(), x])
-    return (resident + tracker.peak) / MB
-
-
-def torch_latency(model: nn.Module, x: torch.Tensor, *, warmup: int, repeats: int) -> tuple[float, float]:
-    """(median, p95) milliseconds of ``model(x)`` under inference mode, after ``warmup`` runs."""
-    times = []
-    with torch.inference_mode():
-        for _ in range(warmup):
-            model(x)
-        for _ in range(max(repeats, 1)):
-            start = time.perf_counter()
-            model(x)
-            times.append((time.perf_counter() - start) * 1000.0)
-    latency = summarize_times(times)
-    return latency.median_ms, latency.p95_ms
 
 
 def dp_step_memory_mb(model: nn.Module, *, batch_size: int, image_size: Sequence[int],
@@ -189,19 +120,6 @@ def _dp_step_peak(model: nn.Module, *, batch_size: int, image_size: Sequence[int
     return peak, f"opacus grad_sample_mode={mode}, batch {batch_size} at {tuple(x.shape[-2:])}"
 
 
-def step_memory_mb(model: nn.Module, optimizer: torch.optim.Optimizer, criterion: Any,
-                   x: torch.Tensor, y: torch.Tensor) -> float:
-    """Weights + buffers + batch + peak live tensors of one training step (optimizer state included)."""
-    tracker = LiveTensorMemory()
-    resident = _tensor_bytes([*model.parameters(), *model.buffers(), x, y])
-    with tracker:
-        optimizer.zero_grad()
-        loss = criterion(model(x), y)
-        loss.backward()
-        optimizer.step()
-    return (resident + tracker.peak) / MB
-
-
 def train_step_memory_mb(model: nn.Module, *, batch_size: int, image_size: Sequence[int],
                          num_classes: int) -> float:
     """Peak memory of one plain (non-DP) Adam step of a copy of ``model``, for runs without DP."""
@@ -235,6 +153,17 @@ def int8_measurements(model: nn.Module, *, image_size: Sequence[int], threads: i
         return {"int8_note": f"INT8 failed: {type(err).__name__}: {str(err).splitlines()[0][:200]}"}
 
 
+def _training_memory(model: nn.Module, *, batch_size: int, image_size: Sequence[int], num_classes: int,
+                     dp: bool) -> dict[str, Any]:
+    """``train_step_memory_mb`` and, with ``dp``, ``dp_step_memory_mb`` and ``dp_note``."""
+    measured: dict[str, Any] = {"train_step_memory_mb": train_step_memory_mb(
+        model, batch_size=batch_size, image_size=image_size, num_classes=num_classes)}
+    if dp:
+        measured["dp_step_memory_mb"], measured["dp_note"] = dp_step_memory_mb(
+            model, batch_size=batch_size, image_size=image_size, num_classes=num_classes)
+    return measured
+
+
 def profile_model(model: nn.Module, *, image_size: Sequence[int], threads: int = 2, warmup: int = 3,
                   repeats: int = 20, train_batch_size: int | None = None,
                   train_image_size: Sequence[int] | None = None, dp: bool = False,
@@ -249,30 +178,23 @@ def profile_model(model: nn.Module, *, image_size: Sequence[int], threads: int =
     thread count is restored.
     """
     height, width = int(image_size[0]), int(image_size[1])
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(int(threads))
-    try:
+    with torch_threads(threads):
         deployed = deployable(model)
         x = torch.randn(1, 3, height, width, generator=torch.Generator().manual_seed(0))
-        median, p95 = torch_latency(deployed, x, warmup=warmup, repeats=repeats)
+        latency = torch_latency(deployed, x, warmup=warmup, repeats=repeats)
         with torch.inference_mode():
             num_classes = int(deployed(x).shape[1])
         profile: dict[str, Any] = {
             "params": sum(p.numel() for p in model.parameters()), "macs": count_macs(deployed, x),
-            "size_mb": state_dict_mb(deployed), "latency_ms": median, "latency_p95_ms": p95,
-            "memory_mb": inference_memory_mb(deployed, x), "image_size": (height, width),
-            "threads": int(threads), "dp_note": "not requested", "int8_note": "not requested",
+            "size_mb": state_dict_mb(deployed), "latency_ms": latency.median_ms,
+            "latency_p95_ms": latency.p95_ms, "memory_mb": inference_memory_mb(deployed, x),
+            "image_size": (height, width), "threads": int(threads),
+            "dp_note": "not requested", "int8_note": "not requested",
         }
         if train_batch_size:
-            batch = {"batch_size": train_batch_size, "image_size": train_image_size or image_size,
-                     "num_classes": num_classes}
-            profile["train_step_memory_mb"] = train_step_memory_mb(model, **batch)
-            if dp:
-                memory, profile["dp_note"] = dp_step_memory_mb(model, **batch)
-                profile["dp_step_memory_mb"] = memory
+            profile.update(_training_memory(model, batch_size=train_batch_size, num_classes=num_classes,
+                                            image_size=train_image_size or image_size, dp=dp))
         if int8_calibration is not None:
             profile.update(int8_measurements(model, image_size=image_size, threads=threads, repeats=repeats,
                                              warmup=warmup, calibration_images=int8_calibration))
         return Profile(**profile)
-    finally:
-        torch.set_num_threads(previous_threads)
