@@ -12,6 +12,7 @@ Also here: the per-frame loss ghost clipping needs, and unwrapping Opacus' model
 from __future__ import annotations
 
 import copy
+import math
 
 import timm.models.resnet as timm_resnet
 import torch
@@ -50,7 +51,8 @@ class _TimmBasicBlock(timm_resnet.BasicBlock):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x if self.downsample is None else self.downsample(x)
-        x = self.aa(self.act1(self.drop_block(self.bn1(self.conv1(x)))))
+        x = self.aa(  # type: ignore[misc]  # timm annotates aa as Optional
+            self.act1(self.drop_block(self.bn1(self.conv1(x)))))
         x = self.bn2(self.conv2(x))
         if self.se is not None:
             x = self.se(x)
@@ -65,7 +67,8 @@ class _TimmBottleneck(timm_resnet.Bottleneck):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x if self.downsample is None else self.downsample(x)
         x = self.act1(self.bn1(self.conv1(x)))
-        x = self.aa(self.act2(self.drop_block(self.bn2(self.conv2(x)))))
+        x = self.aa(  # type: ignore[misc]  # timm annotates aa as Optional
+            self.act2(self.drop_block(self.bn2(self.conv2(x)))))
         x = self.bn3(self.conv3(x))
         if self.se is not None:
             x = self.se(x)
@@ -109,17 +112,36 @@ def disable_inplace(model: nn.Module) -> int:
     return changed
 
 
+def batchnorm_to_groupnorm(model: nn.Module) -> nn.Module:
+    """Replace every BatchNorm (timm's ``BatchNormAct2d`` included) by GroupNorm, in place.
+
+    DP-SGD needs per-sample gradients, which BatchNorm's batch statistics forbid. Opacus's
+    ``ModuleValidator.fix`` only matches exact ``nn.BatchNorm*`` types, so it silently misses timm's
+    ``BatchNormAct2d`` (the timm EfficientNet/MobileNetV3 families); this handles both. The group count
+    is ``gcd(32, C)`` because ``min(32, C)`` does not divide channel counts such as 40 or 112.
+    """
+    from timm.layers import BatchNormAct2d  # local: only DP paths need it
+
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if not isinstance(child, nn.modules.batchnorm._BatchNorm):
+                continue
+            norm = nn.GroupNorm(math.gcd(32, child.num_features), child.num_features, affine=child.affine)
+            # Plain nn modules only, so every Opacus grad-sample mode recognises them.
+            new = nn.Sequential(norm, child.drop, child.act) if isinstance(child, BatchNormAct2d) else norm
+            setattr(parent, name, new)
+    return model
+
+
 def make_dp_compatible(model: nn.Module) -> nn.Module:
     """A copy of ``model`` that every grad-sample mode can train; parameters keep their values.
 
-    BatchNorm mixes the samples of a batch, so it becomes GroupNorm (``models.batchnorm_to_groupnorm``,
+    BatchNorm mixes the samples of a batch, so it becomes GroupNorm (:func:`batchnorm_to_groupnorm`,
     which unlike Opacus' fixer also catches timm's ``BatchNormAct2d`` subclass). Residual adds and
     ``inplace=True`` activations become out-of-place (module docstring says why). The result's
     state-dict keys differ from the BatchNorm model's (no running stats), so a DP run's server must
     build its global model with this function too.
     """
-    from fedseg.models import batchnorm_to_groupnorm  # local: models imports every encoder family
-
     was_training = model.training
     fixed = batchnorm_to_groupnorm(copy.deepcopy(model))  # the caller's model stays untouched
     make_residuals_out_of_place(fixed)

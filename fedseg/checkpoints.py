@@ -8,6 +8,7 @@ unpickled, and a file that is not a fedseg checkpoint gets a one-line error nami
 from __future__ import annotations
 
 import os
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -53,9 +54,11 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
                                 "written by fedseg-sim or fedseg-train)")
     try:
         content = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(f"{path} is not a fedseg checkpoint ({reason[:160]})") from err
+    except pickle.UnpicklingError as err:  # a torch/pickle file holding more than tensors and plain data
+        raise ValueError(f"{path} is not a fedseg checkpoint: it holds objects other than tensors and "
+                         "plain metadata, which fedseg never unpickles") from err
+    except Exception as err:  # zip, EOF and torch errors alike: not a torch file at all
+        raise ValueError(f"{path} is not a fedseg checkpoint: not a torch file ({type(err).__name__})") from err
     missing = [key for key in REQUIRED_KEYS if not isinstance(content, dict) or key not in content]
     if missing:
         raise ValueError(f"{path} is not a fedseg checkpoint: it lacks {missing}")

@@ -12,7 +12,6 @@ local file or an existing cache (see :func:`build_model`).
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -162,27 +161,6 @@ def set_weights(model: nn.Module, arrays: Sequence[np.ndarray]) -> None:
         # Cast to the model's dtype: aggregation may turn integer buffers into floats.
         new_state[key] = torch.as_tensor(np.asarray(array)).to(current.dtype)
     model.load_state_dict(new_state, strict=True)
-
-
-def batchnorm_to_groupnorm(model: nn.Module) -> nn.Module:
-    """Replace every BatchNorm (timm's ``BatchNormAct2d`` included) by GroupNorm, in place.
-
-    DP-SGD needs per-sample gradients, which BatchNorm's batch statistics forbid. Opacus's
-    ``ModuleValidator.fix`` only matches exact ``nn.BatchNorm*`` types, so it silently misses timm's
-    ``BatchNormAct2d`` (the timm EfficientNet/MobileNetV3 families); this handles both. The group count
-    is ``gcd(32, C)`` because ``min(32, C)`` does not divide channel counts such as 40 or 112.
-    """
-    from timm.layers import BatchNormAct2d  # local: only DP paths need it
-
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if not isinstance(child, nn.modules.batchnorm._BatchNorm):
-                continue
-            norm = nn.GroupNorm(math.gcd(32, child.num_features), child.num_features, affine=child.affine)
-            # Plain nn modules only, so every Opacus grad-sample mode recognises them.
-            new = nn.Sequential(norm, child.drop, child.act) if isinstance(child, BatchNormAct2d) else norm
-            setattr(parent, name, new)
-    return model
 
 
 # ---------------------------------------------------------------- local pretrained weights

@@ -18,6 +18,7 @@ import json
 import math
 import os
 import tempfile
+import typing
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -45,9 +46,11 @@ from fedseg.training import TrainResult, train
 
 # Measured on UNet-ResNet34 (scripts/bench/dp_step.py; numbers in conf/privacy/dpsgd.yaml): ghost
 # (fast gradient clipping) ties hooks for speed at the default image size and needs half the memory.
-DEFAULT_GRAD_SAMPLE_MODE = "ghost"
-GRAD_SAMPLE_MODES = ("ghost", "hooks", "functorch", "ew")
-ACCOUNTANTS = ("rdp", "prv")
+GradSampleMode = Literal["ghost", "hooks", "functorch", "ew"]
+DEFAULT_GRAD_SAMPLE_MODE: GradSampleMode = "ghost"
+GRAD_SAMPLE_MODES: tuple[GradSampleMode, ...] = typing.get_args(GradSampleMode)
+Accountant = Literal["rdp", "prv"]
+ACCOUNTANTS: tuple[Accountant, ...] = typing.get_args(Accountant)
 History = list[tuple[float, float, int]]
 
 # Opacus hooks the image-facing first conv, whose input never requires grad; PyTorch then warns on
@@ -150,8 +153,8 @@ class DPSpec:
     target_epsilon: float | None = bounded(None, gt=0)  # whole run: noise calibrated from planned steps
     delta: float | None = bounded(None, gt=0, lt=1)  # None: default_delta(frames of this vehicle)
     max_grad_norm: float = bounded(1.0, gt=0)
-    accountant: Literal["rdp", "prv"] = "rdp"
-    grad_sample_mode: Literal["ghost", "hooks", "functorch", "ew"] = DEFAULT_GRAD_SAMPLE_MODE
+    accountant: Accountant = "rdp"
+    grad_sample_mode: GradSampleMode = DEFAULT_GRAD_SAMPLE_MODE
     max_epsilon: float | None = bounded(None, gt=0)  # a vehicle stops training before it would pass this
     secure_rng: bool = False  # cryptographic RNG for noise and sampling (needs torchcsprng)
     state_dir: str | None = None  # None: <run dir>/privacy
@@ -321,7 +324,7 @@ class ClientPrivacy:
             model, optimizer, criterion, loader = wrapped
         else:  # same per-frame loss definition in every mode, so clipping bounds the same quantity
             (model, optimizer, loader), criterion = wrapped, PerSampleSegmentationLoss()
-        model.forbid_grad_accumulation()  # make_private only does it when it builds the Poisson loader
+        model.forbid_grad_accumulation()  # type: ignore[operator]  # make_private only does it with Poisson
         self._engine, self._wrapped = engine, model
         self._pending = (self.noise_multiplier, self.sample_rate, self.round_steps(epochs))
         self.save()
@@ -334,7 +337,7 @@ class ClientPrivacy:
         is still readable through :func:`unwrap_state_dict` of the wrapper).
         """
         if self._engine is not None:
-            self._history = [tuple(e) for e in self._engine.accountant.history]  # type: ignore[misc]
+            self._history = [(float(n), float(q), int(k)) for n, q, k in self._engine.accountant.history]
         if self._wrapped is not None:
             unwrap_model(self._wrapped)
         self._engine, self._wrapped, self._pending = None, None, None

@@ -38,6 +38,8 @@ def user_errors(prog: str) -> Callable:
         @functools.wraps(fn)
         def run(*args: Any, **kwargs: Any) -> Any:
             logging.captureWarnings(True)  # warnings reach the job log too, not only stderr
+            # Opacus reports every hooked layer at INFO: thousands of lines a run, none actionable.
+            logging.getLogger("opacus").setLevel(logging.WARNING)
             try:
                 return fn(*args, **kwargs)
             except (DataError, ValueError, KeyError, FileNotFoundError, MissingMandatoryValue) as err:

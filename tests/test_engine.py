@@ -101,7 +101,7 @@ def test_proximal_term_survives_opacus_dp_optimizer():
     """Under DP-SGD the proximal gradient is added after clipping and noise, not dropped."""
     from opacus import PrivacyEngine
 
-    from fedseg.models import batchnorm_to_groupnorm
+    from fedseg._dp_compat import batchnorm_to_groupnorm
 
     distances = {}
     for mu in (0.0, 5.0):

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+from fedseg._dp_compat import batchnorm_to_groupnorm
 from fedseg.models import (
     BACKBONES,
-    batchnorm_to_groupnorm,
     build_model,
     count_parameters,
     get_weights,
