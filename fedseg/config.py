@@ -244,11 +244,10 @@ class FederationSpec:
     optimizer: str = "adam"
     client_cpus: int = bounded(1, ge=1)
     client_gpus: float = bounded(0.0, ge=0)
-
-    def __post_init__(self) -> None:
-        if self.min_fit_clients > self.num_clients:
-            raise ValueError(f"federation.min_fit_clients={self.min_fit_clients} exceeds "
-                             f"federation.num_clients={self.num_clients}: no round could start")
+    # Seconds the server waits for a round's replies; a vehicle silent that long counts as failed.
+    round_timeout: float | None = bounded(None, gt=0)
+    # An update whose norm exceeds this many times the round's lower median is rejected (None: off).
+    max_norm_ratio: float | None = bounded(10.0, gt=1)
 
     @property
     def vehicles_per_round(self) -> int:

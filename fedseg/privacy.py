@@ -20,7 +20,7 @@ import os
 import tempfile
 import typing
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Protocol
@@ -137,6 +137,10 @@ class NoPrivacy:
     name: ClassVar[str] = "none"
     dp_model: ClassVar[bool] = False  # the plain (BatchNorm) UNet
 
+    def check_fleet(self, partition_sizes: Sequence[int], *, batch_size: int, rounds: int,
+                    local_epochs: int) -> None:
+        """Nothing to check: no accountant."""
+
     def vehicle_trainer(self, budget: VehicleBudget) -> LocalTrainer:
         return PlainTrainer()
 
@@ -171,6 +175,25 @@ class DPSpec:
         if self.max_grad_norm <= 0:
             raise ValueError(f"privacy.max_grad_norm must be > 0, got {self.max_grad_norm}")
 
+    def check_fleet(self, partition_sizes: Sequence[int], *, batch_size: int, rounds: int,
+                    local_epochs: int) -> None:
+        """Fail before training, in one line, where a vehicle's accountant would refuse these settings."""
+        for n in sorted(set(partition_sizes)):
+            delta = self.delta if self.delta is not None else default_delta(n)
+            if delta >= 1.0 / n:
+                raise ValueError(f"privacy.delta={delta:g} must be below 1/N = {1 / n:.3g} for a vehicle with "
+                                 f"{n} frames (a mechanism leaking one frame outright would pass)")
+            if self.target_epsilon is None:
+                continue
+            steps = rounds * local_epochs * steps_per_epoch(n, batch_size)
+            try:
+                calibrate_noise(self.target_epsilon, delta, 1.0 / steps_per_epoch(n, batch_size), steps,
+                                self.accountant)
+            except ValueError as err:
+                raise ValueError(f"privacy.target_epsilon={self.target_epsilon:g} is out of reach for a vehicle "
+                                 f"with {n} frames ({steps} DP-SGD steps, delta {delta:.3g}): Opacus' "
+                                 f"accountant says '{err}'; raise it or train fewer steps") from None
+
     def vehicle_trainer(self, budget: VehicleBudget) -> LocalTrainer:
         """DP-SGD with this vehicle's accountant: from its disk file, then context.state if that spent more."""
         planned = budget.rounds * budget.local_epochs * steps_per_epoch(budget.num_examples, budget.batch_size)
@@ -197,6 +220,10 @@ class CentralDPSpec:
     noise_multiplier: float = bounded(0.5, ge=0)
     clipping_norm: float = bounded(1.0, gt=0)
     num_sampled_clients: int | None = bounded(None, ge=1)  # None: the vehicles sampled per round
+
+    def check_fleet(self, partition_sizes: Sequence[int], *, batch_size: int, rounds: int,
+                    local_epochs: int) -> None:
+        """Nothing per vehicle: the server's accountant covers the fleet (``server/compose.py``)."""
 
     def vehicle_trainer(self, budget: VehicleBudget) -> LocalTrainer:
         return PlainTrainer()

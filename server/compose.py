@@ -3,11 +3,15 @@ all build it here.
 
 From the inside out:
 
-1. Flower's strategy from the registry (FedAvg, FedProx, FedAdam), evaluating server-side;
+1. Flower's strategy from the registry (FedAvg, FedProx, FedAdam, FedMedian, FedTrimmedAvg),
+   evaluating server-side;
 2. ``privacy=central``: Flower's ``DifferentialPrivacyClientSideFixedClipping`` around it (noise on
    the aggregate of updates the vehicles clipped with ``fixedclipping_mod``);
-3. :class:`~server.strategy.RoundRecorder`: the run-output contract (one row per round);
-4. ``secagg=secaggplus``: :class:`~server.secagg.SecureSumStrategy`, outermost, because the
+3. without SecAgg+: :class:`~server.guard.UpdateGuard`, which drops non-finite, misshapen and
+   outsized updates before anything averages them;
+4. :class:`~server.strategy.RoundRecorder`: the run-output contract (one row per round); it stops
+   the run when fewer than ``min_fit_clients`` vehicles answer a round;
+5. ``secagg=secaggplus``: :class:`~server.secagg.SecureSumStrategy`, outermost, because the
    vehicles' masked deltas must become weights again before anything inside sees them; it annotates
    the recorder's rows with what the protocol really carried.
 
@@ -29,6 +33,8 @@ from flwr.server.workflow import DefaultWorkflow
 from fedseg.fixedpoint import SecAggSpec, auto_quantization_range, resolve_max_weight, validate_secagg
 from fedseg.privacy import CentralDPSpec, central_epsilon, default_delta
 from fedseg.settings import RunSettings
+from server.grids import TimeoutGrid
+from server.guard import UpdateGuard
 from server.secagg import SecAggPlusFit, SecureSumStrategy
 from server.strategy import STRATEGIES, RoundRecorder, build_strategy, mean_train_loss, strategy_entry
 
@@ -42,15 +48,24 @@ class ServerParts:
     strategy: Strategy
     recorder: RoundRecorder
     fit_workflow: SecAggPlusFit | None
+    round_timeout: float | None = None
 
     def run(self, grid: Grid, context: Context, rounds: int) -> None:
-        """Run ``rounds`` rounds on ``grid`` (Flower's legacy workflow: where SecAgg+ lives)."""
+        """Run ``rounds`` rounds on ``grid`` (Flower's legacy workflow: where SecAgg+ lives); a round
+        waits at most ``round_timeout`` seconds for its vehicles."""
         legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=rounds), strategy=self.strategy)
-        DefaultWorkflow(fit_workflow=self.fit_workflow)(grid, legacy)
+        DefaultWorkflow(fit_workflow=self.fit_workflow)(TimeoutGrid(grid, self.round_timeout), legacy)
 
 
 def check_composition(settings: RunSettings, partition_sizes: Sequence[int] | None = None) -> None:
     """Every check of how the features combine that can fail before training (a one-line ValueError)."""
+    fed = settings.federation
+    if fed.min_fit_clients > fed.num_clients:
+        raise ValueError(f"federation.min_fit_clients={fed.min_fit_clients} exceeds "
+                         f"federation.num_clients={fed.num_clients}: no round could start")
+    if partition_sizes:
+        settings.privacy.check_fleet(partition_sizes, batch_size=fed.batch_size, rounds=fed.rounds,
+                                     local_epochs=fed.local_epochs)
     entry, name = strategy_entry(settings.strategy.name), settings.strategy.name
     sums = [key for key, e in STRATEGIES.items() if e.weighted_sum]
     if isinstance(settings.privacy, CentralDPSpec) and not entry.weighted_sum:
@@ -64,8 +79,7 @@ def check_composition(settings: RunSettings, partition_sizes: Sequence[int] | No
     if not settings.compression.secagg_compatible:
         raise ValueError(f"secagg=secaggplus cannot decode a sum of compression={settings.compression.name} "
                          "outputs")
-    validate_secagg(settings.secagg, sampled=settings.federation.vehicles_per_round,
-                    partition_sizes=partition_sizes)
+    validate_secagg(settings.secagg, sampled=fed.vehicles_per_round, partition_sizes=partition_sizes)
 
 
 def compose_server(settings: RunSettings, *, on_round: Callable[[dict[str, Any]], None],
@@ -74,6 +88,7 @@ def compose_server(settings: RunSettings, *, on_round: Callable[[dict[str, Any]]
     """Strategy -> central DP -> recorder -> secure-sum decoding, and the matching fit workflow."""
     check_composition(settings, partition_sizes)
     fed = settings.federation
+    recorder_ref: list[RoundRecorder] = []  # the guard reports to the recorder built around it
 
     def fit_config(server_round: int) -> dict[str, Any]:
         return {"server_round": server_round, "local_epochs": fed.local_epochs}
@@ -90,12 +105,17 @@ def compose_server(settings: RunSettings, *, on_round: Callable[[dict[str, Any]]
         strategy = DifferentialPrivacyClientSideFixedClipping(
             strategy, noise_multiplier=central.noise_multiplier, clipping_norm=central.clipping_norm,
             num_sampled_clients=central.num_sampled_clients or fed.vehicles_per_round)
-    recorder = RoundRecorder(strategy, on_round=on_round,
+    secagg = settings.secagg if isinstance(settings.secagg, SecAggSpec) else None
+    if secagg is None:  # under SecAgg+ single updates are masked: the vehicles check their own range
+        strategy = UpdateGuard(strategy, max_norm_ratio=fed.max_norm_ratio,
+                               on_reject=lambda r, fields: recorder_ref[0].annotate(r, fields))
+    recorder = RoundRecorder(strategy, on_round=on_round, min_replies=fed.min_fit_clients,
                              central_dp=_central_accounting(central, settings) if central else None)
-    if not isinstance(settings.secagg, SecAggSpec):
-        return ServerParts(recorder, recorder, None)
+    recorder_ref.append(recorder)
+    if secagg is None:
+        return ServerParts(recorder, recorder, None, fed.round_timeout)
     outer = SecureSumStrategy(recorder, recorder, all_or_nothing=central is not None)
-    return ServerParts(outer, recorder, _secagg_fit(settings.secagg, settings, partition_sizes))
+    return ServerParts(outer, recorder, _secagg_fit(secagg, settings, partition_sizes), fed.round_timeout)
 
 
 def _central_accounting(spec: CentralDPSpec, settings: RunSettings) -> Callable[[int], tuple[float, float]]:

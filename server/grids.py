@@ -125,3 +125,19 @@ class MeteredGrid(Grid):
     def stage_summary(self) -> dict[str, dict[str, int]]:
         return {name: {"sent": t.sent, "replied": t.replied, "up": t.bytes_up, "down": t.bytes_down}
                 for name, t in self.stages.items()}
+
+
+class TimeoutGrid(MeteredGrid):
+    """A grid whose ``send_and_receive`` waits at most ``timeout`` seconds unless the caller says otherwise.
+
+    Flower's default fit workflow calls ``send_and_receive`` without a timeout (it would wait forever
+    for a vehicle that hangs); a vehicle that has not answered by then counts as failed.
+    """
+
+    def __init__(self, inner: Grid, timeout: float | None) -> None:
+        super().__init__(inner)
+        self.timeout = timeout
+
+    def send_and_receive(self, messages: Iterable[Message], *,
+                         timeout: float | None = None) -> Iterable[Message]:
+        return super().send_and_receive(messages, timeout=self.timeout if timeout is None else timeout)

@@ -8,6 +8,7 @@ evaluation. The order of the wrappers is fixed in one place, ``server/compose.py
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,9 +17,11 @@ from typing import Any
 from flwr.common import FitIns, FitRes, Parameters, Scalar
 from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
-from flwr.server.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, Strategy
+from flwr.server.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, Krum, Strategy
 
-from fedseg.runlog import metrics_row
+from fedseg.runlog import RunFailed, metrics_row
+
+log = logging.getLogger("fedseg")
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,7 @@ STRATEGIES: dict[str, StrategyEntry] = {
     # Robust aggregation (coordinate-wise median / trimmed mean): each needs every update in clear.
     "fedmedian": StrategyEntry(FedMedian, weighted_sum=False),
     "fedtrimmedavg": StrategyEntry(FedTrimmedAvg, weighted_sum=False),
+    "krum": StrategyEntry(Krum, weighted_sum=False),
 }
 
 
@@ -53,6 +57,18 @@ def mean_train_loss(metrics: list[tuple[int, dict]]) -> dict[str, float]:
     pairs = [(n, m["loss"]) for n, m in metrics if "loss" in m]
     total = sum(n for n, _ in pairs)
     return {"train_loss": sum(n * v for n, v in pairs) / total} if total else {}
+
+
+def failure_reason(failure: BaseException | tuple[ClientProxy, FitRes]) -> str:
+    """One line saying why a vehicle's fit failed (Flower hands failures as exceptions or bad replies)."""
+    if isinstance(failure, BaseException):
+        text = str(failure.args[0] if failure.args else failure)
+        reason = getattr(failure.args[0], "reason", None) if failure.args else None  # Flower's Error record
+        text = str(reason) if reason else text
+    else:
+        text = f"vehicle replied {failure[1].status.code.name}: {failure[1].status.message}"
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return (lines[-1] if lines else type(failure).__name__)[:300]
 
 
 def build_strategy(name: str, options: dict[str, Any], **common: Any) -> Strategy:
@@ -106,10 +122,11 @@ class RoundRecorder(StrategyWrapper):
     """
 
     def __init__(self, inner: Strategy, on_round: Callable[[dict[str, Any]], None],
-                 central_dp: Callable[[int], tuple[float, float]] | None = None) -> None:
+                 central_dp: Callable[[int], tuple[float, float]] | None = None, min_replies: int = 1) -> None:
         super().__init__(inner)
         self.on_round = on_round
         self.central_dp = central_dp
+        self.min_replies = min_replies  # fewer vehicles answering a round than this stops the run
         self.client_epsilon: dict[str, float] = {}
         self.client_delta: dict[str, float] = {}
         self._pending: dict[str, Any] = {}
@@ -122,8 +139,12 @@ class RoundRecorder(StrategyWrapper):
     def configure_fit(self, server_round: int, parameters: Parameters, client_manager: ClientManager
                       ) -> list[tuple[ClientProxy, FitIns]]:
         instructions = self.inner.configure_fit(server_round, parameters, client_manager)
+        if not instructions:  # Flower would skip the round silently and evaluate an unchanged model
+            raise RunFailed(f"round {server_round}: no vehicle was sampled ({client_manager.num_available()} "
+                            "available; federation.num_clients, fraction_fit and min_fit_clients)")
         self._pending = {
             "t0": time.perf_counter(),
+            "sampled": len(instructions),
             "bytes_down": sum(parameters_bytes(ins.parameters) for _, ins in instructions),
         }
         return instructions
@@ -138,14 +159,25 @@ class RoundRecorder(StrategyWrapper):
             if res.metrics.get("epsilon") is not None:  # cumulative per vehicle: keep the latest
                 self.client_epsilon[vehicle] = float(res.metrics["epsilon"])
                 self.client_delta[vehicle] = float(res.metrics.get("delta", 0.0))
+        errors = [failure_reason(f) for f in failures]
+        silent = self._pending.get("sampled", 0) - len(results) - len(failures)
+        if silent > 0:  # no reply within federation.round_timeout (or lost on the way)
+            errors.append(f"{silent} vehicle(s) gave no answer within federation.round_timeout")
         self._pending.update(
             bytes_up=sum(parameters_bytes(r.parameters) for _, r in results),
             train_loss=mean_train_loss([(r.num_examples, r.metrics) for _, r in trained]).get("train_loss"),
             clients=len(trained),
             skipped=skipped,
-            failures=len(failures),
+            failures=len(failures) + max(silent, 0),
+            failure=errors[0] if errors else None,
             examples=n,
         )
+        if errors:
+            log.warning(f"round {server_round}: {self._pending['failures']} vehicle(s) failed; first: {errors[0]}")
+        if len(results) < self.min_replies:
+            raise RunFailed(f"round {server_round}: only {len(results)} of {self._pending.get('sampled')} "
+                            f"vehicles answered, below federation.min_fit_clients={self.min_replies}"
+                            + (f"; first vehicle error: {errors[0]}" if errors else ""))
         aggregated = self.inner.aggregate_fit(server_round, trained, failures) if trained else (None, {})
         if "t0" in self._pending:  # configure_fit opened this round
             self._pending["round_s"] = time.perf_counter() - self._pending["t0"]

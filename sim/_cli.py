@@ -26,13 +26,15 @@ def resolve(cfg: DictConfig) -> dict[str, Any]:
 
 
 def user_errors(prog: str) -> Callable:
-    """Turn bad input (data, config values) into one line on stderr and exit status 2, no traceback.
+    """Turn bad input (data, config values) into one line on stderr and exit status 2, a failed run
+    (``RunFailed``: e.g. too few vehicles answered a round) into one line and exit status 1; no traceback.
 
-    Programming errors still raise with their traceback: only errors a user can fix are caught.
+    Programming errors still raise with their traceback: only errors a user can act on are caught.
     """
     from omegaconf.errors import MissingMandatoryValue
 
     from fedseg.data import DataError
+    from fedseg.runlog import RunFailed
 
     def wrap(fn: Callable) -> Callable:
         @functools.wraps(fn)
@@ -49,6 +51,10 @@ def user_errors(prog: str) -> Callable:
                 logging.getLogger(prog).debug("user error", exc_info=True)
                 print(f"{prog}: error: {msg}", file=sys.stderr)
                 sys.exit(2)
+            except RunFailed as err:
+                logging.getLogger(prog).debug("run failed", exc_info=True)
+                print(f"{prog}: error: {err}", file=sys.stderr)
+                sys.exit(1)
 
         return run
 

@@ -38,6 +38,8 @@ def run(cfg: DictConfig) -> dict:
     log.info(f"fedseg-sim: {fed.num_clients} vehicles ({sizes} frames), {len(data.heldout)} held-out, "
              f"{settings.model.name}, {fed.rounds} rounds -> {settings.output_dir}")
     out = Path(settings.output_dir)
+    if not settings.run.verbose:
+        keep_flower_off_the_console()
     run_federation(to_run_config(raw), num_vehicles=fed.num_clients, client_cpus=fed.client_cpus,
                    client_gpus=fed.client_gpus, app_dir=out / "flwr_app", verbose=settings.run.verbose)
     summary = json.loads((out / "summary.json").read_text())
@@ -45,6 +47,20 @@ def run(cfg: DictConfig) -> dict:
     log.info(f"fedseg-sim: done: round {final['round']} mIoU {final['miou']:.3f} "
              f"(best {summary['best_miou']:.3f} at round {summary['best_round']}); outputs in {out}")
     return summary
+
+
+def keep_flower_off_the_console() -> None:
+    """Flower's own log lines (a failing vehicle's traceback among them) go to the job log only.
+
+    The console keeps fedseg's lines: a round's failures are one warning naming the first error, and
+    a run that cannot go on ends in one error line. ``run.verbose=true`` shows Flower's lines too.
+    """
+    from flwr.common.logger import console_handler
+
+    console_handler.setLevel(logging.CRITICAL + 1)
+    for handler in logging.getLogger().handlers:
+        if not isinstance(handler, logging.FileHandler):
+            handler.addFilter(lambda record: not record.name.startswith("flwr"))
 
 
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")

@@ -16,13 +16,10 @@ from typing import Any, cast
 
 import numpy as np
 import pytest
-from flwr.app import Context, RecordDict
-from flwr.client import ClientApp, NumPyClient
-from flwr.common import bytes_to_ndarray, ndarrays_to_parameters
+from flwr.common import bytes_to_ndarray
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+from toy_fleet import EXAMPLES, START, UPDATES, Fleet, toy_updates
 
-from clients.mods import run_mods
-from fedseg.config import to_run_config
 from fedseg.fixedpoint import (
     SecAggRangeError,
     SecAggSpec,
@@ -35,67 +32,9 @@ from fedseg.fixedpoint import (
 from fedseg.settings import RunSettings
 from server.compose import check_composition, compose_server
 from server.secagg import SecAggRoundError
-from sim.loopback import LoopbackGrid
 
 SECAGG = {"name": "secaggplus", "num_shares": 3, "reconstruction_threshold": 2}
-# Vehicle i adds UPDATES[i] to every global element and trains on EXAMPLES[i] frames.
-UPDATES, EXAMPLES = (1.0, 4.0, -2.0), (1, 2, 3)
-MEAN = (1 * 1.0 + 2 * 4.0 + 3 * -2.0) / 6  # 0.5: FedAvg's example-weighted mean, by hand
-START = 10.0  # every global element before round 1 (not 0: a codec that forgot the global must fail)
-
-
-class Fleet:
-    """A run of ``rounds`` rounds over toy vehicles; keeps the global arrays after every round."""
-
-    def __init__(self, updates: list[list[np.ndarray]], examples: list[int], secagg: dict[str, Any], *,
-                 strategy: str = "fedavg", privacy: dict[str, Any] | None = None, rounds: int = 1,
-                 crash: tuple[int, ...] = (), skip: tuple[int, ...] = ()) -> None:
-        n, crashed = len(updates), set[int]()
-        options = {"fedprox": {"proximal_mu": 0.01}}.get(strategy, {})
-        cfg = {"federation": {"num_clients": n, "min_fit_clients": n, "rounds": rounds},
-               "strategy": {"name": strategy, **options}, "secagg": secagg,
-               "privacy": privacy or {"name": "none"}}
-        self.settings, run_config = RunSettings.from_config(cfg), to_run_config(cfg)
-
-        class Toy(NumPyClient):
-            def __init__(self, i: int) -> None:
-                self.i = i
-
-            def fit(self, parameters: list, config: dict) -> tuple[list, int, dict]:
-                if self.i in crash and self.i not in crashed:  # its first fit only
-                    crashed.add(self.i)
-                    raise RuntimeError(f"vehicle {self.i} lost its camera")
-                if self.i in skip:  # as clients/client_app.py when a vehicle's privacy budget is spent
-                    return parameters, 0, {"skipped": True, "partition_id": self.i}
-                return ([p + u for p, u in zip(parameters, updates[self.i], strict=True)], examples[self.i],
-                        {"loss": float(self.i), "partition_id": self.i})
-
-        app = ClientApp(client_fn=lambda c: Toy(int(c.node_config["partition-id"])).to_client(),
-                        mods=[run_mods])
-        contexts = {100 + i: Context(run_id=1, node_id=100 + i, node_config={"partition-id": i},
-                                     state=RecordDict(), run_config=run_config) for i in range(n)}
-        self.grid = LoopbackGrid(app, contexts)
-        self.updates, self.examples, self.rounds, self.n = updates, examples, rounds, n
-        self.globals: list[list[np.ndarray]] = []  # round 0 (initial), 1, 2, ...
-        self.rows: list[dict[str, Any]] = []
-
-    def run(self) -> Fleet:
-        def evaluate_fn(server_round: int, arrays: list, config: dict) -> tuple[float, dict]:
-            self.globals.append([a.copy() for a in arrays])
-            return 0.0, {}
-
-        start = [np.full_like(u, START) for u in self.updates[0]]
-        parts = compose_server(self.settings, on_round=self.rows.append, evaluate_fn=evaluate_fn,
-                               initial_parameters=ndarrays_to_parameters(start),
-                               partition_sizes=list(self.examples))
-        server = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
-        parts.run(self.grid, server, self.rounds)
-        return self
-
-
-def toy_updates(values: tuple[float, ...] = UPDATES) -> list[list[np.ndarray]]:
-    """Vehicle i's update: ``values[i]`` everywhere in a 2x3 array, and ``-values[i] / 2`` in a 4-vector."""
-    return [[np.full((2, 3), v, np.float32), np.full(4, -v / 2, np.float32)] for v in values]
+MEAN = (1 * 1.0 + 2 * 4.0 + 3 * -2.0) / 6  # 0.5: FedAvg's example-weighted mean of UPDATES, by hand
 
 
 def bound(examples: tuple[int, ...], peak: float, spec: dict[str, Any] = SECAGG) -> float:

@@ -1,0 +1,54 @@
+"""Screening vehicles' updates before aggregation: broken or hostile updates never reach the average.
+
+A vehicle's reply is rejected when an array is not finite, when its arrays do not match the global
+model's shapes and dtypes, or when its update (``local - global``, floating arrays only) has an L2
+norm more than ``max_norm_ratio`` times the round's lower median. The lower median (not the mean, and
+not the upper median) so that with two vehicles the smaller update is the yardstick: one hostile
+vehicle cannot drag the reference up to its own size.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Sequence
+
+import numpy as np
+
+
+def structure_problem(local: Sequence[np.ndarray], global_: Sequence[np.ndarray]) -> str | None:
+    """Why ``local`` cannot be averaged with ``global_`` (count, shape, dtype, non-finite), or None."""
+    if len(local) != len(global_):
+        return f"{len(local)} arrays, the global model has {len(global_)}"
+    for index, (a, g) in enumerate(zip(local, global_, strict=True)):
+        a, g = np.asarray(a), np.asarray(g)
+        if a.shape != g.shape:
+            return f"array #{index} has shape {a.shape}, the global model's is {g.shape}"
+        if a.dtype != g.dtype:
+            return f"array #{index} has dtype {a.dtype}, the global model's is {g.dtype}"
+        if a.dtype.kind == "f" and not np.isfinite(a).all():
+            return f"array #{index} {a.shape} is not finite (NaN or Inf)"
+    return None
+
+
+def update_norm(local: Sequence[np.ndarray], global_: Sequence[np.ndarray]) -> float:
+    """L2 norm of ``local - global`` over the floating arrays (integer counters left out)."""
+    squares = sum(float(np.sum((np.asarray(a, np.float64) - np.asarray(g, np.float64)) ** 2))
+                  for a, g in zip(local, global_, strict=True) if np.asarray(g).dtype.kind == "f")
+    return float(np.sqrt(squares))
+
+
+def screen_updates(updates: Sequence[Sequence[np.ndarray]], global_: Sequence[np.ndarray], *,
+                   max_norm_ratio: float | None) -> list[str | None]:
+    """For each update, why it is rejected, or None if it may be aggregated."""
+    reasons: list[str | None] = [structure_problem(u, global_) for u in updates]
+    if max_norm_ratio is None:
+        return reasons
+    norms = {i: update_norm(u, global_) for i, u in enumerate(updates) if reasons[i] is None}
+    if len(norms) < 2:
+        return reasons
+    reference = statistics.median_low(norms.values())
+    for i, norm in norms.items():
+        if reference > 0 and norm > max_norm_ratio * reference:
+            reasons[i] = (f"update norm {norm:.4g} is {norm / reference:.1f}x the round's median "
+                          f"{reference:.4g} (federation.max_norm_ratio={max_norm_ratio:g})")
+    return reasons

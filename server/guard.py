@@ -1,0 +1,52 @@
+"""A strategy wrapper that screens each vehicle's update before the strategy inside aggregates it."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+from flwr.common import FitIns, FitRes, Parameters, Scalar, parameters_to_ndarrays
+from flwr.server.client_manager import ClientManager
+from flwr.server.client_proxy import ClientProxy
+from flwr.server.strategy import Strategy
+
+from fedseg.robust import screen_updates
+from server.strategy import StrategyWrapper
+
+log = logging.getLogger("fedseg")
+
+
+class UpdateGuard(StrategyWrapper):
+    """Drops non-finite, misshapen and outsized updates (``fedseg.robust``), logs each with its vehicle,
+    and reports them through ``on_reject(round, rejected)`` (the recorder's row)."""
+
+    def __init__(self, inner: Strategy, *, max_norm_ratio: float | None,
+                 on_reject: Callable[[int, dict[str, Any]], None]) -> None:
+        super().__init__(inner)
+        self.max_norm_ratio = max_norm_ratio
+        self.on_reject = on_reject
+        self._global: list[np.ndarray] = []
+
+    def configure_fit(self, server_round: int, parameters: Parameters, client_manager: ClientManager
+                      ) -> list[tuple[ClientProxy, FitIns]]:
+        self._global = parameters_to_ndarrays(parameters)
+        return self.inner.configure_fit(server_round, parameters, client_manager)
+
+    def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]],
+                      failures: list[Any]) -> tuple[Parameters | None, dict[str, Scalar]]:
+        updates = [parameters_to_ndarrays(r.parameters) for _, r in results]
+        reasons = screen_updates(updates, self._global, max_norm_ratio=self.max_norm_ratio)
+        rejected = []
+        for (proxy, res), reason in zip(results, reasons, strict=True):
+            if reason is not None:
+                vehicle = str(res.metrics.get("partition_id", proxy.cid))
+                log.warning(f"round {server_round}: rejected vehicle {vehicle}'s update: {reason}")
+                rejected.append({"vehicle": vehicle, "reason": reason})
+        kept = [pair for pair, reason in zip(results, reasons, strict=True) if reason is None]
+        if rejected:
+            self.on_reject(server_round, {"rejected": rejected, "clients": len(kept)})
+        if not kept:
+            return None, {}
+        return self.inner.aggregate_fit(server_round, kept, failures)
