@@ -1,10 +1,12 @@
 """The fedseg Flower ClientApp: one vehicle trains the global UNet on its own camera frames.
 
-A thin adapter: it turns Flower messages into calls of :mod:`fedseg` and back. The vehicle's data
-partition comes from ``context.node_config`` (``partition-id``/``num-partitions`` in simulation),
-its settings from ``context.run_config`` (the flattened Hydra config, parsed once per run). How it
-trains (plainly, or under DP-SGD) is the privacy spec's :class:`~fedseg.privacy.LocalTrainer`; the
-mods around it (SecAgg+, update clipping) are chosen once per run in ``clients/mods.py``.
+A thin adapter: it turns Flower messages into calls of :mod:`fedseg` and back. The vehicle knows
+only itself: ``context.node_config`` names its data (``data-root=DIR`` on an edge box, or
+``partition-id``/``num-partitions``; :mod:`fedseg.deploy.vehicle`), and it loads only those frames.
+Its settings come from ``context.run_config`` (the flattened Hydra config, or the Hydra ``overrides``
+that :func:`expand_settings` composes into it first, parsed once per run). How it trains (plainly,
+or under DP-SGD) is the privacy spec's :class:`~fedseg.privacy.LocalTrainer`; the mods around it
+(SecAgg+, update clipping) are chosen once per run in ``clients/mods.py``.
 """
 
 from __future__ import annotations
@@ -13,12 +15,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from flwr.app import Message
 from flwr.client import Client, ClientApp, NumPyClient
+from flwr.clientapp.typing import ClientAppCallable
 from flwr.common import ConfigRecord, Context
 
 from clients.mods import run_mods
 from fedseg.config import resolve_device
-from fedseg.data import cached_fleet
+from fedseg.deploy.runconfig import expand_run_config
+from fedseg.deploy.vehicle import NodeSpec, load_vehicle
 from fedseg.models import build_run_model, get_weights, set_weights
 from fedseg.privacy import LocalTrainer, VehicleBudget
 from fedseg.settings import RunSettings, settings_of
@@ -28,18 +33,16 @@ STATE_KEY = "privacy"  # context.state record holding what the trainer must keep
 
 
 class VehicleClient(NumPyClient):
-    """Local training of one vehicle (one partition of the fleet)."""
+    """Local training of one vehicle, on its own frames only."""
 
     def __init__(self, settings: RunSettings, partition_id: int, context: Context) -> None:
         self.settings = settings
         self.partition_id = partition_id
         self.state = context.state
-        fed = settings.federation
-        data = cached_fleet(settings.data, fed.num_clients, settings.seed)
-        if not 0 <= partition_id < len(data.clients):
-            raise ValueError(f"partition-id {partition_id} outside 0..{len(data.clients) - 1}")
-        self.dataset = data.clients[partition_id]
-        self.num_classes = data.label_map.num_classes
+        node = NodeSpec.from_node_config(context.node_config)
+        vehicle = load_vehicle(settings, node, default_partition=partition_id)
+        self.dataset = vehicle.dataset
+        self.num_classes = vehicle.num_classes
         self.device = resolve_device(settings.device)
         self.trainer = self._trainer()
 
@@ -67,7 +70,7 @@ class VehicleClient(NumPyClient):
     def _trainer(self) -> LocalTrainer:
         """This vehicle's trainer, sized by its data and restored from disk and Flower's context.state."""
         fed = self.settings.federation
-        saved = self.state[STATE_KEY]["accountant"] if STATE_KEY in self.state else None  # type: ignore[index]
+        saved = self.state[STATE_KEY]["accountant"] if STATE_KEY in self.state else None
         return self.settings.privacy.vehicle_trainer(VehicleBudget(
             vehicle=self.partition_id, num_examples=len(self.dataset), batch_size=fed.batch_size,
             rounds=fed.rounds, local_epochs=fed.local_epochs,
@@ -78,11 +81,18 @@ class VehicleClient(NumPyClient):
 def client_fn(context: Context) -> Client:
     """Build the vehicle for this node from its node config and the run config."""
     settings = settings_of(context.run_config)
+    node = NodeSpec.from_node_config(context.node_config)
     # Ray gives each virtual vehicle `client_cpus` cores: match torch's threads so that actors
-    # sharing a machine don't oversubscribe it.
-    torch.set_num_threads(max(1, settings.federation.client_cpus))
-    partition_id = int(context.node_config.get("partition-id", 0))
-    return VehicleClient(settings, partition_id, context).to_client()
+    # sharing a machine don't oversubscribe it (an edge box: its node config's threads or hardware).
+    torch.set_num_threads(node.torch_threads(settings.federation.client_cpus))
+    # Without a partition-id (an edge box with its own data-root) Flower's node id numbers the vehicle.
+    return VehicleClient(settings, node.vehicle_id(context.node_id % 2**31), context).to_client()
 
 
-app = ClientApp(client_fn=client_fn, mods=[run_mods])
+def expand_settings(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Outermost mod: Hydra ``overrides`` in the run config become the full flat config every mod reads."""
+    context.run_config = expand_run_config(context.run_config, context.run_id)
+    return call_next(msg, context)
+
+
+app = ClientApp(client_fn=client_fn, mods=[expand_settings, run_mods])

@@ -1,12 +1,15 @@
 """The fedseg Flower ServerApp: aggregate vehicles' UNet updates, evaluate the global model each round.
 
 Runs unchanged under the Simulation Engine (``fedseg-sim``) and the Deployment Engine (``flwr run``).
-The strategy chain and fit workflow come from ``server/compose.py`` (one order, documented there);
-this file only builds the run's evaluator/reporter and hands both to Flower.
+The run config is ``fedseg-sim``'s full flat config, or ``overrides`` (the Hydra command line) that
+``fedseg.deploy.runconfig`` composes into the same. The server loads only its held-out set, waits
+for its vehicles with a limit (``server/fleet.py``), and gets its strategy chain and fit workflow
+from ``server/compose.py``; this file only wires them to the run's evaluator and outputs.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
@@ -16,19 +19,22 @@ from flwr.server import Grid, ServerApp
 
 from fedseg.checkpoints import checkpoint_meta
 from fedseg.config import from_run_config, resolve_device, spec_block
-from fedseg.data import cached_fleet
+from fedseg.data import FleetData
+from fedseg.deploy.outputs import log_to_console_and_file, prepare_run_dir
+from fedseg.deploy.runconfig import deploy_spec, expand_run_config
+from fedseg.deploy.vehicle import load_heldout
 from fedseg.models import build_run_model, get_weights, set_weights
 from fedseg.reporting import RunReporter
 from fedseg.settings import RunSettings
 from server.compose import compose_server
+from server.fleet import FleetError, run_rounds, wait_for_vehicles
 
 app = ServerApp()
+log = logging.getLogger("fedseg")
 
 
-def make_reporter(settings: RunSettings, raw: dict[str, Any]) -> RunReporter:
+def make_reporter(settings: RunSettings, raw: dict[str, Any], data: FleetData) -> RunReporter:
     """The held-out evaluator and output writer for this run's directory."""
-    fed = settings.federation
-    data = cached_fleet(settings.data, fed.num_clients, settings.seed)
     dp = settings.privacy.dp_model
     model = build_run_model(settings.model, data.label_map.num_classes, seed=settings.seed, dp=dp)
     out_dir = Path(settings.output_dir)
@@ -38,30 +44,45 @@ def make_reporter(settings: RunSettings, raw: dict[str, Any]) -> RunReporter:
                            {"mode": "federated", "dp_model": dp, "strategy": settings.strategy.name,
                             "config": raw})
     return RunReporter(model=model, data=data, out_dir=out_dir, tracker=tracker, meta=meta,
-                       total_rounds=fed.rounds, batch_size=max(fed.batch_size, 8),
+                       total_rounds=settings.federation.rounds, batch_size=max(settings.federation.batch_size, 8),
                        device=resolve_device(settings.device), example_images=settings.run.example_images)
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Run ``federation.rounds`` rounds and write the run-output contract."""
-    logging.getLogger("fedseg").setLevel(logging.INFO)
-    raw = from_run_config(context.run_config)
-    settings = RunSettings.from_config(raw)
-    reporter = make_reporter(settings, raw)
+    run_config = expand_run_config(context.run_config, context.run_id)
+    raw = from_run_config(run_config)
+    settings, deploy = RunSettings.from_config(raw), deploy_spec(raw)
+    out, fed = Path(settings.output_dir), settings.federation
+    log_to_console_and_file(out, verbose=settings.run.verbose)
+    prepare_run_dir(out, raw, run_config)
+    log.info(f"fedseg: run {context.run_id}: {settings.experiment}, {settings.model.name}, {fed.rounds} rounds, "
+             f"{fed.num_clients} vehicles -> {out.resolve()}")
+    data, sizes = load_heldout(settings)
+    reporter = make_reporter(settings, raw, data)
 
     def evaluate_fn(server_round: int, arrays: list, config: dict) -> tuple[float, dict]:
         set_weights(reporter.model, arrays)
         return reporter.evaluate()
 
-    parts = compose_server(
-        settings, on_round=reporter.record, evaluate_fn=evaluate_fn,
-        initial_parameters=ndarrays_to_parameters(get_weights(reporter.model)),
-        partition_sizes=[len(d) for d in reporter.data.clients])
-    parts.run(grid, context, settings.federation.rounds)
+    try:
+        joined = wait_for_vehicles(grid, wanted=fed.num_clients, minimum=fed.min_fit_clients,
+                                   timeout=deploy.join_timeout)
+        # The strategy waits for (and central DP accounts for) the fleet that joined.
+        fleet = dataclasses.replace(settings, federation=dataclasses.replace(fed, num_clients=joined))
+        parts = compose_server(fleet, on_round=reporter.record, evaluate_fn=evaluate_fn,
+                               initial_parameters=ndarrays_to_parameters(get_weights(reporter.model)),
+                               partition_sizes=sizes)
+        run_rounds(parts, grid, context, rounds=fed.rounds, minimum=fed.min_fit_clients, deploy=deploy,
+                   round_timeout=raw["federation"].get("round_timeout"))
+    except FleetError as err:
+        log.error(f"fedseg: error: {err}")
+        reporter.finish({"experiment": settings.experiment, "stopped": str(err)})  # the rounds run so far
+        raise
     reporter.finish({
         "experiment": settings.experiment,
-        "clients": settings.federation.num_clients,
+        "clients": joined,
         "client_epsilon": parts.recorder.client_epsilon or None,
         "privacy": spec_block(settings.privacy),
         "secagg": spec_block(settings.secagg),

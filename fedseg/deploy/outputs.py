@@ -1,0 +1,73 @@
+"""The run directory of a run that no Hydra entry point started (``flwr run``): same contract as ``fedseg-sim``.
+
+``fedseg-sim`` gets ``.hydra/config.yaml`` and its job log from Hydra; under ``flwr run`` the ServerApp
+writes them itself (``server.log`` is the job log), plus ``flwr_app/pyproject.toml``, the flat run
+config the apps ran with, so a deployed run leaves the same files as a simulated one.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from fedseg.config import RunConfig
+
+JOB_LOG = "server.log"
+
+
+def write_app_config(app_dir: Path, run_config: RunConfig) -> Path:
+    """A minimal Flower app whose ``[tool.flwr.app.config]`` is this run's flat config."""
+    app_dir.mkdir(parents=True, exist_ok=True)
+    project = {
+        "project": {"name": "fedseg-run", "version": "0.1.0"},
+        "tool": {"flwr": {"app": {
+            "publisher": "fedseg",
+            "components": {"serverapp": "server.server_app:app", "clientapp": "clients.client_app:app"},
+            "config": dict(run_config),
+        }}},
+    }
+    path = app_dir / "pyproject.toml"
+    path.write_bytes(tomli_w.dumps(project).encode())
+    return path
+
+
+def prepare_run_dir(out: Path, raw: dict[str, Any], run_config: RunConfig) -> None:
+    """Write what Hydra would have written (``.hydra/config.yaml``) and the app config, if absent."""
+    import yaml
+
+    config = out / ".hydra" / "config.yaml"
+    if not config.exists():
+        config.parent.mkdir(parents=True, exist_ok=True)
+        body = {k: v for k, v in raw.items() if k != "output_dir"}
+        config.write_text(yaml.safe_dump(body, sort_keys=False))
+    if not (out / "flwr_app" / "pyproject.toml").exists():
+        write_app_config(out / "flwr_app", run_config)
+
+
+def log_to_console_and_file(out: Path, *, verbose: bool = False) -> None:
+    """Outside a Hydra app: fedseg's lines to stderr and to ``server.log`` (inside one, Hydra's do it).
+
+    Under ``flwr run`` stderr is what ``flwr run --stream`` and the SuperLink's log show. As in
+    ``fedseg-sim``, Flower's own INFO lines (every round's full history) only with ``run.verbose``.
+    """
+    from hydra.core.hydra_config import HydraConfig
+
+    logger = logging.getLogger("fedseg")
+    logger.setLevel(logging.INFO)
+    if not verbose:
+        logging.getLogger("flwr").setLevel(logging.WARNING)
+    if HydraConfig.initialized() or any(getattr(h, "_fedseg", False) for h in logger.handlers):
+        return
+    logger.propagate = False  # Flower's root handlers would print every line a second time
+    console = logging.StreamHandler(sys.stderr)
+    console.setFormatter(logging.Formatter("%(message)s"))
+    out.mkdir(parents=True, exist_ok=True)
+    job_log = logging.FileHandler(out / JOB_LOG)
+    job_log.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+    for handler in (console, job_log):
+        setattr(handler, "_fedseg", True)  # noqa: B010  (marks the handlers this module added)
+        logger.addHandler(handler)

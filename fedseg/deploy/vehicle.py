@@ -1,0 +1,161 @@
+"""A vehicle knows only itself: its node config, and the loading of only its own frames.
+
+A SuperNode's ``--node-config`` names the vehicle's data in one of two ways:
+
+* ``data-root=DIR``: a CARLA-format folder on the box: ``DIR/CameraRGB`` + ``DIR/CameraSeg``, or
+  ``DIR/<vehicle>/...`` with one vehicle folder (several: pick one with ``vehicle=NAME``). The vehicle
+  trains on every frame there (a ``heldout``/``val``/``test`` folder is never trained on) and checks
+  each file once, with the errors of ``data=carla``. ``partition-id``, if given, is then only the
+  vehicle's number (seeds, privacy state file).
+* ``partition-id=i num-partitions=n``: share ``i`` of the run's data (the embedded synthetic fleet,
+  or ``data.root``), split as ``fedseg-sim`` splits it; ``n`` must equal ``federation.num_clients``.
+
+Optionally ``hardware=<profile>`` (``conf/hardware``; sets the training threads to the profile's) or
+``threads=N``. The server loads only its held-out set (:func:`load_heldout`).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from fedseg.config import DataSpec
+from fedseg.data import DataError, FleetData, dataset_root, get_data_source
+from fedseg.data.carla import HELDOUT_NAMES, SegmentationDataset, discover, load_fleet, validate
+from fedseg.data.frames import Frame
+from fedseg.labels import build_label_map
+from fedseg.settings import RunSettings
+
+
+@dataclass(frozen=True)
+class NodeSpec:
+    """What ``--node-config`` says about this vehicle (keys with dashes, as Flower spells them)."""
+
+    partition_id: int | None = None
+    num_partitions: int | None = None
+    data_root: str | None = None
+    vehicle: str | None = None
+    hardware: str | None = None
+    threads: int | None = None
+
+    @classmethod
+    def from_node_config(cls, node_config: Mapping[str, Any]) -> NodeSpec:
+        """Parse a node config; an unknown key or a wrong type is a one-line ``ValueError``."""
+        names = {f.name.replace("_", "-"): f.name for f in fields(cls)}
+        unknown = sorted(set(node_config) - set(names))
+        if unknown:
+            raise ValueError(f"unknown node config keys {unknown}; valid: {sorted(names)}")
+        values: dict[str, Any] = {}
+        for key, value in node_config.items():
+            numeric = key in ("partition-id", "num-partitions", "threads")
+            if numeric and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise ValueError(f"node config {key}={value!r}: expected an integer >= 0")
+            values[names[key]] = value if numeric else str(value)
+        spec = cls(**values)
+        if spec.hardware is not None:
+            from fedseg.search.hardware import HARDWARE_PROFILES
+
+            if spec.hardware not in HARDWARE_PROFILES:
+                raise ValueError(f"node config hardware={spec.hardware}: valid: {list(HARDWARE_PROFILES)}")
+        return spec
+
+    def vehicle_id(self, fallback: int) -> int:
+        """The vehicle's number: its ``partition-id``, else ``fallback`` (e.g. Flower's node id)."""
+        return self.partition_id if self.partition_id is not None else fallback
+
+    def torch_threads(self, default: int) -> int:
+        """``threads``, else the hardware profile's threads, else ``default``."""
+        if self.threads:
+            return self.threads
+        if self.hardware is not None:
+            from fedseg.search.hardware import HARDWARE_PROFILES
+
+            return HARDWARE_PROFILES[self.hardware].threads
+        return max(1, default)
+
+
+@dataclass(frozen=True)
+class VehicleData:
+    """One vehicle's training frames and the number of classes its model predicts."""
+
+    dataset: SegmentationDataset
+    num_classes: int
+
+
+def own_frames(root: Path, vehicle: str | None = None) -> list[Frame]:
+    """The frames of the one vehicle folder under ``root`` (``DataError`` naming what is wrong)."""
+    sources = discover(root)
+    is_camera_folder = (root / "CameraRGB").is_dir() or (root / "CameraSeg").is_dir()
+    if not is_camera_folder:  # a folder of vehicles: a held-out split is never trained on
+        sources = {name: frames for name, frames in sources.items() if name.lower() not in HELDOUT_NAMES}
+    if vehicle is not None:
+        if vehicle not in sources:
+            raise DataError(f"{root}: no vehicle folder {vehicle!r}; found {sorted(sources)}")
+        return sources[vehicle]
+    if len(sources) != 1:
+        raise DataError(f"{root}: holds {len(sources)} vehicle folders ({', '.join(sorted(sources))}); "
+                        "name this vehicle's with --node-config vehicle=NAME")
+    return next(iter(sources.values()))
+
+
+def _partition(spec: DataSpec, num_clients: int, seed: int, partition_id: int) -> list[Frame]:
+    """Share ``partition_id`` of the run's data, split exactly as ``fedseg-sim`` splits it."""
+    root = dataset_root(spec, num_clients=num_clients, seed=seed, progress=False)
+    fleet = load_fleet(root, num_clients=num_clients, partition=spec.partition, alpha=spec.dirichlet_alpha,
+                       heldout_fraction=spec.heldout_fraction, seed=seed)
+    if not 0 <= partition_id < len(fleet.clients):
+        raise ValueError(f"partition-id {partition_id} outside 0..{len(fleet.clients) - 1}")
+    return fleet.clients[partition_id]
+
+
+@functools.lru_cache(maxsize=4)
+def load_vehicle(settings: RunSettings, node: NodeSpec, default_partition: int = 0) -> VehicleData:
+    """This vehicle's frames only (once per process): its own folder, or its share of the run's data.
+
+    Files are checked once here when they come from a user's folder (``data-root``, or ``data=carla``):
+    a bad one stops the vehicle with the file's name before it trains.
+    """
+    spec, fed = settings.data, settings.federation
+    if node.data_root is not None:
+        frames, check = own_frames(Path(node.data_root).expanduser(), node.vehicle), True
+    else:
+        if node.num_partitions is not None and node.num_partitions != fed.num_clients:
+            raise ValueError(f"node config num-partitions={node.num_partitions} but the run has "
+                             f"federation.num_clients={fed.num_clients}; they must agree")
+        frames = _partition(spec, fed.num_clients, settings.seed, node.vehicle_id(default_partition))
+        check = get_data_source(spec.name).check_files
+    if check:
+        validate(frames, spec.tagset)
+    label_map = build_label_map(spec.tagset, spec.task)
+    size = (int(spec.image_size[0]), int(spec.image_size[1]))
+    return VehicleData(SegmentationDataset(frames, label_map, input_variant=spec.input, image_size=size),
+                       label_map.num_classes)
+
+
+def load_heldout(settings: RunSettings) -> tuple[FleetData, list[int] | None]:
+    """The server's data: only the held-out set (``clients`` empty), and the vehicles' partition sizes.
+
+    The sizes come from listing files (SecAgg+'s default ``max_weight`` needs them); they are ``None``
+    when the server's ``data.root`` holds only a held-out folder (the vehicles' frames are elsewhere).
+    """
+    spec, fed = settings.data, settings.federation
+    root = dataset_root(spec, num_clients=fed.num_clients, seed=settings.seed, progress=False)
+    sources = discover(root)
+    reserved = [name for name in sources if name.lower() in HELDOUT_NAMES]
+    sizes: list[int] | None
+    if reserved and len(reserved) == len(sources):
+        heldout = sources[min(reserved, key=lambda n: HELDOUT_NAMES.index(n.lower()))]
+        sizes = None
+    else:
+        fleet = load_fleet(root, num_clients=fed.num_clients, partition=spec.partition,
+                           alpha=spec.dirichlet_alpha, heldout_fraction=spec.heldout_fraction, seed=settings.seed)
+        heldout, sizes = fleet.heldout, [len(frames) for frames in fleet.clients]
+    if get_data_source(spec.name).check_files:
+        validate(heldout, spec.tagset)
+    label_map = build_label_map(spec.tagset, spec.task)
+    size = (int(spec.image_size[0]), int(spec.image_size[1]))
+    dataset = SegmentationDataset(heldout, label_map, input_variant=spec.input, image_size=size)
+    return FleetData([], dataset, label_map), sizes

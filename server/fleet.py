@@ -1,0 +1,136 @@
+"""The server never waits silently: it waits for its vehicles with a limit, and each round has a limit too.
+
+Flower's ``DefaultWorkflow`` waits for ``min_available_clients`` vehicles for up to a day without a
+word, and its fit round waits for every sampled vehicle without a limit (1.42 ignores
+``ServerConfig.round_timeout``). Here (a round that too few vehicles answer is the recorder's to stop):
+
+* :func:`wait_for_vehicles`, before the first round: poll the SuperLink for joined vehicles, log
+  "N of M vehicles joined" as they come, and after ``deploy.join_timeout`` go on with those that
+  joined if they are at least ``min_fit_clients``, else stop with one line (:class:`FleetError`);
+* :class:`FleetClientManager`: the same rule before every later round (a vehicle that left is
+  waited for up to ``deploy.join_timeout``, then the round goes on without it, or the run stops);
+* :class:`RoundTimeoutGrid`: every ``send_and_receive`` without a timeout of its own gets
+  ``federation.round_timeout``; a vehicle that has not replied by then is dropped from that round.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+
+from flwr.app import Message, RecordDict
+from flwr.common import Context
+from flwr.server import Grid, LegacyContext, ServerConfig
+from flwr.server.client_manager import SimpleClientManager
+from flwr.server.workflow import DefaultWorkflow
+from flwr.supercore.run import Run
+
+from fedseg.deploy.runconfig import DeploySpec
+from server.compose import ServerParts
+
+log = logging.getLogger("fedseg")
+
+
+class FleetError(RuntimeError):
+    """Too few vehicles to run a round; ``str(e)`` is one line saying what to do."""
+
+
+def _too_few(have: int, wanted: int, minimum: int, waited: float) -> FleetError:
+    return FleetError(f"only {have} of {wanted} vehicles joined within deploy.join_timeout={waited:g} s, "
+                      f"fewer than federation.min_fit_clients={minimum}: start more SuperNodes, or lower "
+                      "federation.num_clients / federation.min_fit_clients")
+
+
+def wait_for_vehicles(grid: Grid, *, wanted: int, minimum: int, timeout: float, report_every: float = 10.0,
+                      poll: float = 1.0, clock: Callable[[], float] = time.monotonic,
+                      sleep: Callable[[float], None] = time.sleep) -> int:
+    """Wait until ``wanted`` vehicles have joined or ``timeout`` s passed; return how many joined.
+
+    Logs the count whenever it changes and every ``report_every`` s. Raises :class:`FleetError`
+    when fewer than ``minimum`` joined in time.
+    """
+    start = clock()
+    reported, last = -1, start - report_every
+    while True:
+        joined = len(set(grid.get_node_ids()))
+        now = clock()
+        if joined >= wanted:
+            log.info(f"fedseg: {joined} of {wanted} vehicles joined")
+            return joined
+        if joined != reported or now - last >= report_every:
+            log.info(f"fedseg: {joined} of {wanted} vehicles joined; waiting up to "
+                     f"{max(0.0, timeout - (now - start)):.0f} s more (deploy.join_timeout)")
+            reported, last = joined, now
+        if now - start >= timeout:
+            break
+        sleep(min(poll, timeout - (now - start)))
+    if joined < minimum:
+        raise _too_few(joined, wanted, minimum, timeout)
+    log.warning(f"fedseg: going on with the {joined} of {wanted} vehicles that joined")
+    return joined
+
+
+class FleetClientManager(SimpleClientManager):
+    """Flower's client manager, but a round waits ``timeout`` s for missing vehicles, not a day."""
+
+    def __init__(self, *, minimum: int, timeout: float) -> None:
+        super().__init__()
+        self.minimum, self.timeout = minimum, timeout
+
+    def wait_for(self, num_clients: int, timeout: int = 86400) -> bool:
+        if super().wait_for(num_clients, timeout=int(min(timeout, self.timeout))):
+            return True
+        have = len(self.clients)
+        if have < self.minimum:
+            raise _too_few(have, num_clients, self.minimum, self.timeout)
+        log.warning(f"fedseg: {have} of {num_clients} vehicles connected; the round goes on with them")
+        return False
+
+
+class RoundTimeoutGrid(Grid):
+    """Delegates to ``inner``; ``send_and_receive`` without a timeout of its own gets ``round_timeout``."""
+
+    def __init__(self, inner: Grid, round_timeout: float | None) -> None:
+        self.inner, self.round_timeout = inner, round_timeout
+
+    def set_run(self, run: Run) -> None:
+        self.inner.set_run(run)
+
+    @property
+    def run(self) -> Run:
+        return self.inner.run
+
+    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
+                       ttl: float | None = None) -> Message:
+        return self.inner.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self.inner.get_node_ids()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self.inner.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self.inner.pull_messages(message_ids)
+
+    def send_and_receive(self, messages: Iterable[Message], *,
+                         timeout: float | None = None) -> Iterable[Message]:
+        messages = list(messages)
+        replies = list(self.inner.send_and_receive(messages, timeout=timeout or self.round_timeout))
+        if len(replies) < len(messages):
+            log.warning(f"fedseg: {len(messages) - len(replies)} of {len(messages)} vehicles did not reply "
+                        f"within {timeout or self.round_timeout:g} s; dropped from this round")
+        return replies
+
+
+def run_rounds(parts: ServerParts, grid: Grid, context: Context, *, rounds: int, minimum: int,
+               deploy: DeploySpec, round_timeout: float | None) -> None:
+    """``rounds`` rounds of Flower's legacy workflow (where SecAgg+ lives), with the fleet's limits.
+
+    ``ServerParts.run`` with this client manager; it is spelled out here until ``run`` takes one.
+    """
+    manager = FleetClientManager(minimum=minimum, timeout=deploy.join_timeout)
+    legacy = LegacyContext(context=context, strategy=parts.strategy, client_manager=manager,
+                           config=ServerConfig(num_rounds=rounds, round_timeout=round_timeout))
+    DefaultWorkflow(fit_workflow=parts.fit_workflow)(RoundTimeoutGrid(grid, round_timeout), legacy)
