@@ -164,19 +164,20 @@ def parse_spec(cls: type[T], values: Mapping[str, Any] | None, *, key: str | Non
     (listing the valid ones), a value of the wrong type (``federation.rounds='abc'``), a number out of
     the range its field declares with :func:`bounded`, and whatever ``cls.__post_init__`` rejects.
     """
-    key = key or cls.__name__
+    key = cls.__name__ if key is None else key  # "": top-level keys (a primary config of its own)
     values = dict(values or {})
     names = {f.name: f for f in dataclasses.fields(cls) if f.init}  # type: ignore[arg-type]
     unknown = sorted(set(values) - set(names))
     if unknown:
-        raise ValueError(f"unknown {key} keys {unknown}; valid: {sorted(names)}")
+        raise ValueError(f"unknown {key or 'top-level'} keys {unknown}; valid: {sorted(names)}")
     hints = typing.get_type_hints(cls)
     for name, value in values.items():
+        where = f"{key}.{name}" if key else name
         try:
             values[name] = _coerce(value, hints[name])
         except _Mismatch:
-            raise ValueError(f"{key}.{name}={value!r}: expected {_type_name(hints[name])}") from None
-        _check_bounds(f"{key}.{name}", values[name], names[name].metadata.get("bounds", {}))
+            raise ValueError(f"{where}={value!r}: expected {_type_name(hints[name])}") from None
+        _check_bounds(where, values[name], names[name].metadata.get("bounds", {}))
     return cls(**values)
 
 

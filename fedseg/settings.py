@@ -89,3 +89,26 @@ def _parsed(items: tuple[tuple[str, Any], ...]) -> RunSettings:
 def settings_of(run_config: Mapping[str, Any]) -> RunSettings:
     """The run's settings, parsed once per run config per process (apps and mods call this per message)."""
     return _parsed(tuple(sorted(run_config.items())))
+
+
+def check_choices(settings: RunSettings) -> None:
+    """Check every name the registries must know, and what the model needs of the data, before a run
+    starts (a ValueError naming the key, the value and the valid choices)."""
+    from fedseg.data import get_data_source
+    from fedseg.data.partition import PARTITIONS
+    from fedseg.labels import build_label_map
+    from fedseg.models import get_backbone
+    from fedseg.training import OPTIMIZERS
+
+    backbone = get_backbone(settings.model.name)
+    get_data_source(settings.data.name)
+    build_label_map(settings.data.tagset, settings.data.task)
+    for key, value, valid in (("data.partition", settings.data.partition, PARTITIONS),
+                              ("federation.optimizer", settings.federation.optimizer, OPTIMIZERS)):
+        if value not in valid:
+            raise ValueError(f"{key}={value}: valid: {sorted(valid)}")
+    factor = 2**backbone.encoder_depth
+    if any(side % factor for side in settings.data.image_size):
+        raise ValueError(f"data.image_size={list(settings.data.image_size)} must be multiples of {factor} for "
+                         f"model {settings.model.name} (its encoder halves the image "
+                         f"{backbone.encoder_depth} times)")

@@ -22,7 +22,7 @@ from fedseg.data import load_data
 from fedseg.models import build_run_model
 from fedseg.reporting import RunReporter
 from fedseg.runlog import metrics_row
-from fedseg.settings import RunSettings
+from fedseg.settings import RunSettings, check_choices
 from fedseg.training import derive_seed, make_loader, make_optimizer, train
 from sim._cli import CONF_DIR, resolve, user_errors
 
@@ -33,6 +33,7 @@ log = logging.getLogger("fedseg")
 def run(cfg: DictConfig) -> dict:
     raw = resolve(cfg)
     s = RunSettings.from_config(raw)
+    check_choices(s)
     fed, progress = s.federation, s.run.progress
     epochs = s.train.epochs or fed.rounds * fed.local_epochs
     data = load_data(s.data, num_clients=fed.num_clients, seed=s.seed, progress=progress)

@@ -16,7 +16,7 @@ import hydra
 from omegaconf import DictConfig
 
 from fedseg.collect import CollectSpec, collect
-from fedseg.config import spec_from
+from fedseg.config import parse_spec
 from sim._cli import CONF_DIR, resolve, user_errors
 
 PROG = "fedseg-collect"
@@ -26,7 +26,7 @@ PROG = "fedseg-collect"
 def run(cfg: DictConfig) -> None:
     raw = resolve(cfg)
     raw.pop("output_dir", None)
-    spec = spec_from(CollectSpec, raw)
+    spec = parse_spec(CollectSpec, raw, key="")
     try:
         result = collect(spec)
     except KeyboardInterrupt:

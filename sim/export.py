@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from fedseg.checkpoints import load_checkpoint
-from fedseg.config import DataSpec, spec_from
+from fedseg.config import DataSpec, parse_spec
 from fedseg.data import load_data
 from fedseg.export import check_parity, deployable, export_onnx, quantize_int8
 from fedseg.measurement import (
@@ -57,7 +57,7 @@ def _frames(meta: dict[str, Any], raw: dict[str, Any], spec: ExportSpec, size: t
     data_block = dict(run_cfg["data"])
     if not meta.get("config"):  # at least read frames the way the model was trained on them
         data_block.update({k: meta[k] for k in ("tagset", "task", "input", "image_size") if k in meta})
-    data_spec = spec_from(DataSpec, data_block)
+    data_spec = parse_spec(DataSpec, data_block, key="data")
     fleet = load_data(data_spec, num_clients=int(run_cfg["federation"]["num_clients"]),
                       seed=int(run_cfg.get("seed", 0)), progress=False)
     if fleet.label_map.num_classes != int(meta["num_classes"]):
@@ -85,7 +85,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     raw = resolve(cfg)
     if not raw.get("checkpoint"):
         raise ValueError("fedseg-export needs checkpoint=PATH (a <run_dir>/checkpoints/global.pt)")
-    spec = spec_from(ExportSpec, raw["export"])
+    spec = parse_spec(ExportSpec, raw["export"], key="export")
     model, meta = load_checkpoint(raw["checkpoint"])
     size_src = spec.image_size or meta.get("image_size") or raw["data"]["image_size"]
     size = (int(size_src[0]), int(size_src[1]))

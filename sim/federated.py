@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 
 from fedseg.config import to_run_config
 from fedseg.data import load_data
-from fedseg.settings import RunSettings
+from fedseg.settings import RunSettings, check_choices
 from server.compose import check_composition
 from sim._cli import CONF_DIR, resolve, user_errors
 from sim.engine import run_federation
@@ -28,6 +28,7 @@ log = logging.getLogger("fedseg")
 def run(cfg: DictConfig) -> dict:
     raw = resolve(cfg)
     settings = RunSettings.from_config(raw)
+    check_choices(settings)
     fed = settings.federation
     # Generate/validate the data once, up front: bad frames fail here, naming the file, before any
     # vehicle starts, and Ray workers then find the synthetic fleet already cached.

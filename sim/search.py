@@ -22,7 +22,7 @@ import hydra
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from fedseg.config import resolve_device, spec_from
+from fedseg.config import parse_spec, resolve_device
 from fedseg.data import load_data
 from fedseg.measurement import usable_threads
 from fedseg.privacy import DPSpec
@@ -101,8 +101,8 @@ def _measure(settings: RunSettings, spec: SearchSpec, budget: HardwareBudget, na
 def run(cfg: DictConfig) -> dict[str, Any]:
     raw = resolve(cfg)
     settings = RunSettings.from_config(raw)
-    budget = spec_from(HardwareBudget, raw["hardware"])
-    spec = spec_from(SearchSpec, raw["search"])
+    budget = parse_spec(HardwareBudget, raw["hardware"], key="hardware")
+    spec = parse_spec(SearchSpec, raw["search"], key="search")
     names = resolve_backbones(spec.backbones)
     dp = isinstance(settings.privacy, DPSpec)
     threads, out = _threads(budget), Path(settings.output_dir)
