@@ -9,6 +9,7 @@ can be compared key for key.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,10 +33,12 @@ class RunReporter:
 
     def __init__(self, *, model: torch.nn.Module, data: FleetData, out_dir: Path, tracker: Tracker,
                  meta: dict[str, Any], total_rounds: int, batch_size: int = 16, device: str = "cpu",
-                 example_images: int = 4) -> None:
+                 example_images: int = 4, resume_after: int | None = None) -> None:
         self.model = model.to(device)
         self.data = data
-        self.log = RunLog(out_dir)
+        self.log = RunLog(out_dir, resume_after=resume_after)
+        # What a checkpoint holds besides weights and metadata, so a killed run can continue (server/resume.py).
+        self.checkpoint_state: Callable[[], dict[str, Any]] | None = None
         self.tracker = tracker
         self.meta = meta
         self.total_rounds = total_rounds
@@ -58,7 +61,8 @@ class RunReporter:
         row = self.log.log_round(row)
         log.info(format_row(row, self.total_rounds))  # the console and the run's job log alike
         self.tracker.log_round(row)
-        self.log.save_checkpoint(self.model, {**self.meta, "round": row["round"]})
+        state = self.checkpoint_state() if self.checkpoint_state is not None else {}
+        self.log.save_checkpoint(self.model, {**self.meta, "round": row["round"], "resume": state})
 
     def finish(self, extra: dict[str, Any]) -> dict[str, Any]:
         """Plots, the example sheet, ``summary.json`` and the tracker's summary."""

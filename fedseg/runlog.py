@@ -61,13 +61,19 @@ def atomic_write_text(path: Path, text: str) -> None:
 class RunLog:
     """Appends one row per round and writes the summary and checkpoints of a run directory."""
 
-    def __init__(self, out_dir: str | Path) -> None:
+    def __init__(self, out_dir: str | Path, *, resume_after: int | None = None) -> None:
+        """``resume_after``: continue a run whose last completed (checkpointed) round is this one: its
+        rows up to it are kept, any later row (written before an interruption) is dropped."""
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         (self.out_dir / "checkpoints").mkdir(exist_ok=True)
         self.metrics_path = self.out_dir / "metrics.jsonl"
         self.rows: list[dict[str, Any]] = []
-        if self.metrics_path.exists():  # a new run in an old directory starts a new file
+        if resume_after is not None and self.metrics_path.exists():
+            lines = self.metrics_path.read_text().splitlines()
+            self.rows = [row for row in map(json.loads, filter(None, lines)) if row["round"] <= resume_after]
+            atomic_write_text(self.metrics_path, "".join(json.dumps(row) + "\n" for row in self.rows))
+        elif self.metrics_path.exists():  # a new run in an old directory starts a new file
             self.metrics_path.unlink()
         self.started = time.time()
 

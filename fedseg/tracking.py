@@ -15,6 +15,8 @@ from fedseg.config import parse_choice
 
 
 class Tracker(Protocol):
+    run_id: str | None  # what a resumed run passes back to continue the same tracked run
+
     def log_round(self, row: dict[str, Any]) -> None: ...
     def log_images(self, name: str, path: Path, step: int) -> None: ...
     def finish(self, summary: dict[str, Any]) -> None: ...
@@ -22,6 +24,8 @@ class Tracker(Protocol):
 
 class NullTracker:
     """Tracking off: the run directory's files are the record."""
+
+    run_id: str | None = None
 
     def log_round(self, row: dict[str, Any]) -> None:
         pass
@@ -38,13 +42,15 @@ class WandbTracker:
 
     def __init__(self, *, run_dir: Path, config: dict[str, Any], name: str, project: str = "fedseg",
                  entity: str | None = None, mode: Literal["online", "offline", "disabled"] | None = None,
-                 tags: list[str] | None = None, log_images: bool = True) -> None:
+                 tags: list[str] | None = None, log_images: bool = True, resume_id: str | None = None) -> None:
         import wandb
 
         self._wandb = wandb
         self._images = log_images
         self.run = wandb.init(project=project, entity=entity, mode=mode, dir=str(run_dir), name=name,
-                              config=config, tags=list(tags or []), reinit="finish_previous")
+                              config=config, tags=list(tags or []), reinit="finish_previous",
+                              id=resume_id, resume="allow" if resume_id else None)
+        self.run_id: str | None = self.run.id
 
     def log_round(self, row: dict[str, Any]) -> None:
         flat = {k: v for k, v in row.items() if v is not None and not isinstance(v, dict)}
@@ -74,7 +80,7 @@ class NoTracking:
 
     name: ClassVar[str] = "none"
 
-    def build(self, *, run_dir: Path, config: dict[str, Any], name: str) -> Tracker:
+    def build(self, *, run_dir: Path, config: dict[str, Any], name: str, resume_id: str | None = None) -> Tracker:
         return NullTracker()
 
 
@@ -90,10 +96,11 @@ class WandbSpec:
     tags: tuple[str, ...] = ()
     log_images: bool = True
 
-    def build(self, *, run_dir: Path, config: dict[str, Any], name: str) -> Tracker:
+    def build(self, *, run_dir: Path, config: dict[str, Any], name: str, resume_id: str | None = None) -> Tracker:
+        """The tracker; ``resume_id`` continues that W&B run (a resumed fedseg run)."""
         return WandbTracker(run_dir=run_dir, config=config, name=name, project=self.project,
                             entity=self.entity, mode=self.mode, tags=list(self.tags),
-                            log_images=self.log_images)
+                            log_images=self.log_images, resume_id=resume_id)
 
 
 TrackingSpec = NoTracking | WandbSpec

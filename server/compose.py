@@ -11,7 +11,8 @@ From the inside out:
    outsized updates before anything averages them;
 4. :class:`~server.strategy.RoundRecorder`: the run-output contract (one row per round); it stops
    the run when fewer than ``min_fit_clients`` vehicles answer a round;
-5. ``secagg=secaggplus``: :class:`~server.secagg.SecureSumStrategy`, outermost, because the
+5. ``secagg=secaggplus``: :class:`~server.secagg.SecureSumStrategy`, outermost (but for the round
+   offset of a resumed run, ``server/resume.py``), because the
    vehicles' masked deltas must become weights again before anything inside sees them; it annotates
    the recorder's rows with what the protocol really carried.
 
@@ -35,6 +36,7 @@ from fedseg.privacy import CentralDPSpec, central_epsilon, default_delta
 from fedseg.settings import RunSettings
 from server.grids import TimeoutGrid
 from server.guard import UpdateGuard
+from server.resume import RoundOffset
 from server.secagg import SecAggPlusFit, SecureSumStrategy
 from server.strategy import STRATEGIES, RoundRecorder, build_strategy, mean_train_loss, strategy_entry
 
@@ -49,6 +51,7 @@ class ServerParts:
     recorder: RoundRecorder
     fit_workflow: SecAggPlusFit | None
     round_timeout: float | None = None
+    base: Strategy | None = None  # Flower's own strategy at the bottom of the chain (its state resumes)
 
     def run(self, grid: Grid, context: Context, rounds: int) -> None:
         """Run ``rounds`` rounds on ``grid`` (Flower's legacy workflow: where SecAgg+ lives); a round
@@ -84,8 +87,12 @@ def check_composition(settings: RunSettings, partition_sizes: Sequence[int] | No
 
 def compose_server(settings: RunSettings, *, on_round: Callable[[dict[str, Any]], None],
                    evaluate_fn: EvaluateFn | None = None, initial_parameters: Parameters | None = None,
-                   partition_sizes: Sequence[int] | None = None) -> ServerParts:
-    """Strategy -> central DP -> recorder -> secure-sum decoding, and the matching fit workflow."""
+                   partition_sizes: Sequence[int] | None = None, start_round: int = 0) -> ServerParts:
+    """Strategy -> central DP -> recorder -> secure-sum decoding, and the matching fit workflow.
+
+    ``start_round`` > 0 continues a run after that round (``server/resume.py``): Flower's rounds are
+    shifted so everything inside sees the run's own numbers.
+    """
     check_composition(settings, partition_sizes)
     fed = settings.federation
     recorder_ref: list[RoundRecorder] = []  # the guard reports to the recorder built around it
@@ -93,7 +100,7 @@ def compose_server(settings: RunSettings, *, on_round: Callable[[dict[str, Any]]
     def fit_config(server_round: int) -> dict[str, Any]:
         return {"server_round": server_round, "local_epochs": fed.local_epochs}
 
-    strategy = build_strategy(
+    strategy = base = build_strategy(
         settings.strategy.name, settings.strategy.options,
         fraction_fit=fed.fraction_fit, min_fit_clients=fed.min_fit_clients,
         min_available_clients=fed.num_clients,
@@ -112,10 +119,14 @@ def compose_server(settings: RunSettings, *, on_round: Callable[[dict[str, Any]]
     recorder = RoundRecorder(strategy, on_round=on_round, min_replies=fed.min_fit_clients,
                              central_dp=_central_accounting(central, settings) if central else None)
     recorder_ref.append(recorder)
-    if secagg is None:
-        return ServerParts(recorder, recorder, None, fed.round_timeout)
-    outer = SecureSumStrategy(recorder, recorder, all_or_nothing=central is not None)
-    return ServerParts(outer, recorder, _secagg_fit(secagg, settings, partition_sizes), fed.round_timeout)
+    outer: Strategy = recorder
+    fit = None
+    if secagg is not None:
+        outer = SecureSumStrategy(recorder, recorder, all_or_nothing=central is not None)
+        fit = _secagg_fit(secagg, settings, partition_sizes, start_round)
+    if start_round:
+        outer = RoundOffset(outer, start_round)
+    return ServerParts(outer, recorder, fit, fed.round_timeout, base)
 
 
 def _central_accounting(spec: CentralDPSpec, settings: RunSettings) -> Callable[[int], tuple[float, float]]:
@@ -126,9 +137,9 @@ def _central_accounting(spec: CentralDPSpec, settings: RunSettings) -> Callable[
     return lambda rounds: (central_epsilon(spec, sample_rate=rate, rounds=rounds, delta=delta), delta)
 
 
-def _secagg_fit(spec: SecAggSpec, settings: RunSettings, partition_sizes: Sequence[int] | None
-                ) -> SecAggPlusFit:
+def _secagg_fit(spec: SecAggSpec, settings: RunSettings, partition_sizes: Sequence[int] | None,
+                round_offset: int) -> SecAggPlusFit:
     sampled = settings.federation.vehicles_per_round
     max_weight = resolve_max_weight(spec, partition_sizes)
     grid_levels = spec.quantization_range or auto_quantization_range(sampled, spec.modulus_range)
-    return SecAggPlusFit(spec, max_weight=max_weight, quantization_range=grid_levels)
+    return SecAggPlusFit(spec, max_weight=max_weight, quantization_range=grid_levels, round_offset=round_offset)

@@ -94,8 +94,10 @@ class SecureSumStrategy(StrategyWrapper):
 class SecAggPlusFit:
     """One SecAgg+ fit round: Flower's workflow on a metered grid, then the round's verdict."""
 
-    def __init__(self, spec: SecAggSpec, *, max_weight: float, quantization_range: int) -> None:
+    def __init__(self, spec: SecAggSpec, *, max_weight: float, quantization_range: int,
+                 round_offset: int = 0) -> None:
         self.spec = spec
+        self.round_offset = round_offset  # a resumed run: Flower's round r is the run's r + offset
         self.max_weight = max_weight
         self.quantization_range = quantization_range
         self.flower = SecAggPlusWorkflow(
@@ -113,7 +115,8 @@ class SecAggPlusFit:
         strategy = legacy.strategy
         if not isinstance(strategy, SecureSumStrategy):
             raise TypeError("SecAgg+ vehicles send deltas: compose the server with server.compose")
-        server_round = int(cast(int, legacy.state.config_records[MAIN_CONFIGS_RECORD][Key.CURRENT_ROUND]))
+        flower_round = int(cast(int, legacy.state.config_records[MAIN_CONFIGS_RECORD][Key.CURRENT_ROUND]))
+        server_round = flower_round + self.round_offset
         metered = MeteredGrid(grid)
         start = time.perf_counter()
         self.flower(metered, legacy)

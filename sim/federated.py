@@ -10,9 +10,10 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from fedseg.config import to_run_config
 from fedseg.data import load_data
@@ -27,6 +28,8 @@ log = logging.getLogger("fedseg")
 @user_errors("fedseg-sim")
 def run(cfg: DictConfig) -> dict:
     raw = resolve(cfg)
+    if raw.get("resume"):
+        raw = resumed_config(Path(raw["resume"]))
     settings = RunSettings.from_config(raw)
     check_choices(settings)
     fed = settings.federation
@@ -48,6 +51,22 @@ def run(cfg: DictConfig) -> dict:
     log.info(f"fedseg-sim: done: round {final['round']} mIoU {final['miou']:.3f} "
              f"(best {summary['best_miou']:.3f} at round {summary['best_round']}); outputs in {out}")
     return summary
+
+
+def resumed_config(run_dir: Path) -> dict[str, Any]:
+    """The config a run directory was started with, to continue it there after its last round."""
+    run_dir = run_dir.expanduser().resolve()
+    saved, checkpoint = run_dir / ".hydra" / "config.yaml", run_dir / "checkpoints" / "global.pt"
+    if not saved.is_file():
+        raise FileNotFoundError(f"resume={run_dir}: no .hydra/config.yaml there (not a fedseg-sim run directory)")
+    if not checkpoint.is_file():
+        raise FileNotFoundError(f"resume={run_dir}: no checkpoints/global.pt (the run stopped before its "
+                                "first round was recorded): start it anew")
+    container = OmegaConf.to_container(OmegaConf.load(saved), resolve=True)
+    assert isinstance(container, dict)
+    raw = {str(k): v for k, v in container.items()}
+    log.info(f"fedseg-sim: resuming {run_dir} with the config it was started with")
+    return {**raw, "output_dir": str(run_dir), "resume": str(run_dir)}
 
 
 def keep_flower_off_the_console() -> None:

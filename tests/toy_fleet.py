@@ -18,6 +18,7 @@ from clients.mods import run_mods
 from fedseg.config import to_run_config
 from fedseg.settings import RunSettings
 from server.compose import compose_server
+from server.resume import restore
 from sim.loopback import LoopbackGrid
 
 # Vehicle i adds UPDATES[i] to every global element and trains on EXAMPLES[i] frames.
@@ -65,17 +66,22 @@ class Fleet:
         self.globals: list[list[np.ndarray]] = []  # round 0 (initial), 1, 2, ...
         self.rows: list[dict[str, Any]] = []
 
-    def run(self) -> Fleet:
+    def run(self, *, start_round: int = 0, initial: list[np.ndarray] | None = None,
+            state: dict[str, Any] | None = None) -> Fleet:
+        """Run the rounds; ``start_round``/``initial``/``state`` continue a run after that round."""
         def evaluate_fn(server_round: int, arrays: list, config: dict) -> tuple[float, dict]:
             self.globals.append([a.copy() for a in arrays])
             return 0.0, {}
 
-        start = [np.full_like(u, START) for u in self.updates[0]]
-        parts = compose_server(self.settings, on_round=self.rows.append, evaluate_fn=evaluate_fn,
-                               initial_parameters=ndarrays_to_parameters(start),
-                               partition_sizes=list(self.examples))
+        start = initial if initial is not None else [np.full_like(u, START) for u in self.updates[0]]
+        self.parts = compose_server(self.settings, on_round=self.rows.append, evaluate_fn=evaluate_fn,
+                                    initial_parameters=ndarrays_to_parameters(start),
+                                    partition_sizes=list(self.examples), start_round=start_round)
+        if state is not None:
+            assert self.parts.base is not None
+            restore(state, self.parts.base, self.parts.recorder)
         server = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
-        parts.run(self.grid, server, self.rounds)
+        self.parts.run(self.grid, server, self.rounds - start_round)
         return self
 
 

@@ -1,0 +1,120 @@
+"""Resuming a run after its last completed round: what a checkpoint must hold, and Flower's round count.
+
+Each round's checkpoint (``checkpoints/global.pt``, written by the reporter) carries, besides the
+global weights, :func:`resume_state`: the round, the server strategy's own state (FedAdam/FedYogi/
+FedAdagrad moments and weights), the RNG states that decide which vehicles are sampled, the
+vehicles' reported privacy spend, and the tracker's run id. The vehicles' accountants live on their
+side (``<run dir>/privacy/`` or the edge box's disk, and ``context.state``), so epsilon after a
+resume is never lower than before the kill.
+
+Flower's workflow counts rounds from 1 again in a resumed process; :class:`RoundOffset`, the
+outermost strategy, shifts them so every strategy, row and checkpoint inside sees the run's own.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.common import Parameters, Scalar
+from flwr.server.client_manager import ClientManager
+from flwr.server.strategy import FedOpt, Strategy
+
+from server.strategy import RoundRecorder, StrategyWrapper
+
+
+class RoundOffset(StrategyWrapper):
+    """Flower's round ``r`` is the run's round ``r + offset``; its initial evaluation is skipped (that
+    round was recorded before the interruption)."""
+
+    def __init__(self, inner: Strategy, offset: int) -> None:
+        super().__init__(inner)
+        self.offset = offset
+
+    def configure_fit(self, server_round: int, parameters: Parameters, client_manager: ClientManager) -> list:
+        return self.inner.configure_fit(server_round + self.offset, parameters, client_manager)
+
+    def aggregate_fit(self, server_round: int, results: list, failures: list
+                      ) -> tuple[Parameters | None, dict[str, Scalar]]:
+        return self.inner.aggregate_fit(server_round + self.offset, results, failures)
+
+    def configure_evaluate(self, server_round: int, parameters: Parameters, client_manager: ClientManager
+                           ) -> list:
+        return self.inner.configure_evaluate(server_round + self.offset, parameters, client_manager)
+
+    def aggregate_evaluate(self, server_round: int, results: list, failures: list
+                           ) -> tuple[float | None, dict[str, Scalar]]:
+        return self.inner.aggregate_evaluate(server_round + self.offset, results, failures)
+
+    def evaluate(self, server_round: int, parameters: Parameters) -> tuple[float, dict[str, Scalar]] | None:
+        if server_round == 0:
+            return None
+        return self.inner.evaluate(server_round + self.offset, parameters)
+
+
+def innermost(strategy: Strategy) -> Strategy:
+    """The Flower strategy at the bottom of a wrapper chain (fedseg's wrappers and Flower's DP one)."""
+    while True:
+        inner = getattr(strategy, "inner", None) or getattr(strategy, "strategy", None)
+        if not isinstance(inner, Strategy):
+            return strategy
+        strategy = inner
+
+
+def _tensors(arrays: list[np.ndarray] | None) -> list[torch.Tensor] | None:
+    return None if arrays is None else [torch.from_numpy(np.array(a)) for a in arrays]
+
+
+def _arrays(tensors: list[torch.Tensor] | None) -> list[np.ndarray] | None:
+    return None if tensors is None else [t.numpy() for t in tensors]
+
+
+def resume_state(base: Strategy, recorder: RoundRecorder, tracker_id: str | None) -> dict[str, Any]:
+    """What continuing needs besides the weights (tensors and plain data only: loads weights-only)."""
+    state: dict[str, Any] = {
+        "python_rng": random.getstate(),  # Flower's client manager samples vehicles with `random`
+        "torch_rng": torch.get_rng_state(),
+        "client_epsilon": dict(recorder.client_epsilon),
+        "client_delta": dict(recorder.client_delta),
+        "tracker_id": tracker_id,
+    }
+    if isinstance(base, FedOpt):  # server optimizer: weights it steps from and its moments
+        state["strategy"] = {"current_weights": _tensors(base.current_weights), "m_t": _tensors(base.m_t),
+                             "v_t": _tensors(base.v_t)}
+    return state
+
+
+def restore(state: dict[str, Any], base: Strategy, recorder: RoundRecorder) -> None:
+    """Put :func:`resume_state` back into a freshly composed server."""
+    random.setstate(_as_rng_state(state["python_rng"]))
+    torch.set_rng_state(state["torch_rng"])
+    recorder.client_epsilon.update(state.get("client_epsilon") or {})
+    recorder.client_delta.update(state.get("client_delta") or {})
+    saved = state.get("strategy")
+    if isinstance(base, FedOpt) and saved:
+        base.current_weights = _arrays(saved["current_weights"]) or base.current_weights
+        base.m_t, base.v_t = _arrays(saved["m_t"]), _arrays(saved["v_t"])
+
+
+def _as_rng_state(saved: Any) -> tuple:
+    """``random.setstate`` wants the exact nesting ``getstate`` gave (a checkpoint may hold lists)."""
+    version, internal, gauss = saved
+    return int(version), tuple(int(x) for x in internal), gauss
+
+
+class ResumePoint:
+    """The last completed round of a run directory: its weights and :func:`resume_state`."""
+
+    def __init__(self, run_dir: Path) -> None:
+        from fedseg.checkpoints import read_checkpoint
+
+        content = read_checkpoint(run_dir / "checkpoints" / "global.pt")
+        self.round: int = int(content["round"])
+        self.state: dict[str, Any] = dict(content.get("resume") or {})
+        self.weights = [t.numpy() for t in content["model_state"].values()]
+
+    def __repr__(self) -> str:
+        return f"ResumePoint(round={self.round})"
