@@ -74,7 +74,6 @@ __all__ = [
     "RoundOutcome",
     "VehicleBudget",
     "calibrate_noise",
-    "central_epsilon",
     "default_delta",
     "epsilon_of",
     "make_dp_compatible",
@@ -451,12 +450,4 @@ class DPSGDTrainer:
     def state(self) -> bytes | None:
         return self.privacy.to_bytes()
 
-
-def central_epsilon(spec: CentralDPSpec, *, sample_rate: float, rounds: int, delta: float) -> float:
-    """Vehicle-level epsilon of ``privacy=central`` after ``rounds`` rounds.
-
-    Each round is a subsampled Gaussian mechanism on vehicle updates clipped to ``clipping_norm``
-    with server noise ``noise_multiplier * clipping_norm``; Opacus' RDP accountant composes them.
-    """
-    return epsilon_of([(spec.noise_multiplier, sample_rate, rounds)], delta, "rdp")
 

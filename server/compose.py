@@ -28,12 +28,13 @@ from typing import Any
 
 from flwr.common import Context, Parameters
 from flwr.server import Grid, LegacyContext, ServerConfig
-from flwr.server.strategy import DifferentialPrivacyClientSideFixedClipping, Strategy
+from flwr.server.strategy import Strategy
 from flwr.server.workflow import DefaultWorkflow
 
 from fedseg.fixedpoint import SecAggSpec, auto_quantization_range, resolve_max_weight, validate_secagg
-from fedseg.privacy import CentralDPSpec, central_epsilon, default_delta
+from fedseg.privacy import CentralDPSpec
 from fedseg.settings import RunSettings
+from server.central_dp import central_accounting, sampled_vehicles, wrap_central_dp
 from server.grids import TimeoutGrid
 from server.guard import UpdateGuard
 from server.resume import RoundOffset
@@ -71,9 +72,12 @@ def check_composition(settings: RunSettings, partition_sizes: Sequence[int] | No
                                      local_epochs=fed.local_epochs)
     entry, name = strategy_entry(settings.strategy.name), settings.strategy.name
     sums = [key for key, e in STRATEGIES.items() if e.weighted_sum]
-    if isinstance(settings.privacy, CentralDPSpec) and not entry.weighted_sum:
-        raise ValueError(f"privacy=central calibrates its noise to a mean of clipped updates, but "
-                         f"strategy={name} is not a mean; valid: {sums}")
+    if isinstance(settings.privacy, CentralDPSpec):
+        if not entry.noise_on_mean:
+            means = [key for key, e in STRATEGIES.items() if e.noise_on_mean]
+            raise ValueError(f"privacy=central calibrates its noise to a mean of clipped updates, but "
+                             f"strategy={name} {entry.why_not_mean}; valid: {means}")
+        sampled_vehicles(settings.privacy, fed)
     if not isinstance(settings.secagg, SecAggSpec):
         return
     if not entry.weighted_sum:
@@ -109,15 +113,13 @@ def compose_server(settings: RunSettings, *, on_round: Callable[[dict[str, Any]]
         fit_metrics_aggregation_fn=mean_train_loss)
     central = settings.privacy if isinstance(settings.privacy, CentralDPSpec) else None
     if central is not None:
-        strategy = DifferentialPrivacyClientSideFixedClipping(
-            strategy, noise_multiplier=central.noise_multiplier, clipping_norm=central.clipping_norm,
-            num_sampled_clients=central.num_sampled_clients or fed.vehicles_per_round)
+        strategy = wrap_central_dp(strategy, central, fed)
     secagg = settings.secagg if isinstance(settings.secagg, SecAggSpec) else None
     if secagg is None:  # under SecAgg+ single updates are masked: the vehicles check their own range
         strategy = UpdateGuard(strategy, max_norm_ratio=fed.max_norm_ratio,
                                on_reject=lambda r, fields: recorder_ref[0].annotate(r, fields))
     recorder = RoundRecorder(strategy, on_round=on_round, min_replies=fed.min_fit_clients,
-                             central_dp=_central_accounting(central, settings) if central else None)
+                             central_dp=central_accounting(central, fed) if central else None)
     recorder_ref.append(recorder)
     outer: Strategy = recorder
     fit = None
@@ -127,14 +129,6 @@ def compose_server(settings: RunSettings, *, on_round: Callable[[dict[str, Any]]
     if start_round:
         outer = RoundOffset(outer, start_round)
     return ServerParts(outer, recorder, fit, fed.round_timeout, base)
-
-
-def _central_accounting(spec: CentralDPSpec, settings: RunSettings) -> Callable[[int], tuple[float, float]]:
-    """Round -> (vehicle-level epsilon, delta) of client-level DP, from Opacus' RDP accountant."""
-    fed = settings.federation
-    delta = default_delta(fed.num_clients)
-    rate = min(1.0, fed.vehicles_per_round / fed.num_clients)
-    return lambda rounds: (central_epsilon(spec, sample_rate=rate, rounds=rounds, delta=delta), delta)
 
 
 def _secagg_fit(spec: SecAggSpec, settings: RunSettings, partition_sizes: Sequence[int] | None,

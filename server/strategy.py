@@ -31,17 +31,27 @@ class StrategyEntry:
 
     flower: type[FedAvg]
     weighted_sum: bool = True
+    # Its new model is the (noised) mean itself: what central DP's noise calibration covers. Otherwise
+    # why not (for the error message).
+    why_not_mean: str | None = None
+
+    @property
+    def noise_on_mean(self) -> bool:
+        return self.why_not_mean is None
 
 
+_ROBUST = "is not a mean (it picks or trims updates, so one vehicle's influence is not bounded by C/m)"
 # The strategy registry, mirrored one to one by conf/strategy/*.yaml.
 STRATEGIES: dict[str, StrategyEntry] = {
     "fedavg": StrategyEntry(FedAvg),
     "fedprox": StrategyEntry(FedProx),
-    "fedadam": StrategyEntry(FedAdam),
-    # Robust aggregation (coordinate-wise median / trimmed mean): each needs every update in clear.
-    "fedmedian": StrategyEntry(FedMedian, weighted_sum=False),
-    "fedtrimmedavg": StrategyEntry(FedTrimmedAvg, weighted_sum=False),
-    "krum": StrategyEntry(Krum, weighted_sum=False),
+    "fedadam": StrategyEntry(FedAdam, why_not_mean=(
+        "steps a server optimizer whose adaptive scale changes the mean's sensitivity, and Flower's "
+        "wrapper noises the optimizer's output")),
+    # Robust aggregation (coordinate-wise median / trimmed mean / Krum): each needs every update in clear.
+    "fedmedian": StrategyEntry(FedMedian, weighted_sum=False, why_not_mean=_ROBUST),
+    "fedtrimmedavg": StrategyEntry(FedTrimmedAvg, weighted_sum=False, why_not_mean=_ROBUST),
+    "krum": StrategyEntry(Krum, weighted_sum=False, why_not_mean=_ROBUST),
 }
 
 
