@@ -1,0 +1,126 @@
+"""A vehicle's launch: check its data and credentials, then the ``flower-supernode`` command that runs it.
+
+Everything that can be wrong on the box is found here, before the SuperNode connects, with one line
+naming the file: a data folder ``data=carla`` would refuse (same checks, :mod:`fedseg.data.carla`), a
+key that is not an OpenSSH EC private key (what ``fedseg-certs`` writes), a CA file that holds no
+certificate, or a node config that the ClientApp would refuse (:class:`~fedseg.deploy.vehicle.NodeSpec`).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import stat
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import load_ssh_private_key
+
+from fedseg.data.carla import validate
+from fedseg.deploy.vehicle import NodeSpec, own_frames
+
+
+@dataclass(frozen=True)
+class VehicleLaunch:
+    """What ``fedseg-vehicle`` was asked to start."""
+
+    superlink: str  # host:port of the SuperLink's Fleet API
+    data_root: Path | None = None
+    vehicle: str | None = None
+    partition_id: int | None = None
+    num_partitions: int | None = None
+    hardware: str | None = None
+    threads: int | None = None
+    key: Path | None = None  # the vehicle's private key (node authentication)
+    root_certificates: Path | None = None  # the fleet CA (TLS); None with insecure
+    insecure: bool = False
+    port: int = 9094  # the SuperNode's local port for its ClientApp processes
+    tagset: str = "carla29"  # tag set the data folder's labels are checked against
+
+    def node_config(self) -> dict[str, str | int]:
+        """The ``--node-config`` entries (Flower's keys: dashes), checked as the ClientApp will check them."""
+        entries: dict[str, str | int | None] = {
+            "data-root": str(self.data_root.expanduser().resolve()) if self.data_root else None,
+            "vehicle": self.vehicle, "partition-id": self.partition_id, "num-partitions": self.num_partitions,
+            "hardware": self.hardware, "threads": self.threads}
+        config = {k: v for k, v in entries.items() if v is not None}
+        NodeSpec.from_node_config(config)
+        return config
+
+
+def _node_config_text(config: dict[str, str | int]) -> str:
+    """``key=value`` pairs as Flower parses them (TOML values: strings in double quotes)."""
+    return " ".join(f"{k}={json.dumps(v)}" for k, v in config.items())
+
+
+def check_key(path: Path) -> str:
+    """The key's curve name; ``ValueError`` if it is not an OpenSSH EC private key Flower can load."""
+    if not path.is_file():
+        raise ValueError(f"{path}: no such key file (fedseg-certs writes vehicles/<name>.key)")
+    try:
+        key = load_ssh_private_key(path.read_bytes(), None)
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"{path}: not an unencrypted OpenSSH private key ({err})") from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise ValueError(f"{path}: {type(key).__name__} key; Flower's node authentication needs an EC key")  # noqa: TRY004
+    if path.stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise ValueError(f"{path}: readable by other users; chmod 600 {path}")
+    return key.curve.name
+
+
+def check_ca(path: Path) -> int:
+    """How many certificates ``path`` holds; ``ValueError`` if none can be read."""
+    if not path.is_file():
+        raise ValueError(f"{path}: no such CA certificate file (fedseg-certs writes ca.crt)")
+    try:
+        certs = x509.load_pem_x509_certificates(path.read_bytes())
+    except ValueError as err:
+        raise ValueError(f"{path}: not a PEM certificate ({err})") from None
+    return len(certs)
+
+
+def check_vehicle(launch: VehicleLaunch) -> str:
+    """Check data, credentials and node config; return one line saying what will run."""
+    config = launch.node_config()
+    if launch.data_root is None and launch.partition_id is None:
+        raise ValueError("name this vehicle's data: --data-root DIR (its own frames) or "
+                         "--partition-id I --num-partitions N (its share of the run's data)")
+    if launch.insecure == (launch.root_certificates is not None):
+        raise ValueError("choose one: --root-certificates CA.crt (TLS) or --insecure (no TLS, tests only)")
+    parts = [f"SuperLink {launch.superlink} ({'insecure' if launch.insecure else 'TLS'})"]
+    if launch.root_certificates is not None:
+        check_ca(launch.root_certificates)
+    if launch.key is not None:
+        parts.append(f"key {launch.key.name} ({check_key(launch.key)})")
+    if launch.data_root is not None:
+        frames = own_frames(launch.data_root.expanduser(), launch.vehicle)
+        validate(frames, launch.tagset)
+        parts.append(f"{len(frames)} frames checked in {launch.data_root}")
+    else:
+        parts.append(f"partition {launch.partition_id} of {launch.num_partitions}")
+    return "; ".join(parts) + f"; node config: {_node_config_text(config)}"
+
+
+def supernode_executable() -> str:
+    """``flower-supernode`` of this environment (beside the running Python), else the one on PATH."""
+    beside = Path(sys.executable).with_name("flower-supernode")
+    found = str(beside) if beside.exists() else shutil.which("flower-supernode")
+    if not found:
+        raise FileNotFoundError("flower-supernode not found; install fedseg (pip install -e .) in this environment")
+    return found
+
+
+def supernode_command(launch: VehicleLaunch, extra: list[str] | None = None) -> list[str]:
+    """The ``flower-supernode`` command line for ``launch`` (checked separately by :func:`check_vehicle`)."""
+    cmd = [supernode_executable(), "--superlink", launch.superlink, "--port", str(launch.port),
+           "--node-config", _node_config_text(launch.node_config())]
+    if launch.insecure:
+        cmd.append("--insecure")
+    else:
+        cmd += ["--root-certificates", str(launch.root_certificates)]
+    if launch.key is not None:
+        cmd += ["--auth-supernode-private-key", str(launch.key)]
+    return cmd + list(extra or [])
