@@ -1,38 +1,36 @@
-"""The server never waits silently: it waits for its vehicles with a limit, and each round has a limit too.
+"""The server never waits silently: it waits for its vehicles with a limit, before the first round and each later one.
 
 Flower's ``DefaultWorkflow`` waits for ``min_available_clients`` vehicles for up to a day without a
-word, and its fit round waits for every sampled vehicle without a limit (1.42 ignores
-``ServerConfig.round_timeout``). Here (a round that too few vehicles answer is the recorder's to stop):
+word. Here (a vehicle silent for ``federation.round_timeout`` is dropped from its round by
+``server.grids.TimeoutGrid``, and a round too few vehicles answer is stopped by ``RoundRecorder``):
 
 * :func:`wait_for_vehicles`, before the first round: poll the SuperLink for joined vehicles, log
   "N of M vehicles joined" as they come, and after ``deploy.join_timeout`` go on with those that
   joined if they are at least ``min_fit_clients``, else stop with one line (:class:`FleetError`);
 * :class:`FleetClientManager`: the same rule before every later round (a vehicle that left is
-  waited for up to ``deploy.join_timeout``, then the round goes on without it, or the run stops);
-* :class:`RoundTimeoutGrid`: every ``send_and_receive`` without a timeout of its own gets
-  ``federation.round_timeout``; a vehicle that has not replied by then is dropped from that round.
+  waited for up to ``deploy.join_timeout``, then the round goes on without it, or the run stops).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
-from flwr.app import Message, RecordDict
 from flwr.common import Context
 from flwr.server import Grid, LegacyContext, ServerConfig
 from flwr.server.client_manager import SimpleClientManager
 from flwr.server.workflow import DefaultWorkflow
-from flwr.supercore.run import Run
 
 from fedseg.deploy.runconfig import DeploySpec
+from fedseg.runlog import RunFailed
 from server.compose import ServerParts
+from server.grids import TimeoutGrid
 
 log = logging.getLogger("fedseg")
 
 
-class FleetError(RuntimeError):
+class FleetError(RunFailed):
     """Too few vehicles to run a round; ``str(e)`` is one line saying what to do."""
 
 
@@ -88,49 +86,13 @@ class FleetClientManager(SimpleClientManager):
         return False
 
 
-class RoundTimeoutGrid(Grid):
-    """Delegates to ``inner``; ``send_and_receive`` without a timeout of its own gets ``round_timeout``."""
-
-    def __init__(self, inner: Grid, round_timeout: float | None) -> None:
-        self.inner, self.round_timeout = inner, round_timeout
-
-    def set_run(self, run: Run) -> None:
-        self.inner.set_run(run)
-
-    @property
-    def run(self) -> Run:
-        return self.inner.run
-
-    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
-                       ttl: float | None = None) -> Message:
-        return self.inner.create_message(content, message_type, dst_node_id, group_id, ttl)
-
-    def get_node_ids(self) -> Iterable[int]:
-        return self.inner.get_node_ids()
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        return self.inner.push_messages(messages)
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return self.inner.pull_messages(message_ids)
-
-    def send_and_receive(self, messages: Iterable[Message], *,
-                         timeout: float | None = None) -> Iterable[Message]:
-        messages = list(messages)
-        replies = list(self.inner.send_and_receive(messages, timeout=timeout or self.round_timeout))
-        if len(replies) < len(messages):
-            log.warning(f"fedseg: {len(messages) - len(replies)} of {len(messages)} vehicles did not reply "
-                        f"within {timeout or self.round_timeout:g} s; dropped from this round")
-        return replies
-
-
 def run_rounds(parts: ServerParts, grid: Grid, context: Context, *, rounds: int, minimum: int,
-               deploy: DeploySpec, round_timeout: float | None) -> None:
+               deploy: DeploySpec) -> None:
     """``rounds`` rounds of Flower's legacy workflow (where SecAgg+ lives), with the fleet's limits.
 
     ``ServerParts.run`` with this client manager; it is spelled out here until ``run`` takes one.
     """
     manager = FleetClientManager(minimum=minimum, timeout=deploy.join_timeout)
     legacy = LegacyContext(context=context, strategy=parts.strategy, client_manager=manager,
-                           config=ServerConfig(num_rounds=rounds, round_timeout=round_timeout))
-    DefaultWorkflow(fit_workflow=parts.fit_workflow)(RoundTimeoutGrid(grid, round_timeout), legacy)
+                           config=ServerConfig(num_rounds=rounds, round_timeout=parts.round_timeout))
+    DefaultWorkflow(fit_workflow=parts.fit_workflow)(TimeoutGrid(grid, parts.round_timeout), legacy)

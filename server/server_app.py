@@ -25,9 +25,10 @@ from fedseg.deploy.runconfig import deploy_spec, expand_run_config
 from fedseg.deploy.vehicle import load_heldout
 from fedseg.models import build_run_model, get_weights, set_weights
 from fedseg.reporting import RunReporter
+from fedseg.runlog import RunFailed
 from fedseg.settings import RunSettings
 from server.compose import compose_server
-from server.fleet import FleetError, run_rounds, wait_for_vehicles
+from server.fleet import run_rounds, wait_for_vehicles
 
 app = ServerApp()
 log = logging.getLogger("fedseg")
@@ -74,9 +75,8 @@ def main(grid: Grid, context: Context) -> None:
         parts = compose_server(fleet, on_round=reporter.record, evaluate_fn=evaluate_fn,
                                initial_parameters=ndarrays_to_parameters(get_weights(reporter.model)),
                                partition_sizes=sizes)
-        run_rounds(parts, grid, context, rounds=fed.rounds, minimum=fed.min_fit_clients, deploy=deploy,
-                   round_timeout=raw["federation"].get("round_timeout"))
-    except FleetError as err:
+        run_rounds(parts, grid, context, rounds=fed.rounds, minimum=fed.min_fit_clients, deploy=deploy)
+    except RunFailed as err:  # too few vehicles joined, or answered a round
         log.error(f"fedseg: error: {err}")
         reporter.finish({"experiment": settings.experiment, "stopped": str(err)})  # the rounds run so far
         raise

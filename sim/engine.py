@@ -1,66 +1,100 @@
-"""The one place that starts Flower's Simulation Engine.
+"""The one place that starts Flower's Simulation Engine, through Flower's public path: ``flwr run``.
 
-``flwr.simulation.run_simulation`` is deprecated in favour of ``flwr run`` and cannot pass a run
-config; the simulation is started through Flower's own ``_run_simulation`` with the run config
-written as a Flower app config (``<run_dir>/flwr_app/pyproject.toml``), exactly the file ``flwr run``
-would read. Should the engine call move (to ``flwr run``), it moves here and nowhere else.
+The run's flat config becomes a Flower app (``<run_dir>/flwr_app/pyproject.toml``, its
+``[tool.flwr.app.config]``); ``flwr run`` submits it to a SuperLink in simulation mode that this
+module starts for the one run (loopback, a free port, ``FLWR_HOME`` in a temporary folder, runtime
+dependency installation off since this environment is the app's) and stops afterwards with every
+process it spawned. Not ``flwr run`` against ``:local:``: that SuperLink is a daemon on fixed ports
+that outlives the command. The apps' code comes from this environment (the bundle holds only the
+config), so the Ray workers import the same ``fedseg`` as this process.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
-import tomli_w
-from flwr.app import Context, RecordDict
-from flwr.simulation.run_simulation import _run_simulation
-from flwr.supercore.telemetry import EventType
-
 from fedseg.config import RunConfig
+from fedseg.deploy.outputs import write_app_config
+from fedseg.deploy.processes import TAG, free_port, new_tag, stop_tagged, wait_for_port
+from fedseg.runlog import RunFailed
+
+log = logging.getLogger("fedseg")
+BIN = Path(sys.executable).parent
+# Flower's own chatter on the stream, shown only with run.verbose: its log lines and the CLI's notes.
+_FLOWER_LINE = re.compile(r"^(\x1b\[\d+m)?(INFO|DEBUG)\b|^\d\d/\d\d/\d{4} [\d:]+:(INFO|DEBUG):|^(Using SuperLink|"
+                          r"Successfully (started|installed)|Flower App configuration warnings|- Recommended )|"
+                          r"default simulated SuperNodes changed")
 
 
-def write_app_config(app_dir: Path, run_config: RunConfig) -> Path:
-    """A minimal Flower app whose ``[tool.flwr.app.config]`` is this run's flat config."""
-    app_dir.mkdir(parents=True, exist_ok=True)
-    project = {
-        "project": {"name": "fedseg-run", "version": "0.1.0"},
-        "tool": {"flwr": {"app": {
-            "publisher": "fedseg",
-            "components": {"serverapp": "server.server_app:app", "clientapp": "clients.client_app:app"},
-            "config": dict(run_config),
-        }}},
-    }
-    path = app_dir / "pyproject.toml"
-    path.write_bytes(tomli_w.dumps(project).encode())
-    return path
+def _flwr(env: dict[str, str], *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "flwr"), *args], capture_output=True, text=True, env=env, timeout=timeout,
+                          check=False)
+
+
+def _stream(cmd: list[str], env: dict[str, str], verbose: bool) -> tuple[int, list[str]]:
+    """Run ``flwr run --stream``; its lines go to fedseg's log (console and job log), Flower's own only
+    when ``verbose``. Returns the exit status and every line."""
+    lines: list[str] = []
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as proc:
+        assert proc.stdout is not None
+        for raw in proc.stdout:
+            line = raw.rstrip()
+            lines.append(line)
+            if line and (verbose or not _FLOWER_LINE.search(line)):
+                log.info(line)
+    return proc.returncode, lines
+
+
+def _verdict(env: dict[str, str], lines: list[str]) -> None:
+    """Raise unless the run finished completed; a fedseg error line becomes a one-line ``RunFailed``."""
+    started = [m.group(1) for line in lines if (m := re.search(r"Successfully started run (\d+)", line))]
+    if not started:
+        raise RuntimeError("flwr run did not start the simulation: " + " | ".join(lines[-5:]))
+    listing = _flwr(env, "ls", "sim", "--run-id", started[0], "--format", "json")
+    try:
+        status = str(json.loads(listing.stdout)["runs"][0]["status"])
+    except (ValueError, KeyError, IndexError):
+        status = f"unknown ({listing.stdout.strip()[-300:]})"
+    if status == "finished:completed":
+        return
+    errors = [line.split("fedseg: error: ", 1)[1] for line in lines if "fedseg: error: " in line]
+    if errors:
+        raise RunFailed(errors[-1])
+    raise RuntimeError(f"the federated simulation ended {status}; see the log above")
 
 
 def run_federation(run_config: RunConfig, *, num_vehicles: int, client_cpus: int, client_gpus: float,
                    app_dir: Path, verbose: bool = False) -> None:
     """Run the fedseg ServerApp and ``num_vehicles`` virtual ClientApps on Ray; raise if it failed."""
-    from clients.client_app import app as client_app
-    from server.server_app import app as server_app
-
     write_app_config(app_dir, run_config)
-    # Flower logs every round's full history at INFO; fedseg prints its own one line per round.
-    logging.getLogger("flwr").setLevel(logging.DEBUG if verbose else logging.WARNING)
-    # Ray workers must import the project packages and must not grab every core each.
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    backend = {"client_resources": {"num_cpus": client_cpus, "num_gpus": client_gpus},
-               "init_args": {"logging_level": logging.ERROR, "log_to_driver": verbose}}
-    server_context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(),
-                             run_config=dict(run_config))
-    result = _run_simulation(
-        num_supernodes=num_vehicles,
-        exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
-        client_app=client_app,
-        server_app=server_app,
-        backend_config=backend,  # type: ignore[arg-type]
-        server_app_context=server_context,
-        app_dir=str(app_dir),
-        is_app=True,
-        verbose_logging=verbose,
-    )
-    if result is not None and getattr(result, "success", True) is False:
-        raise RuntimeError("the federated simulation failed; see the log above")
+    home, tag, port = Path(tempfile.mkdtemp(prefix="fedseg-flwr-")), new_tag(), free_port()
+    env = {**os.environ, TAG: tag, "FLWR_HOME": str(home), "FLWR_DISABLE_UPDATE_CHECK": "1",
+           "RAY_DEDUP_LOGS": "0", "PYTHONUNBUFFERED": "1"}
+    try:
+        with (home / "superlink.log").open("wb") as out:
+            link = subprocess.Popen(
+                [str(BIN / "flower-superlink"), "--simulation", "--insecure", "--host", "127.0.0.1", "--port",
+                 str(port), "--disable-runtime-dependency-installation"],
+                stdout=out, stderr=subprocess.STDOUT, env=env, cwd=app_dir, start_new_session=True)
+        wait_for_port(port, 60, link)
+        (home / "config.toml").write_text(f'[superlink.sim]\naddress = "127.0.0.1:{port}"\ninsecure = true\n')
+        federation = (f"num-supernodes={num_vehicles} client-resources-num-cpus={client_cpus} "
+                      f"client-resources-num-gpus={client_gpus} init-args-logging-level='"
+                      f"{'INFO' if verbose else 'ERROR'}' init-args-log-to-driver={str(verbose).lower()} "
+                      f"verbose={str(verbose).lower()}")
+        code, lines = _stream([str(BIN / "flwr"), "run", str(app_dir), "sim", "--stream",
+                               "--federation-config", federation], env, verbose)
+        if code != 0:
+            raise RuntimeError(f"flwr run exited with status {code}: " + " | ".join(lines[-5:]))
+        _verdict(env, lines)
+    finally:
+        stop_tagged(tag)
+        shutil.rmtree(home, ignore_errors=True)

@@ -23,7 +23,8 @@ def write_app_config(app_dir: Path, run_config: RunConfig) -> Path:
     """A minimal Flower app whose ``[tool.flwr.app.config]`` is this run's flat config."""
     app_dir.mkdir(parents=True, exist_ok=True)
     project = {
-        "project": {"name": "fedseg-run", "version": "0.1.0"},
+        "project": {"name": "fedseg-run", "version": "0.1.0", "description": "a fedseg run's settings",
+                    "license": "Apache-2.0"},
         "tool": {"flwr": {"app": {
             "publisher": "fedseg",
             "components": {"serverapp": "server.server_app:app", "clientapp": "clients.client_app:app"},
@@ -48,6 +49,18 @@ def prepare_run_dir(out: Path, raw: dict[str, Any], run_config: RunConfig) -> No
         write_app_config(out / "flwr_app", run_config)
 
 
+class _StopWithoutTraceback(logging.Filter):
+    """Flower logs a ServerApp's exception with its traceback; a run fedseg stopped on purpose
+    (``RunFailed``: too few vehicles) has already said why in one line, so only Flower's line stays."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from fedseg.runlog import RunFailed
+
+        if record.exc_info and isinstance(record.exc_info[1], RunFailed):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
 def log_to_console_and_file(out: Path, *, verbose: bool = False) -> None:
     """Outside a Hydra app: fedseg's lines to stderr and to ``server.log`` (inside one, Hydra's do it).
 
@@ -58,8 +71,11 @@ def log_to_console_and_file(out: Path, *, verbose: bool = False) -> None:
 
     logger = logging.getLogger("fedseg")
     logger.setLevel(logging.INFO)
+    flwr = logging.getLogger("flwr")
     if not verbose:
-        logging.getLogger("flwr").setLevel(logging.WARNING)
+        flwr.setLevel(logging.WARNING)
+    if not any(isinstance(f, _StopWithoutTraceback) for f in flwr.filters):
+        flwr.addFilter(_StopWithoutTraceback())
     if HydraConfig.initialized() or any(getattr(h, "_fedseg", False) for h in logger.handlers):
         return
     logger.propagate = False  # Flower's root handlers would print every line a second time

@@ -1,0 +1,78 @@
+"""Flower processes a fedseg command starts (a SuperLink and what it spawns), and how they are all stopped.
+
+Flower detaches some children into sessions of their own (the SuperLink's SuperExec, and through it
+the ServerApp or simulation process), so killing a process group misses them. Every process a
+command starts therefore carries a tag in its environment, which its children inherit; stopping
+means signalling exactly the processes with that tag, found in ``/proc`` (Linux).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+TAG = "FEDSEG_PROCESS_TAG"
+
+
+def new_tag() -> str:
+    """A tag no other process carries."""
+    return uuid.uuid4().hex
+
+
+def free_port() -> int:
+    """A loopback TCP port nothing listens on now (the OS picks it)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for_port(port: int, timeout: float, alive: subprocess.Popen | None = None) -> None:
+    """Until something accepts connections on ``port``; ``RuntimeError`` when ``alive`` exits first or
+    ``timeout`` s pass."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if alive is not None and alive.poll() is not None:
+            raise RuntimeError(f"exited with status {alive.returncode} before listening on port {port}")
+        with socket.socket() as sock:
+            sock.settimeout(0.5)
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise RuntimeError(f"nothing listened on port {port} within {timeout:g} s")
+
+
+def tagged_pids(tag: str) -> list[int]:
+    """Processes whose environment carries ``TAG=tag`` (this process excluded)."""
+    needle = f"{TAG}={tag}".encode()
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if needle in (entry / "environ").read_bytes().split(b"\0"):
+                pids.append(int(entry.name))
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+    return pids
+
+
+def stop_tagged(tag: str, grace: float = 10.0) -> None:
+    """SIGTERM every process tagged ``tag``; SIGKILL those left after ``grace`` s."""
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+        pids = tagged_pids(tag)
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + wait
+        while pids and time.monotonic() < deadline:
+            time.sleep(0.2)
+            pids = tagged_pids(tag)
+        if not pids:
+            return
