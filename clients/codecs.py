@@ -1,0 +1,109 @@
+"""The vehicle's half of update compression: encode its reply with the run's codec, keep its residual.
+
+:func:`compression_mod` (no SecAgg+) and the SecAgg+ delta mod (``clients/mods.py``) both call
+:func:`encode_reply`, which turns the vehicle's final weights into the codec's encoding of its update
+``weights - global``. It sits outside the client and outside ``fixedclipping_mod``:
+
+* under DP-SGD the noise is inside training, so the codec only post-processes a private output (the
+  guarantee holds, and so does it for the residual, which is derived from private outputs alone);
+* under central DP the update was clipped to ``clipping_norm``, but a codec can lengthen it again
+  (error feedback adds the residual, rounding adds a little), and the server's noise is calibrated
+  to that norm: the vehicle clips its *encoded* update so that it decodes to at most the clipping norm
+  (and the residual keeps what that cut), and without SecAgg+ the server clips again after decoding.
+
+Error feedback state lives in ``context.state`` (an ArrayRecord) and on disk,
+``<output_dir>/compression/vehicle_<id>.npz``, written atomically, so a restarted vehicle goes on
+with what it still owes. It is never sent.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from flwr.app import ArrayRecord, Context, Message
+from flwr.app.message_type import MessageType
+from flwr.clientapp.typing import ClientAppCallable
+from flwr.common import FitIns, FitRes, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.compat.common import recorddict_compat as compat
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
+
+from fedseg.compression import SEED_KEY, Arrays, clip_encoded, load_residual, save_residual
+from fedseg.deploy.vehicle import NodeSpec
+from fedseg.fixedpoint import encode_delta
+from fedseg.settings import RunSettings, settings_of
+
+RESIDUAL_RECORD = "compression.residual"  # context.state key of the error-feedback residual
+
+
+def compression_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
+    """Replace the vehicle's weights by the run's codec encoding of its update (runs without SecAgg+)."""
+    if msg.metadata.message_type != MessageType.TRAIN:
+        return call_next(msg, ctxt)
+    fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
+    out = call_next(msg, ctxt)
+    if out.has_error():
+        return out
+    fitres = compat.recorddict_to_fitres(out.content, keep_input=True)
+    encoded = encode_reply(settings_of(ctxt.run_config), ctxt, fitins, fitres)
+    fitres.parameters = ndarrays_to_parameters(encoded)
+    out.content = compat.fitres_to_recorddict(fitres, keep_input=True)
+    return out
+
+
+def encode_reply(settings: RunSettings, ctxt: Context, fitins: FitIns, fitres: FitRes) -> Arrays:
+    """The codec's encoding of ``fitres``' weights minus ``fitins``' global weights.
+
+    With error feedback the residual is added first and what the encoding leaves out is kept for the
+    next round; a vehicle that skipped training (privacy budget spent) sends a zero update and keeps
+    its residual as it was. Under central DP the encoding is clipped (see the module docstring).
+    """
+    codec = settings.compression
+    global_ = parameters_to_ndarrays(fitins.parameters)
+    update = encode_delta(parameters_to_ndarrays(fitres.parameters), global_)
+    if codec.sends_update and not all(np.isfinite(u).all() for u in update):  # else SecAgg+'s check says so
+        raise ValueError("compression: the vehicle's update is not finite; nothing sent")
+    server_round = int(fitins.config.get("server_round", 0))
+    seed = fitins.config.get(SEED_KEY)
+    seed = int(seed) if isinstance(seed, int) else None
+    store = None
+    if codec.keeps_residual and not fitres.metrics.get("skipped"):
+        store = ResidualStore(ctxt, Path(settings.output_dir) / "compression")
+        update = [np.asarray(u + r) for u, r in zip(update, store.load(global_), strict=True)]
+    vehicle = vehicle_id(ctxt)
+    rng = np.random.default_rng([settings.seed, server_round, vehicle])  # int8's stochastic rounding
+    encoded = codec.encode(update, global_, seed=seed, rng=rng)
+    clipping_norm = fitins.config.get(KEY_CLIPPING_NORM)
+    if codec.sends_update and isinstance(clipping_norm, int | float):
+        encoded = clip_encoded(codec, encoded, global_, seed=seed, max_norm=float(clipping_norm))
+    if store is not None:
+        sent = codec.decode(encoded, global_, seed=seed)
+        store.save([np.asarray(u - s, np.float32) for u, s in zip(update, sent, strict=True)])
+    return encoded
+
+
+def vehicle_id(ctxt: Context) -> int:
+    """The vehicle's number, as the client app derives it (partition id, else Flower's node id)."""
+    return NodeSpec.from_node_config(ctxt.node_config).vehicle_id(ctxt.node_id % 2**31)
+
+
+class ResidualStore:
+    """One vehicle's error-feedback residual: ``context.state`` first, then its file, else zeros."""
+
+    def __init__(self, ctxt: Context, folder: Path) -> None:
+        self.state = ctxt.state
+        self.path = folder / f"vehicle_{vehicle_id(ctxt)}.npz"
+
+    def load(self, like: Arrays) -> Arrays:
+        """The residual, or zeros when there is none yet or it was kept for other shapes."""
+        if RESIDUAL_RECORD in self.state.array_records:
+            saved: Arrays | None = self.state.array_records[RESIDUAL_RECORD].to_numpy_ndarrays()
+        else:
+            saved = load_residual(self.path)
+        if saved is None or [np.shape(r) for r in saved] != [np.shape(g) for g in like]:
+            return [np.zeros(np.shape(g), np.float32) for g in like]
+        return saved
+
+    def save(self, residual: Arrays) -> None:
+        self.state.array_records[RESIDUAL_RECORD] = ArrayRecord(residual)
+        save_residual(self.path, residual)
