@@ -1,13 +1,21 @@
-"""Client mods: Flower's SecAgg+ and central-DP clipping, chosen once per run from the run's settings.
+"""Client mods: Flower's SecAgg+, update compression and central-DP clipping, chosen once per run.
 
-The ``ClientApp`` is a module-level object, but whether a run uses SecAgg+ or client-level DP is only
-known from ``context.run_config``; :func:`run_mods` looks up the run's parsed settings (cached per
-run, ``fedseg.settings.settings_of``) and the mod chain built for them (:func:`mods_for`, cached
-too), which for a training message is the chain of Flower's ``fl-dp-sa`` example plus the delta
-codec: ``secaggplus_mod -> delta encoding + range check -> fixedclipping_mod -> client``. Clipping
-sees the weights it expects (it computes the update itself); the codec then turns the clipped
-weights into the update that SecAgg+ masks (the server adds the global weights back:
-``server/secagg.py``).
+The ``ClientApp`` is a module-level object, but whether a run uses SecAgg+, a codec or client-level
+DP is only known from ``context.run_config``; :func:`run_mods` looks up the run's parsed settings
+(cached per run, ``fedseg.settings.settings_of``) and the mod chain built for them (:func:`mods_for`,
+cached too), which for a training message is the chain of Flower's ``fl-dp-sa`` example plus the
+update codec:
+
+* SecAgg+: ``secaggplus_mod (packed on the wire) -> delta + codec + range check -> fixedclipping_mod
+  -> client``;
+* otherwise: ``compression_mod -> fixedclipping_mod -> client`` (no ``compression_mod`` for ``none``).
+
+Clipping sees the weights it expects (it computes the update itself); the codec then turns the
+clipped weights into the encoded update (``clients/codecs.py``: why after clipping, and how the
+clipping bound survives it), which SecAgg+ masks; the server decodes it and adds the global weights
+back (``server/codecs.py``, ``server/secagg.py``). Flower's ``secaggplus_mod`` sends its masked
+vector as int64 arrays; :func:`secure_aggregation_mod` packs them to the modulus' width for the
+wire, and ``server/secagg.py`` unpacks them before Flower's workflow reads them.
 """
 
 from __future__ import annotations
@@ -16,15 +24,16 @@ import functools
 from collections.abc import Callable, Sequence
 from typing import cast
 
-from flwr.app import Context, Message
+from flwr.app import ArrayRecord, Context, Message
 from flwr.app.message_type import MessageType
 from flwr.client.mod import fixedclipping_mod, secaggplus_mod
 from flwr.clientapp.typing import ClientAppCallable
-from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_STATE
+from flwr.common import bytes_to_ndarray, ndarrays_to_parameters
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE, Key
 from flwr.compat.common import recorddict_compat as compat
 
-from fedseg.fixedpoint import SecAggSpec, check_secagg_range, encode_delta
+from clients.codecs import compression_mod, encode_reply
+from fedseg.fixedpoint import PACKED_RECORD, PACKED_SHAPES, SecAggSpec, check_secagg_range, pack_masked
 from fedseg.privacy import CentralDPSpec
 from fedseg.settings import RunSettings, settings_of
 
@@ -33,10 +42,12 @@ Mod = Callable[[Message, Context, ClientAppCallable], Message]
 
 @functools.lru_cache(maxsize=8)
 def mods_for(settings: RunSettings) -> tuple[Mod, ...]:
-    """The run's mods, outermost first: SecAgg+ (with the delta codec inside) then update clipping."""
+    """The run's mods, outermost first: SecAgg+ (with the codec inside) or the codec, then clipping."""
     mods: list[Mod] = []
     if isinstance(settings.secagg, SecAggSpec):
         mods.append(secure_aggregation_mod)
+    elif settings.compression.sends_update:
+        mods.append(compression_mod)
     if isinstance(settings.privacy, CentralDPSpec):
         # The clipping norm comes from the server's DifferentialPrivacyClientSideFixedClipping wrapper.
         mods.append(fixedclipping_mod)
@@ -62,8 +73,9 @@ def run_mods(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Messa
 def secure_aggregation_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
     """Answer the four SecAgg+ stages with Flower's ``secaggplus_mod``, the delta codec inside it.
 
-    Only the masked stage-2 vector carries the update; it is the delta codec's output, checked
-    against the fixed-point range first. Non-training messages pass through.
+    Only the masked stage-2 vector carries the update; it is the codec's output, checked against the
+    fixed-point range first, and travels packed (:func:`pack_masked_vector`). Non-training messages
+    pass through.
     """
     if msg.metadata.message_type != MessageType.TRAIN:
         return call_next(msg, ctxt)
@@ -71,11 +83,28 @@ def secure_aggregation_mod(msg: Message, ctxt: Context, call_next: ClientAppCall
     def encode_then_next(inner_msg: Message, inner_ctxt: Context) -> Message:
         return delta_encoding_mod(inner_msg, inner_ctxt, call_next)
 
-    return secaggplus_mod(msg, ctxt, encode_then_next)
+    return pack_masked_vector(secaggplus_mod(msg, ctxt, encode_then_next), ctxt)
+
+
+def pack_masked_vector(reply: Message, ctxt: Context) -> Message:
+    """Move a stage-2 reply's masked vector (Flower: a list of int64 ``.npy`` bytes in a config
+    record) into one ArrayRecord array of the modulus' width, its shapes into the config record."""
+    if reply.has_error() or not reply.has_content():
+        return reply
+    config = reply.content.config_records.get(RECORD_KEY_CONFIGS)
+    if config is None or Key.MASKED_PARAMETERS not in config:
+        return reply
+    modulus = int(cast(int, ctxt.state.config_records[RECORD_KEY_STATE]["mod_range"]))
+    vectors = [bytes_to_ndarray(b) for b in cast(list[bytes], config.pop(Key.MASKED_PARAMETERS))]
+    packed, shapes = pack_masked(vectors, modulus)
+    config[PACKED_SHAPES] = shapes
+    reply.content.array_records[PACKED_RECORD] = ArrayRecord([packed])
+    return reply
 
 
 def delta_encoding_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
-    """Replace the vehicle's weights by ``weights - global`` and refuse values SecAgg+ would clip.
+    """Replace the vehicle's weights by the codec's encoding of ``weights - global`` (the update itself
+    for ``none``) and refuse values SecAgg+ would clip.
 
     Runs inside ``secaggplus_mod`` (stage 2), whose state in ``ctxt.state`` holds this round's
     ``clipping_range`` and ``max_weight`` as the server sent them in stage 0. A vehicle that skipped
@@ -83,14 +112,13 @@ def delta_encoding_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable
     over the vehicles that trained (the server's recorder leaves skipped vehicles out the same way).
     """
     fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
-    global_arrays = parameters_to_ndarrays(fitins.parameters)
     out = call_next(msg, ctxt)
     if out.has_error():
         return out
     fitres = compat.recorddict_to_fitres(out.content, keep_input=True)
     if fitres.metrics.get("skipped"):
         fitres.num_examples = 0
-    delta = encode_delta(parameters_to_ndarrays(fitres.parameters), global_arrays)
+    delta = encode_reply(settings_of(ctxt.run_config), ctxt, fitins, fitres)
     # secaggplus_mod's saved state (field names of Flower's SecAggPlusState): what stage 0 configured.
     protocol = ctxt.state.config_records[RECORD_KEY_STATE]
     max_weight = float(cast(float, protocol["max_weight"]))

@@ -10,7 +10,12 @@ running variances move by up to 27.5 in its first local epoch (measured, default
 Flower's default range of 8, hence ``clipping_range: 64`` and a quantization grid that is as fine
 as the modulus allows (:func:`auto_quantization_range`).
 
-No Flower imports here: the client mod and the server workflow both use these functions. The\n``SECAGG`` registry (``none``, ``secaggplus``) holds the typed settings.
+Flower sends each masked vector as int64 arrays (twice the bytes of float32) although every value
+lies below the modulus (2^32 at most): :func:`pack_masked` packs them into one unsigned array of the
+modulus' width for the wire and :func:`unpack_masked` restores Flower's list on the server.
+
+No Flower imports here: the client mod and the server workflow both use these functions. The
+``SECAGG`` registry (``none``, ``secaggplus``) holds the typed settings.
 """
 
 from __future__ import annotations
@@ -26,6 +31,9 @@ from fedseg.config import bounded, parse_choice
 
 # Flower rounds quantized values into int32 (flwr.common.secure_aggregation.quantization).
 MAX_QUANTIZATION_RANGE = 2**30
+# Where a vehicle's packed masked vector travels: an ArrayRecord, plus its arrays' shapes in the
+# SecAgg+ config record (ndim, then the dimensions, per array).
+PACKED_RECORD, PACKED_SHAPES = "fedseg.masked", "fedseg.masked.shapes"
 
 
 class SecAggRangeError(ValueError):
@@ -231,3 +239,48 @@ def _check_fixed_point(spec: SecAggSpec, sampled: int) -> None:
         raise ValueError(f"secagg.quantization_range={qr} overflows: {sampled} vehicles x {qr} >= "
                          f"modulus_range={modulus}; use at most {auto_quantization_range(sampled, modulus)} "
                          "or null")
+
+
+def packed_dtype(modulus: int) -> np.dtype:
+    """The narrowest unsigned integer that holds every value below ``modulus`` (a power of 2 <= 2**32)."""
+    bits = int(modulus - 1).bit_length()
+    return np.dtype(np.uint8 if bits <= 8 else np.uint16 if bits <= 16 else np.uint32)
+
+
+def pack_masked(vectors: Sequence[np.ndarray], modulus: int) -> tuple[np.ndarray, list[int]]:
+    """Flower's masked vectors (integers in ``[0, modulus)``) as one flat array of :func:`packed_dtype`,
+    and their shapes (``[ndim, *shape]`` per array)."""
+    dtype = packed_dtype(modulus)
+    out = np.empty(sum(int(np.size(v)) for v in vectors), dtype)
+    shapes: list[int] = []
+    start = 0
+    for v in vectors:
+        flat = np.asarray(v).ravel()
+        if flat.size and (int(flat.min()) < 0 or int(flat.max()) >= modulus):
+            raise ValueError(f"secagg: a masked value lies outside [0, {modulus}): not a SecAgg+ vector")
+        out[start:start + flat.size] = flat
+        start += flat.size
+        shapes += [np.ndim(v), *np.shape(v)]
+    return out, shapes
+
+
+def unpack_masked(packed: np.ndarray, shapes: Sequence[int]) -> list[np.ndarray]:
+    """The arrays :func:`pack_masked` packed, still in the packed dtype.
+
+    Flower's workflow sums them modulo the modulus, and the packed dtype's arithmetic wraps at 2^8,
+    2^16 or 2^32, a multiple of that modulus (a power of 2 no wider than the dtype), so its sums agree
+    with int64 ones modulo the modulus at a fraction of the memory; unmasking then subtracts int64
+    masks, which promotes to int64.
+    """
+    arrays, start, i = [], 0, 0
+    while i < len(shapes):
+        ndim = int(shapes[i])
+        shape = tuple(int(d) for d in shapes[i + 1:i + 1 + ndim])
+        size = math.prod(shape)
+        if start + size > packed.size:
+            raise ValueError(f"secagg: packed masked vector holds {packed.size} values, its shapes need more")
+        arrays.append(packed[start:start + size].reshape(shape))
+        start, i = start + size, i + 1 + ndim
+    if start != packed.size:
+        raise ValueError(f"secagg: packed masked vector holds {packed.size} values, its shapes {start}")
+    return arrays

@@ -9,15 +9,22 @@ From the inside out:
    the aggregate of updates the vehicles clipped with ``fixedclipping_mod``);
 3. without SecAgg+: :class:`~server.guard.UpdateGuard`, which drops non-finite, misshapen and
    outsized updates before anything averages them;
-4. :class:`~server.strategy.RoundRecorder`: the run-output contract (one row per round); it stops
-   the run when fewer than ``min_fit_clients`` vehicles answer a round;
-5. ``secagg=secaggplus``: :class:`~server.secagg.SecureSumStrategy`, outermost (but for the round
-   offset of a resumed run, ``server/resume.py``), because the
-   vehicles' masked deltas must become weights again before anything inside sees them; it annotates
-   the recorder's rows with what the protocol really carried.
+4. without SecAgg+, ``compression`` other than ``none``: :class:`~server.codecs.DecodingStrategy`,
+   which turns each vehicle's encoded update into weights (under central DP clipped again to the
+   clipping norm) before the guard, the DP wrapper and the strategy see it;
+5. :class:`~server.strategy.RoundRecorder`: the run-output contract (one row per round); it stops
+   the run when fewer than ``min_fit_clients`` vehicles answer a round; outside the decoder, so its
+   ``bytes_up`` are the encoded bytes as they travelled;
+6. ``secagg=secaggplus``: :class:`~server.secagg.SecureSumStrategy`, outermost (but for the round
+   offset of a resumed run, ``server/resume.py``), because the vehicles' masked deltas must become
+   weights again before anything inside sees them: it decodes the one unmasked sum with the run's
+   codec (SecAgg+ admits only codecs that decode linearly) and annotates the recorder's rows with
+   what the protocol really carried.
 
-The fit workflow is Flower's default, or :class:`~server.secagg.SecAggPlusFit` under SecAgg+. Why
-the legacy ``LegacyContext``/``DefaultWorkflow`` path: Flower 1.42's SecAgg+ exists only there.
+The fit config carries the round's shared codec seed (``randk``: the server picks it, so positions
+never travel). The fit workflow is Flower's default, or :class:`~server.secagg.SecAggPlusFit` under
+SecAgg+ (masked vectors packed to the modulus' width on the wire). Why the legacy
+``LegacyContext``/``DefaultWorkflow`` path: Flower 1.42's SecAgg+ exists only there.
 """
 
 from __future__ import annotations
@@ -31,10 +38,12 @@ from flwr.server import Grid, LegacyContext, ServerConfig
 from flwr.server.strategy import Strategy
 from flwr.server.workflow import DefaultWorkflow
 
+from fedseg.compression import CODECS, SEED_KEY, round_seed
 from fedseg.fixedpoint import SecAggSpec, auto_quantization_range, resolve_max_weight, validate_secagg
 from fedseg.privacy import CentralDPSpec
 from fedseg.settings import RunSettings
 from server.central_dp import central_accounting, sampled_vehicles, wrap_central_dp
+from server.codecs import DecodingStrategy
 from server.grids import TimeoutGrid
 from server.guard import UpdateGuard
 from server.resume import RoundOffset
@@ -83,26 +92,39 @@ def check_composition(settings: RunSettings, partition_sizes: Sequence[int] | No
     if not entry.weighted_sum:
         raise ValueError(f"secagg=secaggplus reveals only the weighted sum of the vehicles' updates, but "
                          f"strategy={name} needs each update; valid: {sums}")
-    if not settings.compression.secagg_compatible:
-        raise ValueError(f"secagg=secaggplus cannot decode a sum of compression={settings.compression.name} "
-                         "outputs")
+    codec = settings.compression
+    if not codec.secagg_compatible:
+        valid = [name for name, spec in CODECS.items() if spec().secagg_compatible]
+        raise ValueError(f"secagg=secaggplus cannot take compression={codec.name}: {codec.secagg_refusal}; "
+                         f"valid with SecAgg+: {valid}")
     validate_secagg(settings.secagg, sampled=fed.vehicles_per_round, partition_sizes=partition_sizes)
 
 
 def compose_server(settings: RunSettings, *, on_round: Callable[[dict[str, Any]], None],
                    evaluate_fn: EvaluateFn | None = None, initial_parameters: Parameters | None = None,
                    partition_sizes: Sequence[int] | None = None, start_round: int = 0) -> ServerParts:
-    """Strategy -> central DP -> recorder -> secure-sum decoding, and the matching fit workflow.
+    """Strategy -> central DP -> guard -> codec decoder -> recorder -> secure-sum decoding, and the
+    matching fit workflow.
 
     ``start_round`` > 0 continues a run after that round (``server/resume.py``): Flower's rounds are
     shifted so everything inside sees the run's own numbers.
     """
     check_composition(settings, partition_sizes)
     fed = settings.federation
-    recorder_ref: list[RoundRecorder] = []  # the guard reports to the recorder built around it
+    codec = settings.compression
+    recorder_ref: list[RoundRecorder] = []  # the guard and the decoder report to the recorder around them
+    rejected: dict[int, list[dict[str, Any]]] = {}
+
+    def on_reject(server_round: int, fields: dict[str, Any]) -> None:  # both report: keep both lists
+        merged = rejected.setdefault(server_round, [])
+        merged += fields["rejected"]
+        recorder_ref[0].annotate(server_round, {**fields, "rejected": list(merged)})
 
     def fit_config(server_round: int) -> dict[str, Any]:
-        return {"server_round": server_round, "local_epochs": fed.local_epochs}
+        config: dict[str, Any] = {"server_round": server_round, "local_epochs": fed.local_epochs}
+        if codec.needs_seed:  # the server picks the round's positions; every vehicle reads them here
+            config[SEED_KEY] = round_seed(settings.seed, server_round)
+        return config
 
     strategy = base = build_strategy(
         settings.strategy.name, settings.strategy.options,
@@ -116,15 +138,18 @@ def compose_server(settings: RunSettings, *, on_round: Callable[[dict[str, Any]]
         strategy = wrap_central_dp(strategy, central, fed)
     secagg = settings.secagg if isinstance(settings.secagg, SecAggSpec) else None
     if secagg is None:  # under SecAgg+ single updates are masked: the vehicles check their own range
-        strategy = UpdateGuard(strategy, max_norm_ratio=fed.max_norm_ratio,
-                               on_reject=lambda r, fields: recorder_ref[0].annotate(r, fields))
+        strategy = UpdateGuard(strategy, max_norm_ratio=fed.max_norm_ratio, on_reject=on_reject)
+        if codec.sends_update:
+            strategy = DecodingStrategy(strategy, codec, run_seed=settings.seed, on_reject=on_reject,
+                                        clipping_norm=central.clipping_norm if central else None)
     recorder = RoundRecorder(strategy, on_round=on_round, min_replies=fed.min_fit_clients,
                              central_dp=central_accounting(central, fed) if central else None)
     recorder_ref.append(recorder)
     outer: Strategy = recorder
     fit = None
     if secagg is not None:
-        outer = SecureSumStrategy(recorder, recorder, all_or_nothing=central is not None)
+        outer = SecureSumStrategy(recorder, recorder, all_or_nothing=central is not None, codec=codec,
+                                  run_seed=settings.seed)
         fit = _secagg_fit(secagg, settings, partition_sizes, start_round)
     if start_round:
         outer = RoundOffset(outer, start_round)

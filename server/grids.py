@@ -50,12 +50,11 @@ class StageTraffic:
     up_by_node: dict[int, int] = field(default_factory=lambda: defaultdict(int))
 
 
-class MeteredGrid(Grid):
-    """Delegates to ``inner`` and records the traffic of every ``send_and_receive``, keyed by stage."""
+class GridWrapper(Grid):
+    """A grid that delegates every call to ``inner``; wrappers override only what they change."""
 
     def __init__(self, inner: Grid) -> None:
         self.inner = inner
-        self.stages: dict[str, StageTraffic] = {}
 
     def set_run(self, run: Run) -> None:
         self.inner.set_run(run)
@@ -76,6 +75,18 @@ class MeteredGrid(Grid):
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         return self.inner.pull_messages(message_ids)
+
+    def send_and_receive(self, messages: Iterable[Message], *,
+                         timeout: float | None = None) -> Iterable[Message]:
+        return self.inner.send_and_receive(messages, timeout=timeout)
+
+
+class MeteredGrid(GridWrapper):
+    """Delegates to ``inner`` and records the traffic of every ``send_and_receive``, keyed by stage."""
+
+    def __init__(self, inner: Grid) -> None:
+        super().__init__(inner)
+        self.stages: dict[str, StageTraffic] = {}
 
     def send_and_receive(self, messages: Iterable[Message], *,
                          timeout: float | None = None) -> Iterable[Message]:

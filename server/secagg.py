@@ -3,9 +3,13 @@
 ``secagg=secaggplus`` swaps the legacy fit workflow for Flower's ``SecAggPlusWorkflow`` (the server
 learns only the sum of the masked vectors) and wraps the strategy in :class:`SecureSumStrategy`:
 
-* vehicles send ``weights - global`` (``clients/mods.py``); Flower hands ``aggregate_fit`` the
-  unmasked weighted mean in every result, and the wrapper adds the global weights back before the
-  configured strategy (FedAvg/FedProx/FedAdam, possibly inside Flower's DP wrapper) sees it;
+* vehicles send ``weights - global``, encoded by the run's codec (``clients/mods.py``); Flower hands
+  ``aggregate_fit`` the unmasked weighted mean in every result, and the wrapper decodes it (a
+  SecAgg+-compatible codec decodes linearly) and adds the global weights back before the configured
+  strategy (FedAvg/FedProx/FedAdam, possibly inside Flower's DP wrapper) sees it;
+* vehicles send their masked vectors packed to the modulus' width (``clients/mods.py``);
+  :class:`PackedVectorsGrid`, between Flower's workflow and the metered grid, restores the list of
+  arrays the workflow reads, so the meter counts what travelled and the protocol is Flower's own;
 * the per-vehicle metrics (loss, epsilon, partition id, example count) still reach the server in
   clear, as Flower's workflow sends them, so the round recorder works unchanged;
 * :class:`MeteredGrid` counts what every protocol stage really carries; the round's row gets those
@@ -19,18 +23,23 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterable
 from typing import Any, cast
 
 import numpy as np
+from flwr.app import Message
 from flwr.common import (
     Context,
     FitIns,
     FitRes,
     Parameters,
     Scalar,
+    ndarray_to_bytes,
     ndarrays_to_parameters,
     parameters_to_ndarrays,
 )
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+from flwr.common.secure_aggregation.secaggplus_constants import Key as SecAggKey
 from flwr.server import LegacyContext
 from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
@@ -38,8 +47,17 @@ from flwr.server.strategy import Strategy
 from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, Key
 
-from fedseg.fixedpoint import SecAggRangeError, SecAggSpec, aggregate_error_bound, decode_delta
-from server.grids import MeteredGrid
+from fedseg.compression import Codec, NoCompression, round_seed
+from fedseg.fixedpoint import (
+    PACKED_RECORD,
+    PACKED_SHAPES,
+    SecAggRangeError,
+    SecAggSpec,
+    aggregate_error_bound,
+    unpack_masked,
+)
+from server.codecs import weights_from
+from server.grids import GridWrapper, MeteredGrid
 from server.strategy import RoundRecorder, StrategyWrapper
 
 log = logging.getLogger("fedseg.secagg")
@@ -50,8 +68,9 @@ class SecAggRoundError(ValueError):
 
 
 class SecureSumStrategy(StrategyWrapper):
-    """Adds the global weights back to the unmasked mean update before ``inner`` aggregates it.
+    """Decodes the unmasked mean update and adds the global weights back before ``inner`` aggregates it.
 
+    ``codec`` is the run's (SecAgg+-compatible) codec, ``run_seed`` gives its rounds' shared seeds.
     ``inner`` is the run's strategy chain up to and including the ``RoundRecorder`` (``recorder``),
     whose rows get the protocol's measured bytes and a ``secagg`` entry through its ``annotate`` API.
     ``all_or_nothing`` (``privacy=central``) discards a round that lost any vehicle: Flower's DP
@@ -59,10 +78,13 @@ class SecureSumStrategy(StrategyWrapper):
     but a vehicle that vanished silently (no reply) would slip through with too little noise.
     """
 
-    def __init__(self, inner: Strategy, recorder: RoundRecorder, *, all_or_nothing: bool = False) -> None:
+    def __init__(self, inner: Strategy, recorder: RoundRecorder, *, all_or_nothing: bool = False,
+                 codec: Codec | None = None, run_seed: int = 0) -> None:
         super().__init__(inner)
         self.recorder = recorder
         self.all_or_nothing = all_or_nothing
+        self.codec = codec or NoCompression()
+        self.run_seed = run_seed
         self._sampled: dict[int, int] = {}
         self._global: list[np.ndarray] = []
         self.aggregated: dict[int, bool] = {}
@@ -83,8 +105,9 @@ class SecureSumStrategy(StrategyWrapper):
             return None, {}
         if results and sum(self.examples[server_round]) > 0:
             # Flower writes the one unmasked aggregate into every result; decode it once.
-            mean_delta = parameters_to_ndarrays(results[0][1].parameters)
-            decoded = ndarrays_to_parameters(decode_delta(self._global, mean_delta))
+            mean = parameters_to_ndarrays(results[0][1].parameters)
+            seed = round_seed(self.run_seed, server_round) if self.codec.needs_seed else None
+            decoded = ndarrays_to_parameters(weights_from(self.codec, mean, self._global, seed=seed))
             results = [(p, FitRes(r.status, decoded, r.num_examples, r.metrics)) for p, r in results]
         parameters, metrics = self.inner.aggregate_fit(server_round, results, failures)
         self.aggregated[server_round] = parameters is not None
@@ -119,7 +142,7 @@ class SecAggPlusFit:
         server_round = flower_round + self.round_offset
         metered = MeteredGrid(grid)
         start = time.perf_counter()
-        self.flower(metered, legacy)
+        self.flower(PackedVectorsGrid(metered), legacy)
         elapsed = time.perf_counter() - start
         range_errors = [e for e in metered.errors() if "SecAggRangeError" in e or "secagg.max_weight" in e]
         if range_errors:  # a configuration problem: every later round would drop vehicles the same way
@@ -160,3 +183,21 @@ class SecAggPlusFit:
         if self.spec.on_failure == "stop":
             raise SecAggRoundError(message + " (secagg.on_failure=stop)")
         log.warning(message)
+
+
+class PackedVectorsGrid(GridWrapper):
+    """Restores each vehicle's packed masked vector (``clients.mods.pack_masked_vector``) to the list of
+    ``.npy`` bytes under ``masked_parameters`` that Flower's SecAgg+ workflow reads."""
+
+    def send_and_receive(self, messages: Iterable[Message], *,
+                         timeout: float | None = None) -> Iterable[Message]:
+        replies = list(self.inner.send_and_receive(messages, timeout=timeout))
+        for reply in replies:
+            if reply.has_error() or PACKED_RECORD not in reply.content.array_records:
+                continue
+            packed = reply.content.array_records[PACKED_RECORD].to_numpy_ndarrays()[0]
+            del reply.content[PACKED_RECORD]
+            config = reply.content.config_records[RECORD_KEY_CONFIGS]
+            shapes = cast(list[int], config.pop(PACKED_SHAPES))
+            config[SecAggKey.MASKED_PARAMETERS] = [ndarray_to_bytes(a) for a in unpack_masked(packed, shapes)]
+        return replies

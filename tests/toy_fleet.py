@@ -33,13 +33,17 @@ class Fleet:
                  strategy: str = "fedavg", privacy: dict[str, Any] | None = None, rounds: int = 1,
                  crash: tuple[int, ...] = (), skip: tuple[int, ...] = (), fail_always: tuple[int, ...] = (),
                  send: dict[int, Callable[[list[np.ndarray]], list[np.ndarray]]] | None = None,
-                 federation: dict[str, Any] | None = None) -> None:
+                 federation: dict[str, Any] | None = None, compression: dict[str, Any] | None = None,
+                 output_dir: str | None = None) -> None:
         n, crashed = len(updates), set[int]()
         options = {"fedprox": {"proximal_mu": 0.01}}.get(strategy, {})
         # min_fit_clients n - 1: a round survives one vehicle lost (all n are still sampled: n x 1.0).
-        cfg = {"federation": {"num_clients": n, "min_fit_clients": n - 1, "rounds": rounds, **(federation or {})},
-               "strategy": {"name": strategy, **options}, "secagg": secagg,
-               "privacy": privacy or {"name": "none"}}
+        cfg: dict[str, Any] = {
+            "federation": {"num_clients": n, "min_fit_clients": n - 1, "rounds": rounds, **(federation or {})},
+            "strategy": {"name": strategy, **options}, "secagg": secagg, "privacy": privacy or {"name": "none"},
+            "compression": compression or {"name": "none"}}
+        if output_dir is not None:  # where vehicles keep state on disk (a codec's error-feedback residual)
+            cfg["output_dir"] = output_dir
         self.settings, run_config = RunSettings.from_config(cfg), to_run_config(cfg)
 
         class Toy(NumPyClient):
