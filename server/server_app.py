@@ -20,7 +20,7 @@ from flwr.server import Grid, ServerApp
 from fedseg.checkpoints import checkpoint_meta
 from fedseg.config import from_run_config, resolve_device, spec_block
 from fedseg.data import FleetData
-from fedseg.deploy.outputs import log_to_console_and_file, prepare_run_dir
+from fedseg.deploy.outputs import drop_stop_tracebacks, log_to_console, log_to_file, prepare_run_dir
 from fedseg.deploy.runconfig import deploy_spec, expand_run_config
 from fedseg.deploy.vehicle import load_heldout
 from fedseg.models import build_run_model, get_weights, set_weights
@@ -49,18 +49,30 @@ def make_reporter(settings: RunSettings, raw: dict[str, Any], data: FleetData) -
                        device=resolve_device(settings.device), example_images=settings.run.example_images)
 
 
+def _stop(err: Exception) -> RunFailed:
+    """A run that cannot go on: one line in the log (Flower's traceback of it is dropped)."""
+    log.error(f"fedseg: error: {err}")
+    return err if isinstance(err, RunFailed) else RunFailed(str(err))
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Run ``federation.rounds`` rounds and write the run-output contract."""
-    run_config = expand_run_config(context.run_config, context.run_id)
-    raw = from_run_config(run_config)
-    settings, deploy = RunSettings.from_config(raw), deploy_spec(raw)
-    out, fed = Path(settings.output_dir), settings.federation
-    log_to_console_and_file(out, verbose=settings.run.verbose)
-    prepare_run_dir(out, raw, run_config)
-    log.info(f"fedseg: run {context.run_id}: {settings.experiment}, {settings.model.name}, {fed.rounds} rounds, "
-             f"{fed.num_clients} vehicles -> {out.resolve()}")
-    data, sizes = load_heldout(settings)
+    drop_stop_tracebacks()
+    log_to_console()
+    try:  # settings and held-out data: a mistake in either stops the run in one line, naming it
+        run_config = expand_run_config(context.run_config, context.run_id)
+        raw = from_run_config(run_config)
+        settings, deploy = RunSettings.from_config(raw), deploy_spec(raw)
+        out, fed = Path(settings.output_dir), settings.federation
+        log_to_console(verbose=settings.run.verbose)
+        log_to_file(out)
+        prepare_run_dir(out, raw, run_config)
+        log.info(f"fedseg: run {context.run_id}: {settings.experiment}, {settings.model.name}, {fed.rounds} "
+                 f"rounds, {fed.num_clients} vehicles -> {out.resolve()}")
+        data, sizes = load_heldout(settings)
+    except (ValueError, FileNotFoundError) as err:
+        raise _stop(err) from None
     reporter = make_reporter(settings, raw, data)
 
     def evaluate_fn(server_round: int, arrays: list, config: dict) -> tuple[float, dict]:
@@ -76,10 +88,9 @@ def main(grid: Grid, context: Context) -> None:
                                initial_parameters=ndarrays_to_parameters(get_weights(reporter.model)),
                                partition_sizes=sizes)
         run_rounds(parts, grid, context, rounds=fed.rounds, minimum=fed.min_fit_clients, deploy=deploy)
-    except RunFailed as err:  # too few vehicles joined, or answered a round
-        log.error(f"fedseg: error: {err}")
+    except (RunFailed, ValueError) as err:  # too few vehicles joined or answered; an impossible combination
         reporter.finish({"experiment": settings.experiment, "stopped": str(err)})  # the rounds run so far
-        raise
+        raise _stop(err) from None
     reporter.finish({
         "experiment": settings.experiment,
         "clients": joined,

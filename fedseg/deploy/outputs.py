@@ -61,29 +61,41 @@ class _StopWithoutTraceback(logging.Filter):
         return True
 
 
-def log_to_console_and_file(out: Path, *, verbose: bool = False) -> None:
-    """Outside a Hydra app: fedseg's lines to stderr and to ``server.log`` (inside one, Hydra's do it).
-
-    Under ``flwr run`` stderr is what ``flwr run --stream`` and the SuperLink's log show. As in
-    ``fedseg-sim``, Flower's own INFO lines (every round's full history) only with ``run.verbose``.
-    """
-    from hydra.core.hydra_config import HydraConfig
-
-    logger = logging.getLogger("fedseg")
-    logger.setLevel(logging.INFO)
+def drop_stop_tracebacks() -> None:
+    """From now on Flower logs a ``RunFailed`` leaving its ServerApp as its own one line, no traceback."""
     flwr = logging.getLogger("flwr")
-    if not verbose:
-        flwr.setLevel(logging.WARNING)
     if not any(isinstance(f, _StopWithoutTraceback) for f in flwr.filters):
         flwr.addFilter(_StopWithoutTraceback())
-    if HydraConfig.initialized() or any(getattr(h, "_fedseg", False) for h in logger.handlers):
-        return
-    logger.propagate = False  # Flower's root handlers would print every line a second time
-    console = logging.StreamHandler(sys.stderr)
-    console.setFormatter(logging.Formatter("%(message)s"))
-    out.mkdir(parents=True, exist_ok=True)
-    job_log = logging.FileHandler(out / JOB_LOG)
-    job_log.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
-    for handler in (console, job_log):
-        setattr(handler, "_fedseg", True)  # noqa: B010  (marks the handlers this module added)
-        logger.addHandler(handler)
+
+
+def _outside_hydra(logger: logging.Logger, kind: type[logging.Handler]) -> bool:
+    """Whether fedseg must add a handler of ``kind`` (inside a Hydra app, Hydra's handlers do the job)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return not HydraConfig.initialized() and not any(type(h) is kind for h in logger.handlers)
+
+
+def log_to_console(*, verbose: bool = False) -> None:
+    """fedseg's lines to stderr, which ``flwr run --stream`` and the SuperLink's log show.
+
+    As in ``fedseg-sim``, Flower's own INFO lines (every round's full history) only with ``run.verbose``.
+    """
+    logger = logging.getLogger("fedseg")
+    logger.setLevel(logging.INFO)
+    if not verbose:
+        logging.getLogger("flwr").setLevel(logging.WARNING)
+    if _outside_hydra(logger, logging.StreamHandler):
+        console = logging.StreamHandler(sys.stderr)
+        console.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(console)
+        logger.propagate = False  # Flower's root handlers would print every line a second time
+
+
+def log_to_file(out: Path) -> None:
+    """fedseg's lines, with time and source, to ``<out>/server.log`` (the job log Hydra would write)."""
+    logger = logging.getLogger("fedseg")
+    if _outside_hydra(logger, logging.FileHandler):
+        out.mkdir(parents=True, exist_ok=True)
+        job_log = logging.FileHandler(out / JOB_LOG)
+        job_log.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+        logger.addHandler(job_log)
