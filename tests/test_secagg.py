@@ -21,13 +21,17 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from toy_fleet import EXAMPLES, START, UPDATES, Fleet, toy_updates
 
 from fedseg.fixedpoint import (
+    PACKED_RECORD,
+    PACKED_SHAPES,
     SecAggRangeError,
     SecAggSpec,
     aggregate_error_bound,
     auto_quantization_range,
     decode_delta,
     encode_delta,
+    pack_masked,
     resolve_shares,
+    unpack_masked,
 )
 from fedseg.settings import RunSettings
 from server.compose import check_composition, compose_server
@@ -189,6 +193,45 @@ def test_row_counts_the_bytes_every_stage_really_carried() -> None:
     assert list(stages) == ["setup", "share_keys", "collect_masked_vectors", "unmask"]
     assert secure["bytes_up"] == sum(s["up"] for s in stages.values())
     assert secure["bytes_up"] > 4 * plain["bytes_up"]  # keys and shares dwarf 10 floats per vehicle
+
+
+def test_masked_vectors_travel_packed_to_32_bits_and_cost_no_more_than_plain_float32() -> None:
+    # 40 arrays of 1000 values: Flower would send 40 int64 arrays (8 bytes a value) per vehicle.
+    updates = [[np.full(1000, v, np.float32) for _ in range(40)] for v in UPDATES]
+    fleet = Fleet(updates, list(EXAMPLES), SECAGG)
+    wire: list[tuple[list[str], list[str]]] = []  # each stage-2 reply as it left the vehicle
+    deliver = fleet.grid._deliver
+
+    def spy(msg: Any) -> Any:
+        reply = deliver(msg)
+        if reply.has_content() and PACKED_RECORD in reply.content.array_records:
+            packed = reply.content.array_records[PACKED_RECORD]["0"]
+            config = reply.content.config_records[RECORD_KEY_CONFIGS]
+            wire.append(([packed.dtype, str(packed.shape)], list(config)))
+        return reply
+
+    fleet.grid._deliver = spy  # type: ignore[method-assign]
+    secure = fleet.run().rows[-1]
+    plain = Fleet(updates, list(EXAMPLES), {"name": "none"}).run().rows[-1]
+
+    assert wire == [(["uint32", "(40001,)"], [PACKED_SHAPES])] * 3  # the weight factor plus 40 x 1000 values
+    assert secure["bytes_up"] <= plain["bytes_up"]  # keys and shares cost less than 40 .npy headers
+    np.testing.assert_allclose(fleet.globals[-1][5], START + MEAN, atol=bound(EXAMPLES, peak=4.0))
+
+
+@pytest.mark.parametrize("modulus, dtype", [(2**32, np.uint32), (2**20, np.uint32), (2**16, np.uint16),
+                                            (2**8, np.uint8)])
+def test_pack_masked_round_trips_in_the_narrowest_unsigned_type(modulus: int, dtype: type) -> None:
+    vectors = [np.array([modulus - 1], np.int64), np.arange(6, dtype=np.int64).reshape(2, 3), np.array(5)]
+
+    packed, shapes = pack_masked(vectors, modulus)
+    back = unpack_masked(packed, shapes)
+
+    assert packed.dtype == dtype and packed.size == 8 and shapes == [1, 1, 2, 2, 3, 0]
+    for v, b in zip(vectors, back, strict=True):
+        np.testing.assert_array_equal(b, v)
+    with pytest.raises(ValueError, match="outside"):
+        pack_masked([np.array([modulus])], modulus)
 
 
 # ---- configuration: impossible settings fail before training, with their message ----

@@ -1,5 +1,11 @@
 """What SecAgg+ costs per round: wall time and bytes per vehicle, plain vs SecAgg+, at 3, 10 and 30 vehicles.
 
+Three modes per fleet size, in one run: ``plain`` (float32 weights, no codec), ``secaggplus`` (Flower's
+SecAgg+ on the full update; masked vectors travel packed to the modulus' 32 bits) and
+``secaggplus+CODEC`` (SecAgg+ on a SecAgg+-compatible codec's output, ``--compression``, default
+``randk``: fewer values masked). ``--json`` prints, as the last line, every mode's numbers and
+``ratio`` (SecAgg+ with the codec over plain; ``ratio_full``: SecAgg+ on the full update over plain).
+
 Both modes run in one process, in one run, through the real apps' pieces: the client mods (delta codec,
 Flower's ``secaggplus_mod``), Flower's ``DefaultWorkflow`` with its default fit workflow or fedseg's
 ``SecAggPlusFit``, and the same strategy. Vehicles are served in-process (``sim.loopback.LoopbackGrid``:
@@ -16,23 +22,24 @@ is the same with and without SecAgg+ and would only dilute the ratio.
 
     python scripts/bench/secagg_cost.py                      # tiny UNet, 3/10/30 vehicles, 3 rounds
     python scripts/bench/secagg_cost.py --vehicles 3,10 --rounds 2 --backbone resnet18
+    python scripts/bench/secagg_cost.py --vehicles 10 --rounds 2 --backbone resnet34 --json
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import statistics
+import tempfile
 import time
 from typing import Any
 
 import numpy as np
 
-MODES = ("plain", "secaggplus")
 
-
-def make_fleet(vehicles: int, weights: list[np.ndarray], secagg: dict[str, Any], rounds: int
-               ) -> dict[str, Any]:
+def make_fleet(vehicles: int, weights: list[np.ndarray], secagg: dict[str, Any], rounds: int,
+               compression: dict[str, Any]) -> dict[str, Any]:
     """Server and vehicles of one mode, sharing nothing with the other mode's fleet."""
     from flwr.app import Context, RecordDict
     from flwr.client import ClientApp, NumPyClient
@@ -45,7 +52,8 @@ def make_fleet(vehicles: int, weights: list[np.ndarray], secagg: dict[str, Any],
     from sim.loopback import LoopbackGrid
 
     cfg = {"federation": {"num_clients": vehicles, "min_fit_clients": vehicles, "rounds": rounds},
-           "strategy": {"name": "fedavg"}, "privacy": {"name": "none"}, "secagg": secagg}
+           "strategy": {"name": "fedavg"}, "privacy": {"name": "none"}, "secagg": secagg,
+           "compression": compression, "output_dir": tempfile.mkdtemp(prefix="secagg_cost_")}
     settings, run_config = RunSettings.from_config(cfg), to_run_config(cfg)
 
     class Vehicle(NumPyClient):
@@ -68,8 +76,8 @@ def make_fleet(vehicles: int, weights: list[np.ndarray], secagg: dict[str, Any],
             "run_config": run_config}
 
 
-def measure(vehicles: int, weights: list[np.ndarray], secagg: dict[str, Any], rounds: int
-            ) -> dict[str, float]:
+def measure(vehicles: int, weights: list[np.ndarray], secagg: dict[str, Any], rounds: int,
+            compression: dict[str, Any] | None = None) -> dict[str, float]:
     """Median per-round wall, vehicle and server seconds, and bytes per vehicle, over ``rounds`` rounds."""
     from flwr.app import Context, RecordDict
     from flwr.server import LegacyContext, ServerConfig
@@ -78,7 +86,7 @@ def measure(vehicles: int, weights: list[np.ndarray], secagg: dict[str, Any], ro
 
     from server.grids import MeteredGrid
 
-    fleet = make_fleet(vehicles, weights, secagg, rounds)
+    fleet = make_fleet(vehicles, weights, secagg, rounds, compression or {"name": "none"})
     loopback, inner_fit = fleet["grid"], fleet["fit"] or default_fit_workflow
     wall: list[float] = []
     client: list[float] = []
@@ -117,6 +125,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="rounds per measurement (median reported)")
     parser.add_argument("--backbone", default="tiny")
     parser.add_argument("--shares", type=int, default=3, help="secagg.num_shares (threshold 2)")
+    parser.add_argument("--compression", default="randk", help="SecAgg+-compatible codec of the third mode "
+                        "(none: leave that mode out)")
+    parser.add_argument("--fraction", type=float, default=0.1, help="the codec's fraction (randk)")
+    parser.add_argument("--json", action="store_true", help="print every number as JSON on the last line")
     args = parser.parse_args()
     import flwr.server.workflow  # noqa: F401  (Flower sets up its logger on import: quiet it after)
 
@@ -125,19 +137,33 @@ def main() -> None:
     floats = sum(a.size for a in weights)
     threshold = args.shares // 2 + 1
     secagg = {"name": "secaggplus", "num_shares": args.shares, "reconstruction_threshold": threshold}
+    codec = {"name": args.compression, **({"fraction": args.fraction} if args.compression != "none" else {})}
     print(f"UNet-{args.backbone}: {floats} values ({sum(a.nbytes for a in weights) / 1e6:.2f} MB), "
           f"{args.rounds} rounds per cell, median; SecAgg+ shares {args.shares}, threshold {threshold}")
-    print(f"{'vehicles':>8s} {'mode':>10s} {'round s':>8s} {'vehicle s':>9s} {'server s':>8s} "
+    print(f"{'vehicles':>8s} {'mode':>18s} {'round s':>8s} {'vehicle s':>9s} {'server s':>8s} "
           f"{'up KB/veh':>9s} {'down KB/veh':>11s}")
+    report: dict[str, Any] = {"backbone": args.backbone, "values": int(floats), "rounds": args.rounds,
+                              "compression": codec, "fleets": {}}
     for n in [int(v) for v in args.vehicles.split(",")]:
-        plain = measure(n, weights, {"name": "none"}, args.rounds)
-        secure = measure(n, weights, secagg, args.rounds)
-        for mode, res in (("plain", plain), ("secaggplus", secure)):
-            print(f"{n:8d} {mode:>10s} {res['round_s']:8.3f} {res['vehicle_s']:9.3f} {res['server_s']:8.3f} "
+        modes = {"plain": measure(n, weights, {"name": "none"}, args.rounds),
+                 "secaggplus": measure(n, weights, secagg, args.rounds)}
+        if args.compression != "none":
+            modes[f"secaggplus+{args.compression}"] = measure(n, weights, secagg, args.rounds, codec)
+        for mode, res in modes.items():
+            print(f"{n:8d} {mode:>18s} {res['round_s']:8.3f} {res['vehicle_s']:9.3f} {res['server_s']:8.3f} "
                   f"{res['up_kb']:9.1f} {res['down_kb']:11.1f}")
-        ratio = {k: secure[k] / plain[k] for k in plain}
-        print(f"{n:8d} {'ratio':>10s} {ratio['round_s']:7.1f}x {ratio['vehicle_s']:8.1f}x "
-              f"{ratio['server_s']:7.1f}x {ratio['up_kb']:8.2f}x {ratio['down_kb']:10.2f}x", flush=True)
+        ratios = {mode: {k.removesuffix("_kb"): res[k] / modes["plain"][k] for k in res}
+                  for mode, res in modes.items() if mode != "plain"}
+        for mode, ratio in ratios.items():
+            print(f"{n:8d} {'x plain: ' + mode[10:] if mode != 'secaggplus' else 'x plain':>18s} "
+                  f"{ratio['round_s']:7.2f}x {ratio['vehicle_s']:8.2f}x {ratio['server_s']:7.2f}x "
+                  f"{ratio['up']:8.3f}x {ratio['down']:10.3f}x", flush=True)
+        report["fleets"][n] = {"modes": modes, "ratios": ratios}
+    if args.json:  # the largest fleet's ratios: SecAgg+ with the codec (or on the full update) over plain
+        largest = report["fleets"][max(report["fleets"])]["ratios"]
+        report["ratio_full"] = largest["secaggplus"]
+        report["ratio"] = largest.get(f"secaggplus+{args.compression}", largest["secaggplus"])
+        print(json.dumps(report))
 
 
 if __name__ == "__main__":
