@@ -170,15 +170,21 @@ class TopKCompression(_SparseCodec):
     """``compression=topk``: each vehicle's largest ``fraction`` of every array, with error feedback.
 
     Per sparse array: a bitmask of the kept positions (``n / 8`` bytes: cheaper than 32-bit indices
-    once more than 1/32 of the values are kept) and the kept values in ``values`` precision, in
-    position order. What is not sent (and the rounding of what is) stays in the vehicle's residual.
+    once more than 1/32 of the values are kept), then the kept values in position order, as
+    ``values``: float32, float16, or int8 with the array's own scale (stochastic rounding; a third
+    array holds the scale). What is not sent, and the rounding of what is, stays in the residual.
     """
 
     name: ClassVar[str] = "topk"
     secagg_refusal: ClassVar[str | None] = (
         "topk sends each vehicle's own top coordinates: their sum cannot be decoded from a masked sum "
         "(the server would need every vehicle's positions)")
-    values: Literal["float32", "float16"] = "float16"
+    fraction: float = bounded(0.3, gt=0, le=1)  # with int8 values: 1/32 + 0.3/4 of float32, ~9x fewer bytes
+    values: Literal["float32", "float16", "int8"] = "int8"
+
+    @property
+    def keeps_residual(self) -> bool:
+        return True
 
     def encode(self, update: Sequence[np.ndarray], like: Sequence[np.ndarray], *, seed: int | None = None,
                rng: np.random.Generator | None = None) -> Arrays:
@@ -192,27 +198,33 @@ class TopKCompression(_SparseCodec):
             k = self.kept(flat.size)
             mask = np.zeros(flat.size, bool)
             mask[np.argpartition(np.abs(flat), flat.size - k)[flat.size - k:]] = True
-            out += [np.packbits(mask), flat[mask].astype(self.values)]
+            out += [np.packbits(mask), *self._values(flat[mask], rng)]
         return out
 
-    @property
-    def keeps_residual(self) -> bool:
-        return True
+    def _values(self, kept: np.ndarray, rng: np.random.Generator | None) -> Arrays:
+        if self.values != "int8":
+            return [np.asarray(kept, self.values)]
+        steps, scales = Int8Compression().encode([kept], [kept], rng=rng)
+        return [steps, scales]
 
     def decode(self, encoded: Sequence[np.ndarray], like: Sequence[np.ndarray], *,
                seed: int | None = None) -> Arrays:
-        _check_count(encoded, len(like) + sum(self.sparse(g) for g in like), self.name)
+        per_sparse = 3 if self.values == "int8" else 2
+        _check_count(encoded, len(like) + (per_sparse - 1) * sum(self.sparse(g) for g in like), self.name)
         parts, out = iter(encoded), []
         for g in like:
             if not self.sparse(g):
                 out.append(np.asarray(next(parts), np.float64).reshape(np.shape(g)))
                 continue
-            bits, vals = np.asarray(next(parts), np.uint8), np.asarray(next(parts), np.float64)
-            mask = np.unpackbits(bits, count=np.size(g)).view(bool)
-            if int(mask.sum()) != vals.size:
-                raise ValueError(f"topk: {int(mask.sum())} positions but {vals.size} values")
+            mask = np.unpackbits(np.asarray(next(parts), np.uint8), count=np.size(g)).view(bool)
+            vals = [next(parts) for _ in range(per_sparse - 1)]
+            kept = int(mask.sum())
+            if np.size(vals[0]) != kept:
+                raise ValueError(f"topk: {kept} positions but {np.size(vals[0])} values")
             flat = np.zeros(np.size(g))
-            flat[mask] = vals
+            like_kept = np.broadcast_to(np.float32(0), np.shape(vals[0]))  # float: int8 scales it
+            flat[mask] = (Int8Compression().decode(vals, [like_kept])[0] if self.values == "int8"
+                          else np.asarray(vals[0], np.float64))
             out.append(flat.reshape(np.shape(g)))
         return out
 
