@@ -18,6 +18,8 @@ with what it still owes. It is never sent.
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +30,7 @@ from flwr.common import FitIns, FitRes, ndarrays_to_parameters, parameters_to_nd
 from flwr.compat.common import recorddict_compat as compat
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
-from fedseg.compression import SEED_KEY, Arrays, clip_encoded, load_residual, save_residual
+from fedseg.compression import SEED_KEY, Arrays, clip_encoded
 from fedseg.deploy.vehicle import NodeSpec
 from fedseg.fixedpoint import encode_delta
 from fedseg.settings import RunSettings, settings_of
@@ -107,3 +109,24 @@ class ResidualStore:
     def save(self, residual: Arrays) -> None:
         self.state.array_records[RESIDUAL_RECORD] = ArrayRecord(residual)
         save_residual(self.path, residual)
+
+
+def save_residual(path: Path, residual: Arrays) -> None:
+    """Write a vehicle's error-feedback residual atomically (a crash leaves the previous one)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, *residual)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_residual(path: Path) -> Arrays | None:
+    """The residual saved at ``path``, or None if there is none."""
+    if not path.exists():
+        return None
+    with np.load(path, allow_pickle=False) as saved:
+        return [saved[f"arr_{i}"] for i in range(len(saved.files))]

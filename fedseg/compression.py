@@ -22,11 +22,8 @@ from the round's seed, which the server picks and sends in the fit config (``SEE
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import numpy as np
@@ -333,24 +330,3 @@ def clip_encoded(codec: Codec, encoded: Sequence[np.ndarray], like: Sequence[np.
     factor = max_norm / norm
     return [np.asarray(np.asarray(e) * factor, np.asarray(e).dtype) if np.asarray(e).dtype.kind == "f"
             else np.asarray(e) for e in encoded]
-
-
-def save_residual(path: Path, residual: Sequence[np.ndarray]) -> None:
-    """Write a vehicle's error-feedback residual atomically (a crash leaves the previous one)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, *residual)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def load_residual(path: Path) -> Arrays | None:
-    """The residual saved at ``path``, or None if there is none."""
-    if not path.exists():
-        return None
-    with np.load(path, allow_pickle=False) as saved:
-        return [saved[f"arr_{i}"] for i in range(len(saved.files))]
