@@ -6,10 +6,8 @@ with TLS and node authentication.
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import stat
-import subprocess
 import time
 import tomllib
 from pathlib import Path
@@ -34,6 +32,7 @@ from fedseg.deploy.runconfig import compose_overrides, expand_run_config
 from fedseg.deploy.vehicle import NodeSpec, load_heldout, load_vehicle, own_frames
 from fedseg.settings import settings_of
 from server.fleet import FleetClientManager, FleetError, wait_for_vehicles
+from sim.deploy import vehicle_main
 
 SAMPLE = Path(__file__).parent / "data" / "carla_sample" / "dataA"
 SMOKE = "experiment=smoke federation.num_clients=3"
@@ -300,23 +299,20 @@ def _tagged_beyond_legacy(tmp_path: Path) -> Path:
     return box
 
 
-def test_fedseg_vehicle_check_only_prints_the_supernode_command(tmp_path: Path) -> None:
+def test_fedseg_vehicle_check_only_prints_the_supernode_command(tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
     box = _fleet_folder(tmp_path / "box", ["car"])
-    exe = Path(os.environ.get("VIRTUAL_ENV", "")) / "bin" / "fedseg-vehicle"
-    exe = exe if exe.exists() else Path(shutil.which("fedseg-vehicle") or "fedseg-vehicle")
 
-    ok = subprocess.run([str(exe), "--superlink", "127.0.0.1:9", "--insecure", "--data-root", str(box),
-                         "--tagset", "legacy13", "--check-only"], capture_output=True, text=True, timeout=120,
-                        check=False)
-    bad = subprocess.run([str(exe), "--superlink", "127.0.0.1:9", "--insecure", "--data-root",
-                          str(tmp_path / "nowhere"), "--check-only"], capture_output=True, text=True, timeout=120,
-                         check=False)
+    vehicle_main(["--superlink", "127.0.0.1:9", "--insecure", "--data-root", str(box), "--tagset", "legacy13",
+                  "--check-only"])
+    ok = capsys.readouterr()
+    with pytest.raises(SystemExit) as bad:
+        vehicle_main(["--superlink", "127.0.0.1:9", "--insecure", "--data-root", str(tmp_path / "nowhere")])
 
-    assert ok.returncode == 0, ok.stderr
-    assert "flower-supernode --superlink 127.0.0.1:9" in ok.stdout and "--insecure" in ok.stdout
-    assert bad.returncode == 2
-    assert bad.stderr.strip() == f"fedseg-vehicle: error: {tmp_path / 'nowhere'}: data root does not exist or is " \
-                                 "not a folder"
+    assert "flower-supernode --superlink 127.0.0.1:9" in ok.out and "--insecure" in ok.out
+    assert bad.value.code == 2
+    assert capsys.readouterr().err.strip() == (f"fedseg-vehicle: error: {tmp_path / 'nowhere'}: data root does not "
+                                               "exist or is not a folder")
 
 
 # ---- the Deployment Engine for real: SuperLink, 3 SuperNodes, flwr run, on loopback ----------------
