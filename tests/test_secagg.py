@@ -320,7 +320,8 @@ def test_smoke_under_secaggplus_matches_the_plain_run(tmp_path: Path) -> None:
     assert secure.returncode == 0, secure.stderr[-3000:]
     p, s = rows_of(plain_out)[-1], rows_of(secure_out)[-1]
     assert abs(s["miou"] - p["miou"]) <= 0.01 and abs(s["loss"] - p["loss"]) <= 0.02 * p["loss"]
-    assert s["secagg"]["survivors"] == 3 and s["bytes_up"] > p["bytes_up"]
+    # keys and shares included, packed masked vectors cost no more than the plain float32 weights
+    assert s["secagg"]["survivors"] == 3 and s["bytes_up"] <= p["bytes_up"]
     assert {"loss.png", "miou.png"} <= {f.name for f in (secure_out / "plots").iterdir()}
     assert json.loads((secure_out / "summary.json").read_text())["secagg"]["name"] == "secaggplus"
 
