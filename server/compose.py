@@ -35,6 +35,7 @@ from typing import Any
 
 from flwr.common import Context, Parameters
 from flwr.server import Grid, LegacyContext, ServerConfig
+from flwr.server.client_manager import ClientManager
 from flwr.server.strategy import Strategy
 from flwr.server.workflow import DefaultWorkflow
 
@@ -60,13 +61,16 @@ class ServerParts:
     strategy: Strategy
     recorder: RoundRecorder
     fit_workflow: SecAggPlusFit | None
+    base: Strategy  # Flower's own strategy at the bottom of the chain (its state is what resumes)
     round_timeout: float | None = None
-    base: Strategy | None = None  # Flower's own strategy at the bottom of the chain (its state resumes)
 
-    def run(self, grid: Grid, context: Context, rounds: int) -> None:
+    def run(self, grid: Grid, context: Context, rounds: int, *,
+            client_manager: ClientManager | None = None) -> None:
         """Run ``rounds`` rounds on ``grid`` (Flower's legacy workflow: where SecAgg+ lives); a round
-        waits at most ``round_timeout`` seconds for its vehicles."""
-        legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=rounds), strategy=self.strategy)
+        waits at most ``round_timeout`` seconds for its vehicles; ``client_manager`` (e.g. the fleet's,
+        ``server/fleet.py``) decides how long to wait for them to be available."""
+        legacy = LegacyContext(context=context, strategy=self.strategy, client_manager=client_manager,
+                               config=ServerConfig(num_rounds=rounds, round_timeout=self.round_timeout))
         DefaultWorkflow(fit_workflow=self.fit_workflow)(TimeoutGrid(grid, self.round_timeout), legacy)
 
 
@@ -153,7 +157,7 @@ def compose_server(settings: RunSettings, *, on_round: Callable[[dict[str, Any]]
         fit = _secagg_fit(secagg, settings, partition_sizes, start_round)
     if start_round:
         outer = RoundOffset(outer, start_round)
-    return ServerParts(outer, recorder, fit, fed.round_timeout, base)
+    return ServerParts(outer, recorder, fit, base, fed.round_timeout)
 
 
 def _secagg_fit(spec: SecAggSpec, settings: RunSettings, partition_sizes: Sequence[int] | None,

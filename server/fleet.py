@@ -17,15 +17,10 @@ import logging
 import time
 from collections.abc import Callable
 
-from flwr.common import Context
-from flwr.server import Grid, LegacyContext, ServerConfig
+from flwr.server import Grid
 from flwr.server.client_manager import SimpleClientManager
-from flwr.server.workflow import DefaultWorkflow
 
-from fedseg.deploy.runconfig import DeploySpec
 from fedseg.runlog import RunFailed
-from server.compose import ServerParts
-from server.grids import TimeoutGrid
 
 log = logging.getLogger("fedseg")
 
@@ -84,15 +79,3 @@ class FleetClientManager(SimpleClientManager):
             raise _too_few(have, num_clients, self.minimum, self.timeout)
         log.warning(f"fedseg: {have} of {num_clients} vehicles connected; the round goes on with them")
         return False
-
-
-def run_rounds(parts: ServerParts, grid: Grid, context: Context, *, rounds: int, minimum: int,
-               deploy: DeploySpec) -> None:
-    """``rounds`` rounds of Flower's legacy workflow (where SecAgg+ lives), with the fleet's limits.
-
-    ``ServerParts.run`` with this client manager; it is spelled out here until ``run`` takes one.
-    """
-    manager = FleetClientManager(minimum=minimum, timeout=deploy.join_timeout)
-    legacy = LegacyContext(context=context, strategy=parts.strategy, client_manager=manager,
-                           config=ServerConfig(num_rounds=rounds, round_timeout=parts.round_timeout))
-    DefaultWorkflow(fit_workflow=parts.fit_workflow)(TimeoutGrid(grid, parts.round_timeout), legacy)

@@ -28,25 +28,30 @@ from fedseg.reporting import RunReporter
 from fedseg.runlog import RunFailed
 from fedseg.settings import RunSettings
 from server.compose import compose_server
-from server.fleet import run_rounds, wait_for_vehicles
+from server.fleet import FleetClientManager, wait_for_vehicles
+from server.resume import ResumePoint, restore, resume_state
 
 app = ServerApp()
 log = logging.getLogger("fedseg")
 
 
-def make_reporter(settings: RunSettings, raw: dict[str, Any], data: FleetData) -> RunReporter:
-    """The held-out evaluator and output writer for this run's directory."""
+def make_reporter(settings: RunSettings, raw: dict[str, Any], data: FleetData,
+                  point: ResumePoint | None) -> RunReporter:
+    """The held-out evaluator and output writer for this run's directory (continuing ``point``)."""
     dp = settings.privacy.dp_model
     model = build_run_model(settings.model, data.label_map.num_classes, seed=settings.seed, dp=dp)
+    if point is not None:
+        set_weights(model, point.weights)
     out_dir = Path(settings.output_dir)
-    tracker = settings.tracking.build(run_dir=out_dir, config=raw,
-                                      name=f"{settings.experiment}-{settings.model.name}")
+    tracker = settings.tracking.build(run_dir=out_dir, config=raw, name=f"{settings.experiment}-{settings.model.name}",
+                                      resume_id=point.state.get("tracker_id") if point else None)
     meta = checkpoint_meta(settings.model, settings.data, data.label_map,
                            {"mode": "federated", "dp_model": dp, "strategy": settings.strategy.name,
                             "config": raw})
     return RunReporter(model=model, data=data, out_dir=out_dir, tracker=tracker, meta=meta,
                        total_rounds=settings.federation.rounds, batch_size=max(settings.federation.batch_size, 8),
-                       device=resolve_device(settings.device), example_images=settings.run.example_images)
+                       device=resolve_device(settings.device), example_images=settings.run.example_images,
+                       resume_after=point.round if point else None)
 
 
 def _stop(err: Exception) -> RunFailed:
@@ -63,6 +68,8 @@ def main(grid: Grid, context: Context) -> None:
     try:  # settings and held-out data: a mistake in either stops the run in one line, naming it
         run_config = expand_run_config(context.run_config, context.run_id)
         raw = from_run_config(run_config)
+        if raw.get("resume"):  # continue that run in its own directory (server/resume.py)
+            raw["output_dir"] = raw["resume"]
         settings, deploy = RunSettings.from_config(raw), deploy_spec(raw)
         out, fed = Path(settings.output_dir), settings.federation
         log_to_console(verbose=settings.run.verbose)
@@ -71,9 +78,11 @@ def main(grid: Grid, context: Context) -> None:
         log.info(f"fedseg: run {context.run_id}: {settings.experiment}, {settings.model.name}, {fed.rounds} "
                  f"rounds, {fed.num_clients} vehicles -> {out.resolve()}")
         data, sizes = load_heldout(settings)
+        point = ResumePoint(out) if raw.get("resume") else None
     except (ValueError, FileNotFoundError) as err:
         raise _stop(err) from None
-    reporter = make_reporter(settings, raw, data)
+    reporter = make_reporter(settings, raw, data, point)
+    start = point.round if point else 0
 
     def evaluate_fn(server_round: int, arrays: list, config: dict) -> tuple[float, dict]:
         set_weights(reporter.model, arrays)
@@ -86,8 +95,13 @@ def main(grid: Grid, context: Context) -> None:
         fleet = dataclasses.replace(settings, federation=dataclasses.replace(fed, num_clients=joined))
         parts = compose_server(fleet, on_round=reporter.record, evaluate_fn=evaluate_fn,
                                initial_parameters=ndarrays_to_parameters(get_weights(reporter.model)),
-                               partition_sizes=sizes)
-        run_rounds(parts, grid, context, rounds=fed.rounds, minimum=fed.min_fit_clients, deploy=deploy)
+                               partition_sizes=sizes, start_round=start)
+        if point is not None:
+            log.info(f"fedseg: resuming after round {start} of {fed.rounds}")
+            restore(point.state, parts.base, parts.recorder)
+        reporter.checkpoint_state = lambda: resume_state(parts.base, parts.recorder, reporter.tracker.run_id)
+        parts.run(grid, context, fed.rounds - start,
+                  client_manager=FleetClientManager(minimum=fed.min_fit_clients, timeout=deploy.join_timeout))
     except (RunFailed, ValueError) as err:  # too few vehicles joined or answered; an impossible combination
         reporter.finish({"experiment": settings.experiment, "stopped": str(err)})  # the rounds run so far
         raise _stop(err) from None

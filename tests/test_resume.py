@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 from toy_fleet import Fleet, toy_updates
 
 from fedseg.checkpoints import read_checkpoint, save_checkpoint
@@ -23,7 +31,6 @@ def test_resumed_run_matches_the_uninterrupted_one(strategy: str, tmp_path: Path
     # the way the reporter saves it (a weights-only checkpoint).
     full = Fleet(toy_updates(), [1, 2, 3], PLAIN, strategy=strategy, rounds=3).run()
     first = Fleet(toy_updates(), [1, 2, 3], PLAIN, strategy=strategy, rounds=1).run()
-    assert first.parts.base is not None
     state = resume_state(first.parts.base, first.parts.recorder, tracker_id=None)
     save_checkpoint(tmp_path / "global.pt", torch.nn.Linear(1, 1), {"backbone": "x", "num_classes": 1,
                                                                      "round": 1, "resume": state})
@@ -60,3 +67,77 @@ def test_run_log_resumed_after_round_k_keeps_rows_up_to_k_once(tmp_path: Path) -
 
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [0, 1, 2, 3] and rows[-1]["loss"] == 0.5
+
+
+# ---- end to end: fedseg-sim killed with SIGKILL mid-run, then `fedseg-sim resume=DIR` ----
+
+def _marked_pids(mark: str) -> list[int]:
+    """Every process whose environment carries FEDSEG_TEST_MARK=mark (Flower detaches some children)."""
+    needle, pids = f"FEDSEG_TEST_MARK={mark}".encode(), []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                if needle in (entry / "environ").read_bytes().split(b"\0"):
+                    pids.append(int(entry.name))
+            except OSError:
+                continue
+    return pids
+
+
+def _kill_all(mark: str) -> None:
+    for _ in range(20):
+        pids = _marked_pids(mark)
+        if not pids:
+            return
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.5)
+
+
+def _checkpoint_round(run_dir: Path) -> int:
+    try:
+        return int(read_checkpoint(run_dir / "checkpoints" / "global.pt")["round"])
+    except (FileNotFoundError, ValueError):
+        return -1
+
+
+def _client_epsilon(run_dir: Path) -> dict[str, float]:
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return rows[-1].get("client_epsilon") or {}
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("privacy", ["none", "dpsgd"])
+def test_sim_killed_after_round_2_resumes_to_round_4_with_each_row_once(privacy: str, tmp_path: Path) -> None:
+    # Prepare: a 4-round smoke run, killed (SIGKILL, the whole tree) once round 2's checkpoint exists.
+    run_dir, mark = tmp_path / "run", uuid.uuid4().hex
+    exe = Path(sys.executable).with_name("fedseg-sim")
+    env = {**os.environ, "FEDSEG_DATA_CACHE": str(tmp_path / "cache"), "FEDSEG_TEST_MARK": mark}
+    args = [str(exe), "experiment=smoke", "federation.rounds=4", f"privacy={privacy}", "run.progress=false"]
+    proc = subprocess.Popen([*args, f"hydra.run.dir={run_dir}"], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while _checkpoint_round(run_dir) < 2 and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        killed_at = _checkpoint_round(run_dir)
+        before = _client_epsilon(run_dir)
+    finally:
+        _kill_all(mark)
+        proc.wait(timeout=30)
+    assert 2 <= killed_at < 4, f"the run was not caught mid-way (checkpoint round {killed_at})"
+
+    # Execute
+    resumed = subprocess.run([str(exe), f"resume={run_dir}"], env={**env, "FEDSEG_TEST_MARK": uuid.uuid4().hex},
+                             capture_output=True, text=True, timeout=600, check=False)
+
+    # Assert: rounds 0..4 exactly once; the run's own config kept; epsilon never went down.
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    rounds = [json.loads(x)["round"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert rounds == [0, 1, 2, 3, 4]
+    saved = OmegaConf.load(run_dir / ".hydra" / "config.yaml")  # the run's own config, not the resume call's
+    assert saved.experiment_name == "smoke" and saved.federation.rounds == 4 and saved.resume is None
+    after = _client_epsilon(run_dir)
+    if privacy == "dpsgd":
+        assert set(before) == set(after) and all(after[v] >= before[v] for v in before), (before, after)

@@ -82,7 +82,6 @@ class Fleet:
                                     initial_parameters=ndarrays_to_parameters(start),
                                     partition_sizes=list(self.examples), start_round=start_round)
         if state is not None:
-            assert self.parts.base is not None
             restore(state, self.parts.base, self.parts.recorder)
         server = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
         self.parts.run(self.grid, server, self.rounds - start_round)
