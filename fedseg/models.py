@@ -26,7 +26,7 @@ from torch import nn
 from fedseg.config import ModelSpec
 
 _DEFAULT_DECODER = (256, 128, 64, 32, 16)  # smp's UNet default
-# Every entry trains under DP-SGD through ``fedseg.privacy.make_dp_compatible`` (BatchNorm ->
+# Every entry trains under DP-SGD through ``fedseg._dp_compat.make_dp_compatible`` (BatchNorm ->
 # GroupNorm, out-of-place residual adds and activations), tested for each in tests/test_privacy.py;
 # plain ``hooks`` fails without those fixes (in-place ``out += identity`` on hooked outputs).
 

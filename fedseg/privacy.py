@@ -1,10 +1,10 @@
-"""Differential privacy for one vehicle: Opacus DP-SGD, accounted across rounds and budgeted.
+"""Differential privacy: the privacy registry, its typed specs, and how a vehicle trains under each.
 
-Privacy unit: one camera frame. Each local step is Opacus' sampled Gaussian mechanism (Poisson
-sampling at ``q = 1 / steps_per_epoch``, each frame's gradient clipped to ``max_grad_norm``,
-Gaussian noise ``noise_multiplier * max_grad_norm``). A vehicle trains in many rounds, so its
-accountant history, a list of ``(noise_multiplier, sample_rate, steps)``, outlives the process
-(:class:`ClientPrivacy`); epsilon is always Opacus' own accountant applied to that history.
+``privacy=dpsgd``: per-frame DP-SGD on every vehicle. Each local step is Opacus' sampled Gaussian
+mechanism (Poisson sampling at ``q = 1 / steps_per_epoch``, each frame's gradient clipped to
+``max_grad_norm``, Gaussian noise ``noise_multiplier * max_grad_norm``); a vehicle's accountant
+history outlives its process, and epsilon is always Opacus' own accountant over it. The Opacus
+machinery is :mod:`fedseg.dpsgd`, imported only when a vehicle trains under DP-SGD.
 
 The ``PRIVACY`` registry holds one typed spec per mode (``none``, ``dpsgd``, ``central``); each spec
 gives the vehicle its :class:`LocalTrainer`, so DP-SGD wraps local training and a client's ``fit``
@@ -14,33 +14,17 @@ wrapper and a client mod, composed in ``server/compose.py`` and ``clients/``).
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import tempfile
 import typing
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Protocol
 
-import numpy as np
 import torch
-from opacus import PrivacyEngine
-from opacus.accountants import create_accountant
-from opacus.accountants.utils import get_noise_multiplier
-from opacus.data_loader import DPDataLoader
 from torch import nn
 from torch.utils.data import DataLoader
 
-from fedseg._dp_compat import (
-    PerSampleSegmentationLoss,
-    make_dp_compatible,
-    per_sample_segmentation_loss,
-    unwrap_model,
-    unwrap_state_dict,
-)
 from fedseg.config import bounded, parse_choice
 from fedseg.training import TrainResult, train
 
@@ -51,39 +35,7 @@ DEFAULT_GRAD_SAMPLE_MODE: GradSampleMode = "ghost"
 GRAD_SAMPLE_MODES: tuple[GradSampleMode, ...] = typing.get_args(GradSampleMode)
 Accountant = Literal["rdp", "prv"]
 ACCOUNTANTS: tuple[Accountant, ...] = typing.get_args(Accountant)
-History = list[tuple[float, float, int]]
 
-# Opacus hooks the image-facing first conv, whose input never requires grad; PyTorch then warns on
-# every backward. Expected here, and it would bury real warnings in every client's log.
-warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed")
-
-__all__ = [
-    "ACCOUNTANTS",
-    "DEFAULT_GRAD_SAMPLE_MODE",
-    "GRAD_SAMPLE_MODES",
-    "PRIVACY",
-    "CentralDPSpec",
-    "ClientPrivacy",
-    "DPSGDTrainer",
-    "DPSpec",
-    "LocalTrainer",
-    "NoPrivacy",
-    "PerSampleSegmentationLoss",
-    "PlainTrainer",
-    "PrivacySpec",
-    "RoundOutcome",
-    "VehicleBudget",
-    "calibrate_noise",
-    "default_delta",
-    "epsilon_of",
-    "make_dp_compatible",
-    "parse_privacy",
-    "per_sample_segmentation_loss",
-    "private_round",
-    "steps_per_epoch",
-    "unwrap_model",
-    "unwrap_state_dict",
-]
 
 
 class LocalTrainer(Protocol):
@@ -185,6 +137,8 @@ class DPSpec:
             if self.target_epsilon is None:
                 continue
             steps = rounds * local_epochs * steps_per_epoch(n, batch_size)
+            from fedseg.dpsgd import calibrate_noise  # Opacus: only where DP-SGD is configured
+
             try:
                 calibrate_noise(self.target_epsilon, delta, 1.0 / steps_per_epoch(n, batch_size), steps,
                                 self.accountant)
@@ -195,6 +149,8 @@ class DPSpec:
 
     def vehicle_trainer(self, budget: VehicleBudget) -> LocalTrainer:
         """DP-SGD with this vehicle's accountant: from its disk file, then context.state if that spent more."""
+        from fedseg.dpsgd import ClientPrivacy, DPSGDTrainer  # Opacus: only where DP-SGD is configured
+
         planned = budget.rounds * budget.local_epochs * steps_per_epoch(budget.num_examples, budget.batch_size)
         state_dir = Path(self.state_dir) if self.state_dir else budget.state_dir
         privacy = ClientPrivacy(self, num_examples=budget.num_examples, batch_size=budget.batch_size,
@@ -246,208 +202,3 @@ def steps_per_epoch(num_examples: int, batch_size: int) -> int:
 def default_delta(num_examples: int) -> float:
     """Delta well below 1/N (a mechanism leaking one frame with prob. 1/N would pass 1/N): min(1e-5, 0.1/N)."""
     return min(1e-5, 0.1 / max(num_examples, 1))
-
-
-def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, steps: int,
-                    accountant: str = "rdp") -> float:
-    """Smallest noise multiplier (Opacus' search) keeping ``steps`` steps within ``target_epsilon``."""
-    with warnings.catch_warnings():  # the search probes extreme noise levels, where RDP warns
-        warnings.simplefilter("ignore")
-        return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
-                                          sample_rate=sample_rate, steps=steps, accountant=accountant))
-
-
-def epsilon_of(history: History, delta: float, accountant: str = "rdp") -> float:
-    """Opacus' epsilon for a ``(noise, sample_rate, steps)`` history; 0 before any step."""
-    if not history:
-        return 0.0
-    acc = create_accountant(mechanism=accountant)
-    acc.history = [tuple(entry) for entry in history]
-    with warnings.catch_warnings():  # PRV warns about its own numerical error bounds
-        warnings.simplefilter("ignore")
-        return float(acc.get_epsilon(delta=delta))
-
-
-class ClientPrivacy:
-    """One vehicle's DP-SGD state across rounds: its noise, accountant history, budget and disk copy.
-
-    A round: ``can_train(round_steps(epochs))`` -> ``attach(...)`` -> ``engine.train`` -> ``commit()``.
-    ``attach`` first records the round's planned steps as *pending* and saves, so a process killed
-    mid-round restarts counting them as spent: the reported epsilon can be too high, never too low.
-    """
-
-    def __init__(self, spec: DPSpec, *, num_examples: int, batch_size: int, planned_steps: int,
-                 state_path: str | os.PathLike[str] | None = None) -> None:
-        """``planned_steps``: this vehicle's DP steps over the whole run (calibrates ``target_epsilon``);
-        ``state_path``: JSON file loaded now if it exists and rewritten on every ``attach``/``commit``."""
-        self.spec = spec
-        self.steps_per_epoch = steps_per_epoch(num_examples, batch_size)
-        self.sample_rate = 1.0 / self.steps_per_epoch  # what Opacus' DPDataLoader samples at
-        self.delta = spec.delta if spec.delta is not None else default_delta(num_examples)
-        if spec.noise_multiplier is not None:
-            self.noise_multiplier = float(spec.noise_multiplier)
-        else:
-            assert spec.target_epsilon is not None  # DPSpec guarantees one of the two
-            self.noise_multiplier = calibrate_noise(spec.target_epsilon, self.delta, self.sample_rate,
-                                                    max(planned_steps, 1), spec.accountant)
-        self.state_path = Path(state_path) if state_path is not None else None
-        self._history: History = []  # committed steps
-        self._pending: tuple[float, float, int] | None = None  # steps reserved by the round in flight
-        self._engine: PrivacyEngine | None = None
-        self._wrapped: nn.Module | None = None  # Opacus' wrapper of the round in flight
-        if self.state_path is not None and self.state_path.exists():
-            self.load_state(self.state_path.read_bytes())
-
-    def round_steps(self, epochs: int) -> int:
-        """DP steps of one round of ``epochs`` local epochs."""
-        return epochs * self.steps_per_epoch
-
-    def spent_history(self) -> History:
-        """Committed history plus any pending reservation: what must be counted as spent."""
-        return self._history + ([self._pending] if self._pending else [])
-
-    def epsilon(self) -> float:
-        """Epsilon spent so far at ``self.delta`` (Opacus' accountant over :meth:`spent_history`)."""
-        return epsilon_of(self.spent_history(), self.delta, self.spec.accountant)
-
-    def can_train(self, steps: int) -> tuple[bool, float]:
-        """Would ``steps`` more steps keep epsilon within ``max_epsilon``? Returns (ok, epsilon after)."""
-        after = epsilon_of(self.spent_history() + [(self.noise_multiplier, self.sample_rate, steps)],
-                           self.delta, self.spec.accountant)
-        return (self.spec.max_epsilon is None or after <= self.spec.max_epsilon), after
-
-    def attach(self, model: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader, *,
-               seed: int, epochs: int = 1) -> tuple[nn.Module, torch.optim.Optimizer, DataLoader, Any]:
-        """Wrap for DP-SGD; returns (model, optimizer, Poisson loader, criterion) for ``engine.train``.
-
-        ``model`` must come from :func:`make_dp_compatible`; ``loader`` must not drop its last batch
-        (its length sets the sampling rate). ``seed`` and the steps already taken fix the Poisson
-        sampling and the noise (ignored with ``secure_rng``).
-        """
-        if self._pending is not None:
-            raise RuntimeError("ClientPrivacy.attach: the previous round was not committed")
-        if len(loader) != self.steps_per_epoch or loader.drop_last:
-            raise ValueError(f"loader has {len(loader)} batches (drop_last={loader.drop_last}); "
-                             f"ClientPrivacy was sized for {self.steps_per_epoch} with drop_last=False")
-        with warnings.catch_warnings():  # "Secure RNG turned off": a choice made in the config
-            warnings.simplefilter("ignore")
-            engine = PrivacyEngine(accountant=self.spec.accountant, secure_mode=self.spec.secure_rng)
-        engine.accountant.history = list(self._history)  # epsilon continues across rounds
-        # Seeded sampling and noise (Opacus would fall back to the global RNG), mixed with the steps
-        # already taken: a caller passing the same seed every round must not get the same noise.
-        noise = None
-        if not self.spec.secure_rng:
-            taken = sum(entry[2] for entry in self._history)
-            sampling, noise = (torch.Generator().manual_seed(int(s)) for s in
-                               np.random.SeedSequence([seed, taken]).generate_state(2))
-            loader = DPDataLoader.from_data_loader(loader, generator=sampling)
-        wrapped = engine.make_private(
-            module=model, optimizer=optimizer, data_loader=loader, criterion=PerSampleSegmentationLoss(),
-            noise_multiplier=self.noise_multiplier, max_grad_norm=self.spec.max_grad_norm,
-            grad_sample_mode=self.spec.grad_sample_mode, poisson_sampling=self.spec.secure_rng,
-            noise_generator=noise)
-        if self.spec.grad_sample_mode == "ghost":
-            model, optimizer, criterion, loader = wrapped
-        else:  # same per-frame loss definition in every mode, so clipping bounds the same quantity
-            (model, optimizer, loader), criterion = wrapped, PerSampleSegmentationLoss()
-        model.forbid_grad_accumulation()  # type: ignore[operator]  # make_private only does it with Poisson
-        self._engine, self._wrapped = engine, model
-        self._pending = (self.noise_multiplier, self.sample_rate, self.round_steps(epochs))
-        self.save()
-        return model, optimizer, loader, criterion
-
-    def commit(self) -> float:
-        """End the round: keep the steps really taken, drop the reservation, save; returns epsilon.
-
-        Also removes Opacus' hooks, so the plain model can be attached again next round (its state
-        is still readable through :func:`unwrap_state_dict` of the wrapper).
-        """
-        if self._engine is not None:
-            self._history = [(float(n), float(q), int(k)) for n, q, k in self._engine.accountant.history]
-        if self._wrapped is not None:
-            unwrap_model(self._wrapped)
-        self._engine, self._wrapped, self._pending = None, None, None
-        self.save()
-        return self.epsilon()
-
-    def state(self) -> dict[str, Any]:
-        """JSON-able state (for Flower's ``context.state`` and the disk copy)."""
-        return {"version": 1, "accountant": self.spec.accountant, "delta": self.delta,
-                "noise_multiplier": self.noise_multiplier, "sample_rate": self.sample_rate,
-                "history": [list(e) for e in self._history],
-                "pending": list(self._pending) if self._pending else None}
-
-    def to_bytes(self) -> bytes:
-        """:meth:`state` as UTF-8 JSON."""
-        return json.dumps(self.state()).encode()
-
-    def load_state(self, blob: bytes | str | Mapping[str, Any]) -> None:
-        """Adopt a saved state if it has spent more than this one (so two copies never lose steps).
-
-        A saved pending reservation counts as spent: nobody knows how much of that round ran.
-        """
-        if self._engine is not None:
-            raise RuntimeError("ClientPrivacy.load_state during a round (after attach, before commit)")
-        state = json.loads(blob) if isinstance(blob, bytes | str) else dict(blob)
-        saved: History = [(float(n), float(q), int(s)) for n, q, s in state["history"]]
-        if state.get("pending"):
-            n, q, s = state["pending"]
-            saved.append((float(n), float(q), int(s)))
-        current = self.spent_history()
-        if epsilon_of(saved, self.delta, self.spec.accountant) > epsilon_of(current, self.delta,
-                                                                              self.spec.accountant):
-            self._history, self._pending = saved, None
-
-    def save(self, path: str | os.PathLike[str] | None = None) -> None:
-        """Write :meth:`state` atomically (temp file + rename) to ``path`` or ``state_path``, if any."""
-        target = Path(path) if path is not None else self.state_path
-        if target is None:
-            return
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=target.name, suffix=".tmp")
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(self.to_bytes())
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, target)
-
-
-def private_round(privacy: ClientPrivacy, model: nn.Module, loader: DataLoader,
-                  optimizer: torch.optim.Optimizer, *, epochs: int, seed: int, proximal_mu: float = 0.0,
-                  device: str | torch.device = "cpu") -> TrainResult | None:
-    """One vehicle's DP-SGD round; ``None`` (nothing trained, nothing spent) if the budget forbids it.
-
-    After it returns, ``model`` (the plain, unwrapped module) holds the trained weights with the same
-    state-dict keys as without DP.
-    """
-    ok, _ = privacy.can_train(privacy.round_steps(epochs))
-    if not ok:
-        return None
-    dp_model, dp_optimizer, dp_loader, criterion = privacy.attach(model, optimizer, loader, seed=seed,
-                                                                  epochs=epochs)
-    result = train(dp_model, dp_loader, dp_optimizer, epochs=epochs, criterion=criterion,
-                   proximal_mu=proximal_mu, device=device)
-    privacy.commit()
-    return result
-
-
-class DPSGDTrainer:
-    """DP-SGD around local training: Opacus wraps model, optimizer and loader for each round."""
-
-    def __init__(self, privacy: ClientPrivacy) -> None:
-        self.privacy = privacy
-
-    def train_round(self, model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, *,
-                    epochs: int, seed: int, proximal_mu: float, device: str) -> RoundOutcome:
-        result = private_round(self.privacy, model, loader, optimizer, epochs=epochs, seed=seed,
-                               proximal_mu=proximal_mu, device=device)
-        metrics: dict[str, Any] = {"epsilon": self.privacy.epsilon(), "delta": self.privacy.delta,
-                                   "noise_multiplier": self.privacy.noise_multiplier}
-        if result is None:  # budget exhausted: say so; the server leaves this vehicle out
-            metrics |= {"skipped": True, "reason": "privacy budget exhausted"}
-        return RoundOutcome(result, metrics)
-
-    def state(self) -> bytes | None:
-        return self.privacy.to_bytes()
-
-

@@ -12,7 +12,8 @@ from flwr.common import Context, RecordDict
 
 from clients.client_app import STATE_KEY, VehicleClient
 from fedseg.config import to_run_config
-from fedseg.privacy import NoPrivacy, epsilon_of
+from fedseg.dpsgd import epsilon_of
+from fedseg.privacy import NoPrivacy
 from fedseg.settings import RunSettings, settings_of
 
 

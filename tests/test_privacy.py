@@ -14,21 +14,21 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from fedseg import models
-from fedseg._dp_compat import make_residuals_out_of_place
+from fedseg._dp_compat import (
+    make_dp_compatible,
+    make_residuals_out_of_place,
+    per_sample_segmentation_loss,
+    unwrap_model,
+    unwrap_state_dict,
+)
+from fedseg.dpsgd import ClientPrivacy, calibrate_noise, epsilon_of
 from fedseg.models import BACKBONES, build_model
 from fedseg.privacy import (
     DEFAULT_GRAD_SAMPLE_MODE,
     GRAD_SAMPLE_MODES,
-    ClientPrivacy,
     DPSpec,
-    calibrate_noise,
     default_delta,
-    epsilon_of,
-    make_dp_compatible,
     parse_privacy,
-    per_sample_segmentation_loss,
-    unwrap_model,
-    unwrap_state_dict,
 )
 from fedseg.training import train
 

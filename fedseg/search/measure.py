@@ -125,7 +125,9 @@ def train_and_score(model: torch.nn.Module, data: SearchData, spec: SearchSpec, 
     loader = make_loader(data.train, batch_size=spec.batch_size, shuffle=True, seed=seed)
     criterion, privacy = None, None
     if dp is not None:
-        from fedseg.privacy import ClientPrivacy, make_dp_compatible, steps_per_epoch
+        from fedseg._dp_compat import make_dp_compatible
+        from fedseg.dpsgd import ClientPrivacy
+        from fedseg.privacy import steps_per_epoch
 
         model = make_dp_compatible(model)
         steps = spec.train_epochs * steps_per_epoch(len(data.train), spec.batch_size)

@@ -19,7 +19,7 @@ How each number is obtained (all at batch 1 unless stated):
   each new storage counted once, uncounted when Python frees it; deterministic, unlike RSS).
 * ``train_step_memory_mb``: the same peak over one plain Adam step at the training batch and size.
 * ``dp_step_memory_mb``: the same peak over one Opacus DP-SGD step (forward, per-sample clipping,
-  noise, optimizer step) of the DP-compatible model (``fedseg.privacy.make_dp_compatible``) with
+  noise, optimizer step) of the DP-compatible model (``fedseg._dp_compat.make_dp_compatible``) with
   Adam, at the training batch size and image size; ``None`` with ``dp_note`` saying why when it
   cannot be measured.
 * INT8: the model is exported to ONNX and statically quantized (``fedseg.export``); latencies are
@@ -90,7 +90,8 @@ def dp_step_memory_mb(model: nn.Module, *, batch_size: int, image_size: Sequence
     try:
         from opacus import PrivacyEngine
 
-        from fedseg.privacy import DEFAULT_GRAD_SAMPLE_MODE, PerSampleSegmentationLoss, make_dp_compatible
+        from fedseg._dp_compat import PerSampleSegmentationLoss, make_dp_compatible
+        from fedseg.privacy import DEFAULT_GRAD_SAMPLE_MODE
     except ImportError as err:  # DP is an optional feature of the search
         return None, f"DP not available: {err}"
     try:

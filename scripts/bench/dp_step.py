@@ -39,8 +39,10 @@ def measure(mode: str, args: argparse.Namespace) -> dict[str, float]:
     """Time ``args.steps`` steps after ``args.warmup`` warm-up steps for one mode, in this process."""
     from torch.utils.data import DataLoader, TensorDataset
 
+    from fedseg._dp_compat import PerSampleSegmentationLoss, make_dp_compatible
+    from fedseg.dpsgd import ClientPrivacy
     from fedseg.models import build_model
-    from fedseg.privacy import ClientPrivacy, DPSpec, PerSampleSegmentationLoss, make_dp_compatible
+    from fedseg.privacy import DPSpec
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
