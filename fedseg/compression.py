@@ -7,9 +7,9 @@ quantizing (``int8``) it loses far less than doing so to the weights, and sparsi
 ``randk``) it means "leave the other coordinates as they are". ``bytes_up`` in ``metrics.jsonl`` stays
 the encoded arrays' real serialized size; the global model still goes down in float32.
 
-A codec is a spec with ``encode(update, seed=, rng=)`` and ``decode(encoded, like, seed=)`` (``like``:
-the global arrays, whose shapes and dtypes both sides know); integer buffers (BatchNorm's step
-counters) always travel whole. Sparse codecs send arrays smaller than ``dense_below`` whole too
+A codec is a spec with ``encode(update, like, seed=, rng=)`` and ``decode(encoded, like, seed=)``
+(``like``: the global arrays, whose shapes and dtypes both sides know); integer buffers (BatchNorm's
+step counters) always travel whole. Sparse codecs send arrays smaller than ``dense_below`` whole too
 (biases and norm layers: a few KB in all, and the ones that move most). Codecs with error feedback
 keep on the vehicle what they did not send (``residual``) and add it to the next update, so the sum
 of what a vehicle sends tracks the sum of its true updates.
