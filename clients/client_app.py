@@ -6,7 +6,7 @@ only itself: ``context.node_config`` names its data (``data-root=DIR`` on an edg
 Its settings come from ``context.run_config`` (the flattened Hydra config, or the Hydra ``overrides``
 that :func:`expand_settings` composes into it first, parsed once per run). How it trains (plainly,
 or under DP-SGD) is the privacy spec's :class:`~fedseg.privacy.LocalTrainer`; the mods around it
-(SecAgg+, update clipping) are chosen once per run in ``clients/mods.py``.
+(SecAgg+, the update codec, update clipping) are chosen once per run in ``clients/mods.py``.
 """
 
 from __future__ import annotations
