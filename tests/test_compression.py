@@ -6,14 +6,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from smoke_runs import run_sim
 from toy_fleet import EXAMPLES, START, Fleet
 
 from fedseg.compression import (
@@ -281,13 +279,6 @@ def test_randk_under_secaggplus_gives_the_mean_on_the_round_positions(tmp_path: 
 
 # ---- end to end: fedseg-sim with every codec (same seed), and SecAgg+ refusing topk in one line ----
 
-def run_sim(tmp: Path, name: str, *overrides: str) -> tuple[subprocess.CompletedProcess, Path]:
-    out = tmp / name
-    exe = Path(sys.executable).with_name("fedseg-sim")
-    env = {**os.environ, "FEDSEG_DATA_CACHE": str(tmp / "cache")}
-    args = [str(exe), "experiment=smoke", "run.progress=false", f"hydra.run.dir={out}", *overrides]
-    proc = subprocess.run(args, check=False, capture_output=True, text=True, env=env, timeout=900)
-    return proc, out
 
 
 @pytest.mark.e2e

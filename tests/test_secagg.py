@@ -8,9 +8,6 @@ side is the real DefaultWorkflow + SecAggPlusFit + SecureSumStrategy + RoundReco
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any, cast
 
@@ -18,6 +15,7 @@ import numpy as np
 import pytest
 from flwr.common import bytes_to_ndarray
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+from smoke_runs import rows_of, run_sim
 from toy_fleet import EXAMPLES, START, UPDATES, Fleet, toy_updates
 
 from fedseg.fixedpoint import (
@@ -298,17 +296,8 @@ def test_delta_codec_round_trips_weights_and_counters() -> None:
 
 # ---- end to end: the smoke run under SecAgg+ against the plain smoke run (same seed) ----
 
-def run_sim(tmp: Path, name: str, *overrides: str) -> tuple[subprocess.CompletedProcess, Path]:
-    out = tmp / name
-    exe = Path(sys.executable).with_name("fedseg-sim")
-    env = {**os.environ, "FEDSEG_DATA_CACHE": str(tmp / "cache")}
-    args = [str(exe), "experiment=smoke", "run.progress=false", f"hydra.run.dir={out}", *overrides]
-    proc = subprocess.run(args, check=False, capture_output=True, text=True, env=env, timeout=900)
-    return proc, out
 
 
-def rows_of(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.mark.e2e
