@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from smoke_runs import run_sim
+from smoke_runs import rows_of, run_sim
 from toy_fleet import EXAMPLES, START, Fleet
 
 from fedseg.compression import (
@@ -287,7 +287,7 @@ def test_smoke_runs_with_every_codec_and_counts_the_encoded_bytes(tmp_path: Path
     for codec in CODECS:
         proc, out = run_sim(tmp_path, codec, f"compression={codec}")
         assert proc.returncode == 0, f"{codec}: {proc.stderr[-3000:]}"
-        rows[codec] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        rows[codec] = rows_of(out)
 
     ratio = {c: rows[c][-1]["bytes_up"] / rows["none"][-1]["bytes_up"] for c in CODECS}
     assert 0.48 <= ratio["fp16"] <= 0.55 and 0.23 <= ratio["int8"] <= 0.30, ratio
