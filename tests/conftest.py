@@ -1,0 +1,34 @@
+"""Shared test set-up."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+
+import pytest
+from absl import logging as absl_logging
+
+# dp-accounting (Flower's DP accountant) imports absl, whose log handler keeps the sys.stderr of the
+# moment it was imported: under pytest, the capture stream. When an entry point run in-process
+# configures logging (Hydra's dictConfig), the old handlers are closed, and absl closes its stream
+# unless it *is* the current sys.stderr; inside a capsys test it is not, so pytest's own stderr
+# would be closed mid-session. Give absl a stream of its own.
+absl_logging.get_absl_handler().python_handler.stream = open(os.devnull, "w")  # noqa: SIM115
+
+
+@pytest.fixture(autouse=True)
+def _logging_as_it_was() -> Iterator[None]:
+    """Put the logging set-up back after each test.
+
+    Entry points run in-process (Hydra's ``main``) configure logging with handlers bound to the
+    test's captured stdout/stderr; a later log record must not go to a stream pytest has closed.
+    """
+    loggers = [logging.getLogger()] + [logging.getLogger(name) for name in ("fedseg", "flwr", "py.warnings")]
+    saved = [(lg, list(lg.handlers), lg.level, lg.propagate) for lg in loggers]
+    yield
+    for lg, handlers, level, propagate in saved:
+        lg.handlers[:] = handlers
+        lg.setLevel(level)
+        lg.propagate = propagate
+    logging.captureWarnings(False)
