@@ -6,7 +6,7 @@ to the no-DP run measured in the same invocation.
 
     python scripts/bench/dp_accuracy.py                           # the default experiment
     python scripts/bench/dp_accuracy.py federation.rounds=4       # shorter, same shape
-    python scripts/bench/dp_accuracy.py experiment=smoke --out /tmp/dp_acc
+    python scripts/bench/dp_accuracy.py experiment=smoke --out /tmp/dp_acc --json   # JSON last line
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every run")
     parser.add_argument("--out", type=Path, default=Path("outputs/bench_dp_accuracy"))
+    parser.add_argument("--json", action="store_true", help="print the results as JSON on the last line")
     args = parser.parse_args()
     rows = {name: run(name, [*args.overrides, *extra], args.out) for name, extra in SETTINGS.items()}
     base = rows["no DP"]["miou"]
@@ -52,6 +53,11 @@ def main() -> None:
         eps = f"{r['epsilon']:.2f}" if r.get("epsilon") is not None else "-"
         print(f"| {name} | {r['miou']:.3f} | {r['miou'] / base:.2f} | {r['loss']:.3f} | {eps} | "
               f"{r['wall_s']:.0f} |")
+    if args.json:
+        eps8, eps3 = rows["DP-SGD eps=8"]["miou"], rows["DP-SGD eps=3"]["miou"]
+        print(json.dumps({"overrides": args.overrides, "miou": {"no_dp": base, "eps8": eps8, "eps3": eps3},
+                          "ratio": {"eps8": eps8 / base, "eps3": eps3 / base},
+                          "wall_s": {name: r["wall_s"] for name, r in rows.items()}}))
 
 
 if __name__ == "__main__":

@@ -102,6 +102,26 @@ def run_all(args: argparse.Namespace) -> None:
         ratio = {k: res[k] / plain[k] if isinstance(plain, dict) else float("nan") for k in res}
         print(f"{mode:10s} {res['s_per_step']:8.3f} {ratio['s_per_step']:8.2f} {res['cpu_s']:8.3f} "
               f"{ratio['cpu_s']:8.2f} {res['peak_mb']:8.0f} {ratio['peak_mb']:8.2f}")
+    if args.json:
+        print(json.dumps(summary_json(results, args)))
+
+
+def summary_json(results: dict[str, dict[str, float] | str], args: argparse.Namespace) -> dict:
+    """The table as one JSON object: each mode's numbers and ratios to plain, and the default mode's."""
+    from fedseg.privacy import DEFAULT_GRAD_SAMPLE_MODE
+
+    plain = results.get("plain")
+    modes: dict[str, dict] = {}
+    for mode, res in results.items():
+        if isinstance(res, str) or not isinstance(plain, dict):
+            modes[mode] = {"error": res if isinstance(res, str) else "plain failed"}
+            continue
+        modes[mode] = {**res, "time_ratio": res["s_per_step"] / plain["s_per_step"],
+                       "cpu_ratio": res["cpu_s"] / plain["cpu_s"], "memory_ratio": res["peak_mb"] / plain["peak_mb"]}
+    default = modes.get(DEFAULT_GRAD_SAMPLE_MODE, {})
+    return {"backbone": args.backbone, "size": list(args.size), "batch": args.batch, "threads": args.threads,
+            "modes": modes, "default_mode": DEFAULT_GRAD_SAMPLE_MODE,
+            "default_time_ratio": default.get("time_ratio"), "default_memory_ratio": default.get("memory_ratio")}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -116,6 +136,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--modes", default=",".join(MODES), help=f"comma list from {','.join(MODES)}")
+    parser.add_argument("--json", action="store_true", help="print the table as JSON on the last line")
     parser.add_argument("--only", default=None, help=argparse.SUPPRESS)  # internal: one mode, JSON out
     args = parser.parse_args(argv)
     parts = [int(v) for v in str(args.size).replace("x", ",").split(",")]
