@@ -19,6 +19,7 @@ from omegaconf import OmegaConf
 from toy_fleet import Fleet, toy_updates
 
 from fedseg.checkpoints import read_checkpoint, save_checkpoint
+from fedseg.deploy.processes import tagged_pids
 from fedseg.runlog import RunLog
 from server.resume import resume_state
 
@@ -71,22 +72,9 @@ def test_run_log_resumed_after_round_k_keeps_rows_up_to_k_once(tmp_path: Path) -
 
 # ---- end to end: fedseg-sim killed with SIGKILL mid-run, then `fedseg-sim resume=DIR` ----
 
-def _marked_pids(mark: str) -> list[int]:
-    """Every process whose environment carries FEDSEG_TEST_MARK=mark (Flower detaches some children)."""
-    needle, pids = f"FEDSEG_TEST_MARK={mark}".encode(), []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and int(entry.name) != os.getpid():
-            try:
-                if needle in (entry / "environ").read_bytes().split(b"\0"):
-                    pids.append(int(entry.name))
-            except OSError:
-                continue
-    return pids
-
-
 def _kill_all(mark: str) -> None:
     for _ in range(20):
-        pids = _marked_pids(mark)
+        pids = tagged_pids(mark, variable="FEDSEG_TEST_MARK")  # Flower detaches some children
         if not pids:
             return
         for pid in pids:

@@ -46,9 +46,9 @@ def wait_for_port(port: int, timeout: float, alive: subprocess.Popen | None = No
     raise RuntimeError(f"nothing listened on port {port} within {timeout:g} s")
 
 
-def tagged_pids(tag: str) -> list[int]:
-    """Processes whose environment carries ``TAG=tag`` (this process excluded)."""
-    needle = f"{TAG}={tag}".encode()
+def tagged_pids(tag: str, variable: str = TAG) -> list[int]:
+    """Processes whose environment carries ``variable=tag`` (this process excluded)."""
+    needle = f"{variable}={tag}".encode()
     pids = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
