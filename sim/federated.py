@@ -16,7 +16,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from fedseg.config import to_run_config
-from fedseg.data import load_data
+from fedseg.data import describe_sizes, fleet_frames
 from fedseg.settings import RunSettings, check_choices
 from server.compose import check_composition
 from sim._cli import CONF_DIR, resolve, user_errors
@@ -33,13 +33,14 @@ def run(cfg: DictConfig) -> dict:
     settings = RunSettings.from_config(raw)
     check_choices(settings)
     fed = settings.federation
-    # Generate/validate the data once, up front: bad frames fail here, naming the file, before any
-    # vehicle starts, and Ray workers then find the synthetic fleet already cached.
-    data = load_data(settings.data, num_clients=fed.num_clients, seed=settings.seed,
-                     progress=settings.run.progress)
-    sizes = [len(d) for d in data.clients]
+    # A user's folder is listed and every file decoded here, so bad frames fail before any vehicle
+    # starts, naming the file. The synthetic fleet is only described: each vehicle renders (and
+    # caches) its own frames when first sampled, so start-up does not grow with the fleet.
+    fleet = fleet_frames(settings.data, num_clients=fed.num_clients, seed=settings.seed, check=True,
+                         progress=settings.run.progress)
+    sizes = fleet.sizes()
     check_composition(settings, sizes)  # impossible combinations fail here, before Ray starts
-    log.info(f"fedseg-sim: {fed.num_clients} vehicles ({sizes} frames), {len(data.heldout)} held-out, "
+    log.info(f"fedseg-sim: {fed.num_clients} vehicles ({describe_sizes(sizes)}), {len(fleet.heldout())} held-out, "
              f"{settings.model.name}, {fed.rounds} rounds -> {settings.output_dir}")
     out = Path(settings.output_dir)
     if not settings.run.verbose:

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from fedseg.config import DataSpec
-from fedseg.data import dataset_root, load_data
+from fedseg.data import fleet_frames, load_data
 from fedseg.data.carla import DataError, Frame, SegmentationDataset, discover, validate
 from fedseg.data.normalize import IMAGENET_MEAN, IMAGENET_STD, denormalize
 from fedseg.labels import IGNORE_INDEX, build_label_map
@@ -305,12 +305,12 @@ def test_unknown_input_variant(tmp_path: Path) -> None:
 
 def test_carla_source_needs_a_root() -> None:
     with pytest.raises(DataError, match=r"data\.root=DIR"):
-        dataset_root(DataSpec(name="carla", root=None), num_clients=1, seed=0)
+        fleet_frames(DataSpec(name="carla", root=None), num_clients=1, seed=0)
 
 
 def test_unknown_data_source_names_itself_and_lists_the_valid_ones() -> None:
     with pytest.raises(ValueError, match="'kitti'") as err:
-        dataset_root(DataSpec(name="kitti"), num_clients=1, seed=0)
+        fleet_frames(DataSpec(name="kitti"), num_clients=1, seed=0)
     assert "'synthetic'" in str(err.value) and "'carla'" in str(err.value)
 
 

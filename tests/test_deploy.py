@@ -323,8 +323,9 @@ def tls_fleet(tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("fleet")
     cache = root / "cache"
     settings = _smoke_settings(cache)
-    load_heldout(settings)  # generates the smoke fleet into the cache the SuperLink's ServerApp reads too
-    fleet_tree = next(p for p in Path(settings.data.root).iterdir() if (p / "fleet.json").exists())
+    # Vehicles 0-2 of the smoke fleet, rendered into the cache; each box gets a copy of its own.
+    folders = [load_vehicle(settings, NodeSpec.from_node_config({"partition-id": i, "num-partitions": 3}))
+               .dataset.frames[0].rgb.parents[1] for i in range(3)]
     make_credentials(root / "certs", vehicles=vehicle_names(4))
     fleet = LocalFleet(root, certs=root / "certs", env_extra={"FEDSEG_DATA_CACHE": str(cache),
                                                               "WANDB_MODE": "offline"})
@@ -333,7 +334,7 @@ def tls_fleet(tmp_path_factory: pytest.TempPathFactory):
         fleet.start_superlink("--disable-runtime-dependency-installation", cwd=root / "server")
         for i in range(3):
             fleet.register(root / "certs" / "vehicles" / f"vehicle_{i}.pub")
-            shutil.copytree(fleet_tree / f"vehicle_0{i}", root / f"box_{i}" / "frames")
+            shutil.copytree(folders[i], root / f"box_{i}" / "frames")
         yield fleet
     finally:
         fleet.stop()

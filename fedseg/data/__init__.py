@@ -3,25 +3,29 @@
 Both end in the same loader (:mod:`fedseg.data.carla`): the synthetic generator writes CARLA's
 camera format to a cache folder, so the code path that trains on embedded data is the one that
 trains on a real CARLA collection. Each source is one entry of ``DATA_SOURCES``, named like its
-``conf/data/<name>.yaml``; a new source is a function returning its tree plus one entry there.
+``conf/data/<name>.yaml``; a new source is a function returning its :class:`FleetFrames` plus one
+entry there. A fleet is described without reading a frame (:func:`fleet_frames`); a process makes
+ready only the frames it uses (a vehicle its own, the server its held-out set), so the synthetic
+fleet is rendered one vehicle at a time, as vehicles are first sampled (:mod:`fedseg.data.fleets`).
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from fedseg.config import DataSpec
 from fedseg.data.carla import DataError, SegmentationDataset, load_fleet, validate
-from fedseg.data.synthetic import generate_fleet
+from fedseg.data.fleets import FleetFrames, LazySyntheticFleet, ListedFleet
+from fedseg.data.frames import Frame
+from fedseg.data.synthetic import FORMAT_VERSION, SyntheticFleet
 from fedseg.labels import LabelMap, build_label_map
 
-__all__ = ["DATA_SOURCES", "DataError", "DataSource", "FleetData", "cached_fleet", "dataset_root",
-           "get_data_source", "load_data"]
+__all__ = ["DATA_SOURCES", "DataError", "DataSource", "FleetData", "FleetFrames", "describe_sizes",
+           "fleet_frames", "get_data_source", "load_data", "make_dataset"]
 
 
 @dataclass
@@ -35,47 +39,42 @@ class FleetData:
 
 @dataclass(frozen=True)
 class DataSource:
-    """One ``data.name`` (``conf/data/<name>.yaml``): where its CARLA-format tree comes from."""
+    """One ``data.name`` (``conf/data/<name>.yaml``): how its fleet's frames are found or made."""
 
-    root: Callable[[DataSpec, int, int, bool], Path]  # (spec, num_clients, seed, progress) -> tree
-    check_files: bool  # load_data(check=True) decodes every file up front (user data can be broken)
+    frames: Callable[[DataSpec, int, int], FleetFrames]  # (spec, num_clients, seed) -> the fleet, unread
+    check_files: bool  # decode every file up front (user data can be broken; generated data cannot)
 
 
-def _carla_root(spec: DataSpec, num_clients: int, seed: int, progress: bool) -> Path:
-    """A CARLA-format tree the user points ``data.root`` at."""
+def _carla_frames(spec: DataSpec, num_clients: int, seed: int) -> FleetFrames:
+    """A CARLA-format tree the user points ``data.root`` at, listed (cheap) and split."""
     if not spec.root:
         raise DataError("data=carla needs data.root=DIR (a folder of <vehicle>/CameraRGB|CameraSeg)")
-    return Path(spec.root).expanduser()
+    root = Path(spec.root).expanduser()
+    fleet = load_fleet(root, num_clients=num_clients, partition=spec.partition, alpha=spec.dirichlet_alpha,
+                       heldout_fraction=spec.heldout_fraction, seed=seed, heldout_only=True)
+    return ListedFleet(root, fleet, num_clients)
 
 
-def _synthetic_root(spec: DataSpec, num_clients: int, seed: int, progress: bool) -> Path:
-    """The synthetic fleet for these parameters, generated once under a folder keyed by them."""
-    params = {
-        "num_vehicles": num_clients,
-        "frames_per_vehicle": spec.frames_per_vehicle,
-        "heldout_frames": spec.heldout_frames,
-        "image_size": list(spec.image_size),
-        "tagset": spec.tagset,
-        "seed": seed,
-    }
+def _synthetic_frames(spec: DataSpec, num_clients: int, seed: int) -> FleetFrames:
+    """The synthetic fleet, cached under a folder keyed by what shapes a vehicle's frames.
+
+    The fleet size is not in the key: vehicle ``i``'s frames are the same in every fleet, so fleets
+    of 10 and of 10,000 vehicles share the frames of vehicles 0-9.
+    """
+    per_vehicle, size = int(spec.frames_per_vehicle or 48), (int(spec.image_size[0]), int(spec.image_size[1]))
+    params = {"format_version": FORMAT_VERSION, "frames_per_vehicle": per_vehicle, "image_size": list(size),
+              "tagset": spec.tagset, "seed": seed}
     key = hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:10]
     base = Path(spec.root or Path.home() / ".cache" / "fedseg" / "synthetic").expanduser()
-    return generate_fleet(
-        base / key,
-        num_vehicles=num_clients,
-        frames_per_vehicle=int(spec.frames_per_vehicle or 48),
-        heldout_frames=int(spec.heldout_frames or 32),
-        image_size=(int(spec.image_size[0]), int(spec.image_size[1])),
-        tagset=spec.tagset,
-        seed=seed,
-        progress=progress,
-    )
+    frames = SyntheticFleet(base / f"lazy-{key}", per_vehicle, size, spec.tagset, seed)
+    return LazySyntheticFleet(frames, num_clients, int(spec.heldout_frames or 32), partition=spec.partition,
+                              alpha=spec.dirichlet_alpha, seed=seed)
 
 
 # One entry per conf/data/<name>.yaml (a test keeps the two in step).
 DATA_SOURCES: dict[str, DataSource] = {
-    "synthetic": DataSource(_synthetic_root, check_files=False),  # valid by construction
-    "carla": DataSource(_carla_root, check_files=True),
+    "synthetic": DataSource(_synthetic_frames, check_files=False),  # valid by construction
+    "carla": DataSource(_carla_frames, check_files=True),
 }
 
 
@@ -86,46 +85,46 @@ def get_data_source(name: str) -> DataSource:
     return DATA_SOURCES[name]
 
 
-def dataset_root(spec: DataSpec, *, num_clients: int, seed: int, progress: bool = True) -> Path:
-    """The CARLA-format tree for ``spec``; generates (once, cached by parameters) the synthetic fleet."""
-    return get_data_source(spec.name).root(spec, num_clients, seed, progress)
+def fleet_frames(spec: DataSpec, *, num_clients: int, seed: int, check: bool = False,
+                 progress: bool = False) -> FleetFrames:
+    """``spec``'s fleet of ``num_clients`` vehicles, described without generating a frame.
+
+    With ``check``, a source whose files can be broken (a user's folder) has every file of the fleet
+    decoded now, so bad data fails at start, naming the file, instead of crashing a vehicle mid-round.
+    """
+    source = get_data_source(spec.name)
+    fleet = source.frames(spec, num_clients, seed)
+    if check and source.check_files:
+        frames = [f for i in range(num_clients) for f in fleet.client(i)] + fleet.heldout()
+        validate(frames, spec.tagset, progress=progress)
+    return fleet
+
+
+def make_dataset(spec: DataSpec, frames: Sequence[Frame], label_map: LabelMap) -> SegmentationDataset:
+    """``frames`` as ``spec`` feeds them to a model (input variant, image size)."""
+    size = (int(spec.image_size[0]), int(spec.image_size[1]))
+    return SegmentationDataset(frames, label_map, input_variant=spec.input, image_size=size)
 
 
 def load_data(spec: DataSpec, *, num_clients: int, seed: int, progress: bool = True,
               check: bool = True) -> FleetData:
-    """Partition ``spec``'s frames over ``num_clients`` vehicles and a held-out set, validated up front.
+    """Every vehicle's dataset and the held-out set, made ready (rendered) and, with ``check``, validated.
 
-    With ``check`` every file is opened once before training so that bad data fails the run at
-    start, naming the file, instead of crashing a vehicle mid-round. The entry points check; the
-    Flower apps they start pass ``check=False`` rather than re-reading the whole fleet in every
-    vehicle (a frame that still fails to load raises the same ``DataError`` naming it).
+    For what needs the whole fleet in one process (``fedseg-train``, ``-search``, ``-export``); a
+    federated run loads each vehicle's frames in that vehicle and the held-out set in the server.
+    Without ``check`` a frame that fails to load raises the same ``DataError`` naming it when read.
     """
-    source = get_data_source(spec.name)
-    root = source.root(spec, num_clients, seed, progress)
-    fleet = load_fleet(
-        root,
-        num_clients=num_clients,
-        partition=spec.partition,
-        alpha=spec.dirichlet_alpha,
-        heldout_fraction=spec.heldout_fraction,
-        seed=seed,
-    )
-    if check and source.check_files:
-        validate([f for frames in fleet.clients for f in frames] + fleet.heldout, spec.tagset,
-                 progress=progress)
+    fleet = fleet_frames(spec, num_clients=num_clients, seed=seed, check=check, progress=progress)
+    clients, heldout = [fleet.client(i) for i in range(num_clients)], fleet.heldout()
+    fleet.ready([f for frames in clients for f in frames] + heldout, progress=progress)
     label_map = build_label_map(spec.tagset, spec.task)
-    size = (int(spec.image_size[0]), int(spec.image_size[1]))
-
-    def make(frames: list) -> SegmentationDataset:
-        return SegmentationDataset(frames, label_map, input_variant=spec.input, image_size=size)
-
-    return FleetData([make(frames) for frames in fleet.clients], make(fleet.heldout), label_map)
+    return FleetData([make_dataset(spec, frames, label_map) for frames in clients],
+                     make_dataset(spec, heldout, label_map), label_map)
 
 
-@functools.lru_cache(maxsize=4)
-def cached_fleet(spec: DataSpec, num_clients: int, seed: int) -> FleetData:
-    """The fleet, loaded once per process (Ray reuses actor processes across rounds).
-
-    Files are not re-validated here: the entry point (``fedseg-sim``) has checked them once.
-    """
-    return load_data(spec, num_clients=num_clients, seed=seed, progress=False, check=False)
+def describe_sizes(sizes: Sequence[int] | None) -> str:
+    """Partition sizes in a few words, whatever the fleet size ("8 frames each", "3-9 frames, 48 in all")."""
+    if not sizes:
+        return "frames unknown here"
+    low, high = min(sizes), max(sizes)
+    return f"{low} frames each" if low == high else f"{low}-{high} frames, {sum(sizes)} in all"

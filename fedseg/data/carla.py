@@ -246,6 +246,7 @@ def load_fleet(
     alpha: float = 0.5,
     heldout_fraction: float = 0.1,
     seed: int = 0,
+    heldout_only: bool = False,
 ) -> Fleet:
     """Discover ``root``, set the held-out frames aside and split the rest among clients.
 
@@ -253,18 +254,30 @@ def load_fleet(
     folder is the held-out set; none of these folders is ever a client source (a test split must
     not be trained on). Otherwise the tail of every source is held out (see ``_split_tail``).
     ``partition``, ``alpha`` and ``seed`` go to ``partition_frames``. Files are not opened: call
-    ``validate`` on the result to check them.
+    ``validate`` on the result to check them. A ``root`` holding only held-out folders is a
+    ``DataError``, or with ``heldout_only`` (a server's data root) a fleet with no clients.
     """
     root = Path(root)
     sources = discover(root)
-    reserved = [] if _is_camera_folder(root) else [n for n in sources if n.lower() in HELDOUT_NAMES]
-    if reserved:
-        chosen = min(reserved, key=lambda n: HELDOUT_NAMES.index(n.lower()))
-        heldout = list(sources[chosen])
-        train = {n: frames for n, frames in sources.items() if n not in reserved}
-        if not train:
-            raise DataError(f"{root}: only held-out folders ({', '.join(reserved)}); no client data")
-    else:
-        train, heldout = _split_tail(sources, heldout_fraction)
+    train, heldout = split_heldout(root, sources, heldout_fraction)
+    if not train and heldout_only:
+        return Fleet(clients=[], heldout=heldout)
+    if not train:
+        raise DataError(f"{root}: only held-out folders ({', '.join(sources)}); no client data")
     clients = partition_frames(train, num_clients, partition, alpha=alpha, seed=seed)
     return Fleet(clients=clients, heldout=heldout)
+
+
+def split_heldout(root: Path, sources: dict[str, list[Frame]],
+                  fraction: float) -> tuple[dict[str, list[Frame]], list[Frame]]:
+    """``discover(root)``'s sources without the held-out frames, and those frames.
+
+    A folder named ``heldout``, ``val`` or ``test`` (the first in that order) is the held-out set
+    and no such folder is a client source; without one, the tail of every source is held out. The
+    sources come back empty when ``root`` holds only held-out folders (a server's data root may).
+    """
+    reserved = [] if _is_camera_folder(root) else [n for n in sources if n.lower() in HELDOUT_NAMES]
+    if not reserved:
+        return _split_tail(sources, fraction)
+    chosen = min(reserved, key=lambda n: HELDOUT_NAMES.index(n.lower()))
+    return {n: frames for n, frames in sources.items() if n not in reserved}, list(sources[chosen])

@@ -11,7 +11,9 @@ A SuperNode's ``--node-config`` names the vehicle's data in one of two ways:
   or ``data.root``), split as ``fedseg-sim`` splits it; ``n`` must equal ``federation.num_clients``.
 
 Optionally ``hardware=<profile>`` (``conf/hardware``; sets the training threads to the profile's) or
-``threads=N``. The server loads only its held-out set (:func:`load_heldout`).
+``threads=N``. The server loads only its held-out set (:func:`load_heldout`). Neither builds the
+fleet: a vehicle of the synthetic fleet renders its own frames the first time it is built (then
+they are cached on disk), and the server's partition sizes follow from the config.
 """
 
 from __future__ import annotations
@@ -23,8 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from fedseg.config import DataSpec
-from fedseg.data import DataError, FleetData, dataset_root, get_data_source
-from fedseg.data.carla import HELDOUT_NAMES, SegmentationDataset, discover, load_fleet, validate
+from fedseg.data import DataError, FleetData, fleet_frames, get_data_source, make_dataset
+from fedseg.data.carla import HELDOUT_NAMES, SegmentationDataset, discover, validate
 from fedseg.data.frames import Frame
 from fedseg.labels import build_label_map
 from fedseg.settings import RunSettings
@@ -102,13 +104,14 @@ def own_frames(root: Path, vehicle: str | None = None) -> list[Frame]:
 
 
 def _partition(spec: DataSpec, num_clients: int, seed: int, partition_id: int) -> list[Frame]:
-    """Share ``partition_id`` of the run's data, split exactly as ``fedseg-sim`` splits it."""
-    root = dataset_root(spec, num_clients=num_clients, seed=seed, progress=False)
-    fleet = load_fleet(root, num_clients=num_clients, partition=spec.partition, alpha=spec.dirichlet_alpha,
-                       heldout_fraction=spec.heldout_fraction, seed=seed)
-    if not 0 <= partition_id < len(fleet.clients):
-        raise ValueError(f"partition-id {partition_id} outside 0..{len(fleet.clients) - 1}")
-    return fleet.clients[partition_id]
+    """Share ``partition_id`` of the run's data, split exactly as ``fedseg-sim`` splits it, made ready
+    (the synthetic fleet renders this vehicle's frames only, if not cached yet)."""
+    if not 0 <= partition_id < num_clients:
+        raise ValueError(f"partition-id {partition_id} outside 0..{num_clients - 1}")
+    fleet = fleet_frames(spec, num_clients=num_clients, seed=seed)
+    frames = fleet.client(partition_id)
+    fleet.ready(frames)
+    return frames
 
 
 @functools.lru_cache(maxsize=4)
@@ -130,32 +133,21 @@ def load_vehicle(settings: RunSettings, node: NodeSpec, default_partition: int =
     if check:
         validate(frames, spec.tagset)
     label_map = build_label_map(spec.tagset, spec.task)
-    size = (int(spec.image_size[0]), int(spec.image_size[1]))
-    return VehicleData(SegmentationDataset(frames, label_map, input_variant=spec.input, image_size=size),
-                       label_map.num_classes)
+    return VehicleData(make_dataset(spec, frames, label_map), label_map.num_classes)
 
 
 def load_heldout(settings: RunSettings) -> tuple[FleetData, list[int] | None]:
     """The server's data: only the held-out set (``clients`` empty), and the vehicles' partition sizes.
 
-    The sizes come from listing files (SecAgg+'s default ``max_weight`` needs them); they are ``None``
-    when the server's ``data.root`` holds only a held-out folder (the vehicles' frames are elsewhere).
+    The sizes (SecAgg+'s default ``max_weight`` needs them) come from the config for the synthetic
+    fleet and from listing files for a folder; they are ``None`` when the server's ``data.root``
+    holds only a held-out folder (the vehicles' frames are elsewhere).
     """
     spec, fed = settings.data, settings.federation
-    root = dataset_root(spec, num_clients=fed.num_clients, seed=settings.seed, progress=False)
-    sources = discover(root)
-    reserved = [name for name in sources if name.lower() in HELDOUT_NAMES]
-    sizes: list[int] | None
-    if reserved and len(reserved) == len(sources):
-        heldout = sources[min(reserved, key=lambda n: HELDOUT_NAMES.index(n.lower()))]
-        sizes = None
-    else:
-        fleet = load_fleet(root, num_clients=fed.num_clients, partition=spec.partition,
-                           alpha=spec.dirichlet_alpha, heldout_fraction=spec.heldout_fraction, seed=settings.seed)
-        heldout, sizes = fleet.heldout, [len(frames) for frames in fleet.clients]
+    fleet = fleet_frames(spec, num_clients=fed.num_clients, seed=settings.seed)
+    heldout = fleet.heldout()
+    fleet.ready(heldout)
     if get_data_source(spec.name).check_files:
         validate(heldout, spec.tagset)
     label_map = build_label_map(spec.tagset, spec.task)
-    size = (int(spec.image_size[0]), int(spec.image_size[1]))
-    dataset = SegmentationDataset(heldout, label_map, input_variant=spec.input, image_size=size)
-    return FleetData([], dataset, label_map), sizes
+    return FleetData([], make_dataset(spec, heldout, label_map), label_map), fleet.sizes()

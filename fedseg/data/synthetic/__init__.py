@@ -12,20 +12,31 @@ Modules, each importing only those listed before it (no import cycle):
 * ``towns``: each vehicle's town (``town_style``) and weather mix (``weather_mix``);
 * ``_canvas``, ``_ground``, ``_roadside``, ``_furniture``, ``_agents``: geometry and drawing;
 * ``_scene``: one frame laid out, drawn and developed like a camera would;
-* ``fleet``: ``render_scene`` and the on-disk fleet (``generate_fleet``, ``FORMAT_VERSION``).
+* ``fleet``: ``render_scene`` and the on-disk fleet: ``SyntheticFleet`` (any vehicle's frames, rendered
+  on first use) and ``generate_fleet`` (a whole fleet at once), ``FORMAT_VERSION``.
 """
 
-from fedseg.data.synthetic.fleet import FORMAT_VERSION, generate_fleet, render_scene
+from fedseg.data.synthetic.fleet import (
+    FORMAT_VERSION,
+    SyntheticFleet,
+    SyntheticFrame,
+    generate_fleet,
+    render_scene,
+    vehicle_folder,
+)
 from fedseg.data.synthetic.styles import WEATHERS, TownStyle, Weather
 from fedseg.data.synthetic.towns import town_style, weather_mix
 
 __all__ = [
     "FORMAT_VERSION",
     "WEATHERS",
+    "SyntheticFleet",
+    "SyntheticFrame",
     "TownStyle",
     "Weather",
     "generate_fleet",
     "render_scene",
     "town_style",
+    "vehicle_folder",
     "weather_mix",
 ]
