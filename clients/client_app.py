@@ -19,7 +19,7 @@ import torch
 from flwr.app import Message
 from flwr.client import Client, ClientApp, NumPyClient
 from flwr.clientapp.typing import ClientAppCallable
-from flwr.common import ConfigRecord, Context
+from flwr.common import ArrayRecord, ConfigRecord, Context
 
 from clients.mods import run_mods
 from fedseg.config import resolve_device
@@ -28,9 +28,10 @@ from fedseg.deploy.vehicle import NodeSpec, load_vehicle
 from fedseg.models import build_run_model, get_weights, set_weights
 from fedseg.privacy import LocalTrainer, VehicleBudget
 from fedseg.settings import RunSettings, settings_of
-from fedseg.training import derive_seed, make_loader, make_optimizer
+from fedseg.training import augmented, derive_seed, make_loader, make_optimizer, norm_state_keys
 
 STATE_KEY = "privacy"  # context.state record holding what the trainer must keep (its accountant)
+NORM_KEY = "local_norm"  # context.state record: this vehicle's own BatchNorm (federation.local_norm)
 
 
 class VehicleClient(NumPyClient):
@@ -53,14 +54,18 @@ class VehicleClient(NumPyClient):
         model = build_run_model(self.settings.model, self.num_classes, seed=self.settings.seed,
                                 dp=self.settings.privacy.dp_model)
         set_weights(model, parameters)
+        self._keep_local_norm(model, restore=True)
         torch.manual_seed(seed)  # after build_run_model, which seeds the (overwritten) initialisation
-        loader = make_loader(self.dataset, batch_size=fed.batch_size, shuffle=True, seed=seed)
-        optimizer = make_optimizer(model, name=fed.optimizer, lr=fed.lr)
+        loader = make_loader(augmented(self.dataset, fed.augment), batch_size=fed.batch_size, shuffle=True,
+                             seed=seed)
+        # The server's lr schedule sends the round's lr (fedseg.training.scheduled_lr).
+        optimizer = make_optimizer(model, name=fed.optimizer, lr=float(config.get("lr", fed.lr)))
         epochs, mu = int(config.get("local_epochs", fed.local_epochs)), float(config.get("proximal_mu", 0.0))
         started = time.perf_counter()
         outcome = self.trainer.train_round(model, loader, optimizer, epochs=epochs, seed=seed,
                                            proximal_mu=mu, device=self.device)
         train_s = time.perf_counter() - started  # the round's training alone (docs/PERFORMANCE.md)
+        self._keep_local_norm(model, restore=False)
         if (state := self.trainer.state()) is not None:
             self.state[STATE_KEY] = ConfigRecord({"accountant": state})
         metrics: dict[str, Any] = {"partition_id": self.partition_id, "train_s": train_s, **outcome.metrics}
@@ -69,6 +74,22 @@ class VehicleClient(NumPyClient):
         metrics |= {"loss": outcome.result.loss, "steps": outcome.result.steps}
         # Under DP the Poisson-sampled count is random: weight by the partition size instead.
         return get_weights(model.cpu()), len(self.dataset), metrics
+
+    def _keep_local_norm(self, model: torch.nn.Module, *, restore: bool) -> None:
+        """FedBN/SiloBN (``federation.local_norm``): put this vehicle's own BatchNorm back over the global
+        one (``restore``), or keep it after training, in Flower's ``context.state`` (simulation and
+        deployment alike). The vehicle still sends it: the server evaluates with the frames-weighted
+        mean of the vehicles' BatchNorm, and never hands that mean back to a vehicle that has its own."""
+        mode = self.settings.federation.local_norm
+        if mode == "none":
+            return
+        if restore:
+            if isinstance(saved := self.state.get(NORM_KEY), ArrayRecord):
+                model.load_state_dict(saved.to_torch_state_dict(), strict=False)
+            return
+        state = model.state_dict()
+        keys = norm_state_keys(model, affine=mode == "affine")
+        self.state[NORM_KEY] = ArrayRecord(torch_state_dict={k: state[k].detach().cpu() for k in keys})
 
     def _trainer(self) -> LocalTrainer:
         """This vehicle's trainer, sized by its data and restored from disk and Flower's context.state."""

@@ -231,6 +231,10 @@ class ModelSpec:
     decoder_channels: tuple[int, ...] | None = None
 
 
+# Per-frame augmentations a run may list in federation.augment (fedseg.training applies them).
+AUGMENTATIONS = ("hflip", "scale", "color")
+
+
 @dataclass(frozen=True)
 class FederationSpec:
     """Fleet size, sampling and local training (the ``federation`` block of conf/config.yaml)."""
@@ -249,6 +253,21 @@ class FederationSpec:
     round_timeout: float | None = bounded(None, gt=0)
     # An update whose norm exceeds this many times the round's lower median is rejected (None: off).
     max_norm_ratio: float | None = bounded(10.0, gt=1)
+    # The vehicles' lr across rounds (fedseg.training.scheduled_lr; fedseg-train follows it by epoch):
+    # constant, cosine from lr down to lr * lr_final, or step (lr * lr_final for the last third).
+    lr_schedule: Literal["constant", "cosine", "step"] = "constant"
+    lr_final: float = bounded(0.1, gt=0, le=1)
+    # Per-frame training augmentation, vehicles and fedseg-train alike (fedseg.training.AUGMENTATIONS).
+    augment: tuple[str, ...] = ()
+    # BatchNorm kept on each vehicle across rounds (clients/client_app.py): none; stats (running
+    # mean/var, SiloBN); affine (stats and the BN weight/bias, FedBN). The server evaluates with the
+    # frame-weighted mean of what the vehicles send.
+    local_norm: Literal["none", "stats", "affine"] = "none"
+
+    def __post_init__(self) -> None:
+        unknown = [op for op in self.augment if op not in AUGMENTATIONS]
+        if unknown:
+            raise ValueError(f"federation.augment={list(self.augment)}: unknown {unknown}; valid: {list(AUGMENTATIONS)}")
 
     @property
     def vehicles_per_round(self) -> int:

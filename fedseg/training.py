@@ -7,7 +7,8 @@ Flower or Opacus.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import math
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from fedseg.config import AUGMENTATIONS
 from fedseg.labels import IGNORE_INDEX
 from fedseg.metrics import confusion_matrix
 
@@ -48,6 +50,106 @@ def make_loader(dataset: Dataset, *, batch_size: int, shuffle: bool, seed: int) 
     """A loader whose shuffling is reproducible from ``seed`` (no worker processes: tiny frames)."""
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator)
+
+
+def scheduled_lr(lr: float, schedule: str, *, round_: int, rounds: int, final: float) -> float:
+    """The lr of round ``round_`` (1-based) of ``rounds``: ``constant``; ``cosine`` from ``lr`` (round 1)
+    down to ``lr * final`` (the last round); ``step``: ``lr * final`` for the last third of the rounds."""
+    if schedule == "constant" or rounds <= 1:
+        return lr
+    progress = (min(max(round_, 1), rounds) - 1) / (rounds - 1)  # 0 at round 1, 1 at the last
+    if schedule == "cosine":
+        return lr * (final + (1 - final) * (1 + math.cos(math.pi * progress)) / 2)
+    if schedule == "step":
+        return lr * final if round_ > rounds - rounds // 3 else lr
+    raise ValueError(f"federation.lr_schedule={schedule!r}; valid: ['constant', 'cosine', 'step']")
+
+
+def epoch_round(epoch: int, *, epochs: int, rounds: int) -> int:
+    """The federated round whose lr the centralized baseline's ``epoch`` (1-based) of ``epochs`` uses:
+    with ``epochs = rounds x local_epochs``, epochs 1..local_epochs are round 1, and so on."""
+    return math.ceil(epoch * rounds / epochs)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Every parameter group's lr (Adam's moments are kept)."""
+    for group in getattr(optimizer, "original_optimizer", optimizer).param_groups:
+        group["lr"] = lr
+
+
+def _hflip(image: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mirror image and mask together, half of the time (driving scenes are left-right symmetric)."""
+    if float(torch.rand(())) < 0.5:
+        return image.flip(-1), mask.flip(-1)
+    return image, mask
+
+
+def _scale(image: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zoom in by up to 1.25x and crop the frame's size back at a random place (mask: nearest)."""
+    h, w = mask.shape[-2:]
+    zoom = 1.0 + 0.25 * float(torch.rand(()))
+    big_h, big_w = max(h, round(h * zoom)), max(w, round(w * zoom))
+    image = F.interpolate(image[None], size=(big_h, big_w), mode="bilinear", align_corners=False)[0]
+    mask = F.interpolate(mask[None, None].float(), size=(big_h, big_w), mode="nearest")[0, 0].to(mask.dtype)
+    top, left = int(torch.randint(0, big_h - h + 1, ())), int(torch.randint(0, big_w - w + 1, ()))
+    return image[:, top:top + h, left:left + w], mask[top:top + h, left:left + w]
+
+
+def _color(image: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Contrast (x0.8-1.2) and a per-channel brightness shift (sd 0.1) of the normalized image."""
+    contrast = 0.8 + 0.4 * torch.rand(())
+    shift = 0.1 * torch.randn(image.shape[0], 1, 1)
+    return image * contrast + shift, mask
+
+
+# Per-frame training augmentations, applied in this order; names mirror fedseg.config.AUGMENTATIONS.
+AUGMENT_OPS: dict[str, Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]] = {
+    "hflip": _hflip, "scale": _scale, "color": _color,
+}
+assert tuple(AUGMENT_OPS) == AUGMENTATIONS
+
+
+class AugmentedDataset(Dataset):
+    """``dataset``'s (image, mask) frames through ``ops`` (random draws from torch's global RNG, which
+    the vehicle seeds per round): the same code on vehicles and in the centralized baseline, and it
+    works under any loader (Opacus' Poisson sampling too)."""
+
+    def __init__(self, dataset: Dataset, ops: Sequence[str]) -> None:
+        self.dataset = dataset
+        self.ops = [AUGMENT_OPS[name] for name in AUGMENT_OPS if name in ops]
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image, mask = self.dataset[index]
+        for op in self.ops:
+            image, mask = op(image, mask)
+        return image, mask
+
+
+def augmented(dataset: Dataset, ops: Sequence[str]) -> Dataset:
+    """``dataset`` itself without ``ops``, else an :class:`AugmentedDataset` around it."""
+    return AugmentedDataset(dataset, ops) if ops else dataset
+
+
+def norm_state_keys(model: nn.Module, *, affine: bool) -> list[str]:
+    """State-dict keys of the model's BatchNorm layers: running statistics and counters, plus the
+    weight and bias if ``affine`` (what FedBN/SiloBN keep on the vehicle). GroupNorm has none."""
+    state = model.state_dict()
+    fields = ("running_mean", "running_var", "num_batches_tracked") + (("weight", "bias") if affine else ())
+    keys = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            keys += [k for k in (f"{name}.{f}" if name else f for f in fields) if k in state]
+    return keys
+
+
+def statistics_mask(model: nn.Module) -> list[bool]:
+    """Per state-dict entry (:func:`fedseg.models.get_weights` order): True for a buffer (BatchNorm
+    statistics, counters), which a server optimizer must not step, False for a trained parameter."""
+    params = {name for name, _ in model.named_parameters()}
+    return [key not in params for key in model.state_dict()]
 
 
 def derive_seed(*parts: int) -> int:

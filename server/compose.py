@@ -3,8 +3,10 @@ all build it here.
 
 From the inside out:
 
-1. Flower's strategy from the registry (FedAvg, FedProx, FedAdam, FedMedian, FedTrimmedAvg),
-   evaluating server-side;
+1. Flower's strategy from the registry (FedAvg, FedProx, FedAvgM, FedAdam, FedMedian,
+   FedTrimmedAvg, Krum), evaluating server-side, inside :class:`~server.strategy.StatisticsMean`
+   (BatchNorm statistics and integer counters leave each round as their plain frame-weighted mean:
+   no server optimizer steps them, and Flower's in-place mean no longer zeroes integers);
 2. ``privacy=central``: Flower's ``DifferentialPrivacyClientSideFixedClipping`` around it (noise on
    the aggregate of updates the vehicles clipped with ``fixedclipping_mod``);
 3. without SecAgg+: :class:`~server.guard.UpdateGuard`, which drops non-finite, misshapen and
@@ -21,7 +23,7 @@ From the inside out:
    codec (SecAgg+ admits only codecs that decode linearly) and annotates the recorder's rows with
    what the protocol really carried.
 
-The fit config carries the round's shared codec seed (``randk``: the server picks it, so positions
+The fit config carries the round's client lr (``federation.lr_schedule``) and the round's shared codec seed (``randk``: the server picks it, so positions
 never travel). The fit workflow is Flower's default, or :class:`~server.secagg.SecAggPlusFit` under
 SecAgg+ (masked vectors packed to the modulus' width on the wire). Why the legacy
 ``LegacyContext``/``DefaultWorkflow`` path: Flower 1.42's SecAgg+ exists only there.
@@ -43,13 +45,21 @@ from fedseg.compression import CODECS, SEED_KEY, round_seed
 from fedseg.fixedpoint import SecAggSpec, auto_quantization_range, resolve_max_weight, validate_secagg
 from fedseg.privacy import CentralDPSpec
 from fedseg.settings import RunSettings
+from fedseg.training import scheduled_lr
 from server.central_dp import central_accounting, sampled_vehicles, wrap_central_dp
 from server.codecs import DecodingStrategy
 from server.grids import TimeoutGrid
 from server.guard import UpdateGuard
 from server.resume import RoundOffset
 from server.secagg import SecAggPlusFit, SecureSumStrategy
-from server.strategy import STRATEGIES, RoundRecorder, build_strategy, mean_train_loss, strategy_entry
+from server.strategy import (
+    STRATEGIES,
+    RoundRecorder,
+    StatisticsMean,
+    build_strategy,
+    mean_train_loss,
+    strategy_entry,
+)
 
 EvaluateFn = Callable[[int, list, dict], tuple[float, dict] | None]
 
@@ -106,12 +116,14 @@ def check_composition(settings: RunSettings, partition_sizes: Sequence[int] | No
 
 def compose_server(settings: RunSettings, *, on_round: Callable[[dict[str, Any]], None],
                    evaluate_fn: EvaluateFn | None = None, initial_parameters: Parameters | None = None,
-                   partition_sizes: Sequence[int] | None = None, start_round: int = 0) -> ServerParts:
+                   partition_sizes: Sequence[int] | None = None, start_round: int = 0,
+                   statistics: Sequence[bool] | None = None) -> ServerParts:
     """Strategy -> central DP -> guard -> codec decoder -> recorder -> secure-sum decoding, and the
     matching fit workflow.
 
     ``start_round`` > 0 continues a run after that round (``server/resume.py``): Flower's rounds are
-    shifted so everything inside sees the run's own numbers.
+    shifted so everything inside sees the run's own numbers. ``statistics`` flags the arrays that
+    are BatchNorm statistics (``fedseg.training.statistics_mask``), averaged plainly each round.
     """
     check_composition(settings, partition_sizes)
     fed = settings.federation
@@ -125,7 +137,9 @@ def compose_server(settings: RunSettings, *, on_round: Callable[[dict[str, Any]]
         recorder_ref[0].annotate(server_round, {**fields, "rejected": list(merged)})
 
     def fit_config(server_round: int) -> dict[str, Any]:
-        config: dict[str, Any] = {"server_round": server_round, "local_epochs": fed.local_epochs}
+        config: dict[str, Any] = {"server_round": server_round, "local_epochs": fed.local_epochs,
+                                  "lr": scheduled_lr(fed.lr, fed.lr_schedule, round_=server_round,
+                                                     rounds=fed.rounds, final=fed.lr_final)}
         if codec.needs_seed:  # the server picks the round's positions; every vehicle reads them here
             config[SEED_KEY] = round_seed(settings.seed, server_round)
         return config
@@ -137,6 +151,7 @@ def compose_server(settings: RunSettings, *, on_round: Callable[[dict[str, Any]]
         fraction_evaluate=0.0, min_evaluate_clients=0,  # evaluation is server-side, on the held-out set
         evaluate_fn=evaluate_fn, on_fit_config_fn=fit_config, initial_parameters=initial_parameters,
         fit_metrics_aggregation_fn=mean_train_loss)
+    strategy = StatisticsMean(base, statistics)
     central = settings.privacy if isinstance(settings.privacy, CentralDPSpec) else None
     if central is not None:
         strategy = wrap_central_dp(strategy, central, fed)

@@ -19,9 +19,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.common import Parameters, Scalar
+from flwr.common import Parameters, Scalar, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.server.client_manager import ClientManager
-from flwr.server.strategy import FedOpt, Strategy
+from flwr.server.strategy import FedAvgM, FedOpt, Strategy
 
 from server.strategy import RoundRecorder, StrategyWrapper
 
@@ -84,6 +84,9 @@ def resume_state(base: Strategy, recorder: RoundRecorder, tracker_id: str | None
     if isinstance(base, FedOpt):  # server optimizer: weights it steps from and its moments
         state["strategy"] = {"current_weights": _tensors(base.current_weights), "m_t": _tensors(base.m_t),
                              "v_t": _tensors(base.v_t)}
+    if isinstance(base, FedAvgM) and base.server_opt:  # server momentum: weights it steps from, velocity
+        weights = parameters_to_ndarrays(base.initial_parameters) if base.initial_parameters else None
+        state["strategy"] = {"weights": _tensors(weights), "momentum": _tensors(base.momentum_vector)}
     return state
 
 
@@ -97,6 +100,10 @@ def restore(state: dict[str, Any], base: Strategy, recorder: RoundRecorder) -> N
     if isinstance(base, FedOpt) and saved:
         base.current_weights = _arrays(saved["current_weights"]) or base.current_weights
         base.m_t, base.v_t = _arrays(saved["m_t"]), _arrays(saved["v_t"])
+    if isinstance(base, FedAvgM) and saved and "momentum" in saved:
+        weights = _arrays(saved["weights"])
+        base.initial_parameters = ndarrays_to_parameters(weights) if weights else base.initial_parameters
+        base.momentum_vector = _arrays(saved["momentum"])
 
 
 def _as_rng_state(saved: Any) -> tuple:

@@ -27,6 +27,7 @@ from fedseg.models import build_run_model, get_weights, set_weights
 from fedseg.reporting import RunReporter
 from fedseg.runlog import RunFailed
 from fedseg.settings import RunSettings
+from fedseg.training import statistics_mask
 from server.compose import compose_server
 from server.fleet import FleetClientManager, wait_for_vehicles
 from server.resume import ResumePoint, restore, resume_state
@@ -95,7 +96,7 @@ def main(grid: Grid, context: Context) -> None:
         fleet = dataclasses.replace(settings, federation=dataclasses.replace(fed, num_clients=joined))
         parts = compose_server(fleet, on_round=reporter.record, evaluate_fn=evaluate_fn,
                                initial_parameters=ndarrays_to_parameters(get_weights(reporter.model)),
-                               partition_sizes=sizes, start_round=start)
+                               partition_sizes=sizes, start_round=start, statistics=statistics_mask(reporter.model))
         if point is not None:
             log.info(f"fedseg: resuming after round {start} of {fed.rounds}")
             restore(point.state, parts.base, parts.recorder)

@@ -8,16 +8,18 @@ evaluation. The order of the wrappers is fixed in one place, ``server/compose.py
 
 from __future__ import annotations
 
+import io
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from flwr.common import FitIns, FitRes, Parameters, Scalar
+import numpy as np
+from flwr.common import FitIns, FitRes, Parameters, Scalar, bytes_to_ndarray, ndarray_to_bytes
 from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
-from flwr.server.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, Krum, Strategy
+from flwr.server.strategy import FedAdam, FedAvg, FedAvgM, FedMedian, FedProx, FedTrimmedAvg, Krum, Strategy
 
 from fedseg.runlog import RunFailed, metrics_row
 
@@ -45,6 +47,9 @@ _ROBUST = "is not a mean (it picks or trims updates, so one vehicle's influence 
 STRATEGIES: dict[str, StrategyEntry] = {
     "fedavg": StrategyEntry(FedAvg),
     "fedprox": StrategyEntry(FedProx),
+    # Server momentum (Hsu et al., 2019): Flower's FedAvgM, server_learning_rate and server_momentum.
+    "fedavgm": StrategyEntry(FedAvgM, why_not_mean=(
+        "steps a server optimizer (momentum) on the mean, and Flower's wrapper noises the optimizer's output")),
     "fedadam": StrategyEntry(FedAdam, why_not_mean=(
         "steps a server optimizer whose adaptive scale changes the mean's sensitivity, and Flower's "
         "wrapper noises the optimizer's output")),
@@ -121,6 +126,50 @@ class StrategyWrapper(Strategy):
 
     def evaluate(self, server_round: int, parameters: Parameters) -> tuple[float, dict[str, Scalar]] | None:
         return self.inner.evaluate(server_round, parameters)
+
+
+def _is_integer(tensor: bytes) -> bool:
+    """Whether one serialized array (numpy's .npy bytes, as Flower sends them) holds integers."""
+    stream = io.BytesIO(tensor)
+    version = np.lib.format.read_magic(stream)
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    _, _, dtype = read(stream)  # the header only, not the data
+    return bool(np.issubdtype(dtype, np.integer))
+
+
+class StatisticsMean(StrategyWrapper):
+    """Around Flower's strategy: arrays that are statistics, not trained weights, leave each round as
+    the plain frame-weighted mean of what the vehicles sent.
+
+    Two defects this fixes: Flower's in-place FedAvg scales integer arrays by a weight cast to their
+    dtype (0), so BatchNorm's ``num_batches_tracked`` came back 0 every round; and a server optimizer
+    (FedAvgM, FedAdam) stepped BatchNorm running means and variances as if they were gradients'
+    targets (momentum can overshoot a variance below zero). ``statistics`` flags buffers per array
+    (``fedseg.training.statistics_mask`` of the run's model); integer arrays are always statistics.
+    """
+
+    def __init__(self, inner: Strategy, statistics: Sequence[bool] | None = None) -> None:
+        super().__init__(inner)
+        self.statistics = list(statistics) if statistics is not None else None
+
+    def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]],
+                      failures: list[Any]) -> tuple[Parameters | None, dict[str, Scalar]]:
+        aggregated, metrics = self.inner.aggregate_fit(server_round, results, failures)
+        if aggregated is None or not results:
+            return aggregated, metrics
+        first = results[0][1].parameters.tensors
+        flagged = [i for i, t in enumerate(first)
+                   if (self.statistics is not None and i < len(self.statistics) and self.statistics[i])
+                   or _is_integer(t)]
+        total = sum(r.num_examples for _, r in results)
+        for i in flagged:
+            arrays = [bytes_to_ndarray(r.parameters.tensors[i]) for _, r in results]
+            weights = [r.num_examples / total if total else 1 / len(results) for _, r in results]
+            mean = np.sum([a.astype(np.float64) * w for a, w in zip(arrays, weights, strict=True)], axis=0)
+            kind = arrays[0].dtype
+            value = np.rint(mean).astype(kind) if np.issubdtype(kind, np.integer) else mean.astype(kind)
+            aggregated.tensors[i] = ndarray_to_bytes(value)
+        return aggregated, metrics
 
 
 class RoundRecorder(StrategyWrapper):

@@ -3,6 +3,9 @@
 Pools every vehicle's frames (what a fleet operator would do without privacy constraints) and trains
 the same model with the same optimizer for, by default, the same total number of local epochs as the
 federated run (``federation.rounds x federation.local_epochs``), evaluating on the same held-out set.
+What the vehicles' training does to frames it does too: the same augmentation
+(``federation.augment``) and the same lr schedule, epoch by epoch as the federated run's rounds
+(``federation.lr_schedule``; epoch e of E uses round ceil(e x rounds / E)'s lr).
 Each epoch is one row of ``metrics.jsonl`` (``round`` = epoch; round 0 = the initial model).
 """
 
@@ -23,7 +26,16 @@ from fedseg.models import build_run_model
 from fedseg.reporting import RunReporter
 from fedseg.runlog import metrics_row
 from fedseg.settings import RunSettings, check_choices
-from fedseg.training import derive_seed, make_loader, make_optimizer, train
+from fedseg.training import (
+    augmented,
+    derive_seed,
+    epoch_round,
+    make_loader,
+    make_optimizer,
+    scheduled_lr,
+    set_lr,
+    train,
+)
 from sim._cli import CONF_DIR, resolve, user_errors
 
 log = logging.getLogger("fedseg")
@@ -38,6 +50,7 @@ def run(cfg: DictConfig) -> dict:
     epochs = s.train.epochs or fed.rounds * fed.local_epochs
     data = load_data(s.data, num_clients=fed.num_clients, seed=s.seed, progress=progress)
     pooled: ConcatDataset = ConcatDataset(data.clients)
+    frames = augmented(pooled, fed.augment)
     model = build_run_model(s.model, data.label_map.num_classes, seed=s.seed)
     out, device = Path(s.output_dir), resolve_device(s.device)
     tracker = s.tracking.build(run_dir=out, config=raw, name=f"{s.experiment}-{s.model.name}-centralized")
@@ -53,7 +66,10 @@ def run(cfg: DictConfig) -> dict:
     optimizer = make_optimizer(model, name=fed.optimizer, lr=fed.lr)
     for epoch in range(1, epochs + 1):
         t0 = time.perf_counter()
-        loader = make_loader(pooled, batch_size=fed.batch_size, shuffle=True, seed=derive_seed(s.seed, epoch))
+        as_round = epoch_round(epoch, epochs=epochs, rounds=fed.rounds)
+        set_lr(optimizer, scheduled_lr(fed.lr, fed.lr_schedule, round_=as_round, rounds=fed.rounds,
+                                       final=fed.lr_final))
+        loader = make_loader(frames, batch_size=fed.batch_size, shuffle=True, seed=derive_seed(s.seed, epoch))
         result = train(model, loader, optimizer, epochs=1, device=device,
                        progress=f"epoch {epoch}/{epochs}" if progress else None)
         seconds = time.perf_counter() - t0

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 
-from server.strategy import RoundRecorder, build_strategy, parameters_bytes
+from server.strategy import RoundRecorder, StatisticsMean, build_strategy, parameters_bytes
 
 
 def fit_res(arrays: list[np.ndarray], n: int, **metrics: float) -> FitRes:
@@ -68,3 +68,53 @@ def test_evaluate_emits_a_contract_row() -> None:
 def test_unknown_strategy_lists_valid_ones() -> None:
     with pytest.raises(ValueError, match=r"unknown strategy 'median'.*fedadam.*fedavg.*fedprox"):
         build_strategy("median", {})
+
+
+def test_fedavgm_steps_with_server_momentum_as_flower_defines_it() -> None:
+    # Prepare: global 0; momentum 0.5, server lr 1. Round 1 vehicles send 1 and 3 (mean 2), round 2
+    # they send 3 and 5 (mean 4) from the new global.
+    start = ndarrays_to_parameters([np.zeros(2, np.float32)])
+    strategy = StatisticsMean(build_strategy("fedavgm", {"server_learning_rate": 1.0, "server_momentum": 0.5},
+                                             initial_parameters=start))
+    one = [(proxy("a"), fit_res([np.full(2, 1.0, np.float32)], 1)), (proxy("b"), fit_res([np.full(2, 3.0, np.float32)], 1))]
+    two = [(proxy("a"), fit_res([np.full(2, 3.0, np.float32)], 1)), (proxy("b"), fit_res([np.full(2, 5.0, np.float32)], 1))]
+
+    # Execute
+    first, _ = strategy.aggregate_fit(1, one, [])
+    second, _ = strategy.aggregate_fit(2, two, [])
+
+    # Assert: round 1 velocity = 0 - 2 = -2 -> 0 + 2 = 2 (FedAvg's mean); round 2 velocity
+    # 0.5 x -2 + (2 - 4) = -3 -> 2 + 3 = 5, where FedAvg would give 4.
+    np.testing.assert_allclose(parameters_to_ndarrays(first)[0], [2.0, 2.0])
+    np.testing.assert_allclose(parameters_to_ndarrays(second)[0], [5.0, 5.0])
+
+
+def test_server_momentum_leaves_batchnorm_statistics_to_the_plain_mean() -> None:
+    # Prepare: array 0 a weight, array 1 a running variance (flagged), array 2 an integer counter.
+    start = ndarrays_to_parameters([np.zeros(1, np.float32), np.zeros(1, np.float32), np.array(0)])
+    strategy = StatisticsMean(build_strategy("fedavgm", {"server_momentum": 0.9}, initial_parameters=start),
+                              statistics=[False, True, True])
+
+    def send(value: float, count: int, n: int) -> FitRes:
+        return fit_res([np.full(1, value, np.float32), np.full(1, value, np.float32), np.array(count)], n)
+
+    for server_round, base in ((1, 1.0), (2, 3.0)):
+        results = [(proxy("a"), send(base, 10 * server_round, 1)), (proxy("b"), send(base + 2, 20 * server_round, 3))]
+        params, _ = strategy.aggregate_fit(server_round, results, [])
+
+    # Assert: round 2's frame-weighted mean is (3 x 1 + 5 x 3) / 4 = 4.5: the statistic is exactly that,
+    # the weight moved further (velocity); the counter is (20 + 40 x 3) / 4 = 35.
+    weight, variance, counter = parameters_to_ndarrays(params)
+    assert variance[0] == pytest.approx(4.5) and weight[0] > 4.5 + 1.0
+    assert counter == 35 and counter.dtype == np.int64
+
+
+def test_flower_inplace_fedavg_zeroes_integer_counters_and_the_wrapper_restores_their_mean() -> None:
+    results = [(proxy("a"), fit_res([np.array(10), np.ones(1, np.float32)], 1)),
+               (proxy("b"), fit_res([np.array(30), np.ones(1, np.float32)], 3))]
+
+    plain, _ = build_strategy("fedavg", {}).aggregate_fit(1, results, [])
+    fixed, _ = StatisticsMean(build_strategy("fedavg", {})).aggregate_fit(1, results, [])
+
+    assert parameters_to_ndarrays(plain)[0] == 0  # Flower casts each weight (0.25, 0.75) to int: 0
+    assert parameters_to_ndarrays(fixed)[0] == 25  # (10 x 1 + 30 x 3) / 4

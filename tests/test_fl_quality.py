@@ -1,0 +1,128 @@
+"""The learning-quality levers: the server's lr schedule, augmentation, BatchNorm kept on the vehicle
+(FedBN/SiloBN), and the composed server averaging statistics plainly. Golden numbers by hand."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from flwr.common import Context, RecordDict, ndarrays_to_parameters
+from torch.utils.data import TensorDataset
+
+from clients.client_app import NORM_KEY, VehicleClient
+from fedseg.config import to_run_config
+from fedseg.models import build_run_model, get_weights
+from fedseg.settings import RunSettings, settings_of
+from fedseg.training import AugmentedDataset, epoch_round, norm_state_keys, scheduled_lr, statistics_mask
+from server.compose import compose_server
+
+
+def run_settings(tmp_path: Path | None = None, **federation: Any) -> RunSettings:
+    cfg: dict[str, Any] = {"model": {"name": "tiny"}, "federation": {
+        "num_clients": 2, "min_fit_clients": 2, "rounds": 3, "batch_size": 2, **federation}}
+    if tmp_path is not None:
+        cfg |= {"data": {"root": str(tmp_path / "data"), "image_size": [32, 32], "frames_per_vehicle": 4,
+                         "heldout_frames": 2}, "output_dir": str(tmp_path / "run")}
+    return settings_of(to_run_config(cfg))
+
+
+@pytest.mark.parametrize(("schedule", "expected"), [
+    ("constant", [1e-3, 1e-3, 1e-3]),
+    # cosine from lr (round 1) to lr x 0.1 (round 3): the middle is lr x (0.1 + 0.9 x (1 + cos(pi/2)) / 2)
+    ("cosine", [1e-3, 5.5e-4, 1e-4]),
+    ("step", [1e-3, 1e-3, 1e-4]),  # the last third of 3 rounds is round 3
+])
+def test_server_sends_each_rounds_lr_in_the_fit_config(schedule: str, expected: list[float]) -> None:
+    s = run_settings(lr=1e-3, lr_schedule=schedule, lr_final=0.1)
+    parts = compose_server(s, on_round=lambda row: None,
+                           initial_parameters=ndarrays_to_parameters([np.zeros(1, np.float32)]))
+
+    sent = [parts.base.on_fit_config_fn(r)["lr"] for r in (1, 2, 3)]  # type: ignore[attr-defined]
+
+    assert sent == pytest.approx(expected)
+
+
+def test_centralized_epochs_follow_the_rounds_lr() -> None:
+    # 3 rounds x 2 local epochs = 6 epochs: two epochs per round, as a vehicle trains them.
+    assert [epoch_round(e, epochs=6, rounds=3) for e in range(1, 7)] == [1, 1, 2, 2, 3, 3]
+    assert scheduled_lr(1.0, "cosine", round_=2, rounds=3, final=0.0) == pytest.approx(0.5)
+    assert scheduled_lr(1.0, "cosine", round_=1, rounds=1, final=0.1) == 1.0  # one round: no decay
+    assert math.isclose(scheduled_lr(2.0, "constant", round_=5, rounds=9, final=0.1), 2.0)
+
+
+def test_hflip_mirrors_image_and_mask_together() -> None:
+    # Prepare: the mask is the image's first channel thresholded, so any pairing error shows.
+    torch.manual_seed(0)
+    image = torch.randn(8, 3, 6, 10)
+    masks = (image[:, 0] > 0).long()
+    data = AugmentedDataset(TensorDataset(image, masks), ["hflip"])
+
+    # Execute
+    pairs = [data[i] for i in range(8)]
+
+    # Assert: every pair still agrees, some frames were mirrored and some not.
+    assert all(torch.equal((im[0] > 0).long(), m) for im, m in pairs)
+    flipped = [torch.equal(im, image[i].flip(-1)) for i, (im, _) in enumerate(pairs)]
+    assert any(flipped) and not all(flipped)
+
+
+def test_scale_and_color_keep_the_frame_size_and_the_mask_labels() -> None:
+    torch.manual_seed(1)
+    image, mask = torch.randn(3, 16, 24), torch.randint(0, 4, (16, 24))
+    mask[0, 0] = 255  # an ignored pixel stays a valid label
+    data = AugmentedDataset(TensorDataset(image[None], mask[None]), ["hflip", "scale", "color"])
+
+    out_image, out_mask = data[0]
+
+    assert out_image.shape == image.shape and out_mask.shape == mask.shape and out_mask.dtype == mask.dtype
+    assert set(out_mask.unique().tolist()) <= set(mask.unique().tolist())  # nearest: no invented class
+    assert not torch.equal(out_image, image)
+
+
+def test_unknown_augmentation_is_one_line_naming_the_valid_ones() -> None:
+    with pytest.raises(ValueError, match=r"federation.augment=\['blur'\].*valid: \['hflip', 'scale', 'color'\]"):
+        run_settings(augment=["blur"])
+
+
+def vehicle(s: RunSettings, state: RecordDict) -> VehicleClient:
+    context = Context(run_id=1, node_id=7, node_config={"partition-id": 0}, state=state, run_config={})
+    return VehicleClient(s, 0, context)
+
+
+@pytest.mark.parametrize("mode", ["none", "stats", "affine"])
+def test_vehicle_keeps_its_own_batchnorm_across_rounds(tmp_path: Path, mode: str) -> None:
+    # Prepare: round 1 from the initial model; round 2's global model carries BatchNorm statistics
+    # (and affine weights) set to 50, as a server mean might be.
+    state = RecordDict()
+    client = vehicle(run_settings(tmp_path, local_norm=mode), state)
+    model = build_run_model(client.settings.model, client.num_classes, seed=0)
+    keys = list(model.state_dict())
+    client.fit(get_weights(model), {"server_round": 1, "local_epochs": 1})
+    served = get_weights(model)
+    stats = norm_state_keys(model, affine=False)
+    affine = [k for k in norm_state_keys(model, affine=True) if k not in stats]
+    for key in [k for k in stats if "running_mean" in k] + affine:
+        served[keys.index(key)] = np.full_like(served[keys.index(key)], 50.0)
+
+    # Execute
+    sent, _, _ = client.fit(served, {"server_round": 2, "local_epochs": 1})
+
+    # Assert: with BatchNorm local, round 2 started from the vehicle's own (near 0, not 50); without,
+    # from the server's (2 steps at momentum 0.1 keep 0.9^2 of it).
+    mean = keys.index(next(k for k in stats if "running_mean" in k))
+    weight = keys.index(affine[0])
+    assert (NORM_KEY in state) == (mode != "none")
+    assert (abs(sent[mean]).max() < 20) == (mode != "none")
+    assert (abs(sent[weight] - 50).max() > 10) == (mode == "affine")  # Adam moves 50 by about 2 x lr
+
+
+def test_statistics_mask_flags_buffers_not_parameters() -> None:
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 1), torch.nn.BatchNorm2d(2))
+
+    assert statistics_mask(model) == [False, False, False, False, True, True, True]
+    assert norm_state_keys(model, affine=True) == ["1.running_mean", "1.running_var", "1.num_batches_tracked",
+                                                   "1.weight", "1.bias"]
