@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from fedseg.config import DataSpec
-from fedseg.data import DataError, FleetData, fleet_frames, get_data_source, make_dataset
+from fedseg.data import DataError, FleetData, FleetFrames, fleet_frames, get_data_source, make_dataset
 from fedseg.data.carla import HELDOUT_NAMES, SegmentationDataset, discover, validate
 from fedseg.data.frames import Frame
 from fedseg.labels import build_label_map
@@ -103,12 +103,19 @@ def own_frames(root: Path, vehicle: str | None = None) -> list[Frame]:
     return next(iter(sources.values()))
 
 
+@functools.lru_cache(maxsize=2)
+def _fleet(spec: DataSpec, num_clients: int, seed: int) -> FleetFrames:
+    """The run's fleet, described once per process: a Ray actor builds many vehicles, and a folder's
+    listing or an ``iid``/``dirichlet`` split (which names the whole fleet's frames) is done once."""
+    return fleet_frames(spec, num_clients=num_clients, seed=seed)
+
+
 def _partition(spec: DataSpec, num_clients: int, seed: int, partition_id: int) -> list[Frame]:
     """Share ``partition_id`` of the run's data, split exactly as ``fedseg-sim`` splits it, made ready
     (the synthetic fleet renders this vehicle's frames only, if not cached yet)."""
     if not 0 <= partition_id < num_clients:
         raise ValueError(f"partition-id {partition_id} outside 0..{num_clients - 1}")
-    fleet = fleet_frames(spec, num_clients=num_clients, seed=seed)
+    fleet = _fleet(spec, num_clients, seed)
     frames = fleet.client(partition_id)
     fleet.ready(frames)
     return frames
