@@ -6,11 +6,20 @@ from __future__ import annotations
 import math
 from pathlib import Path
 from typing import Any
+from unittest.mock import MagicMock
 
 import numpy as np
 import pytest
 import torch
-from flwr.common import Context, RecordDict, ndarrays_to_parameters
+from flwr.common import (
+    Code,
+    Context,
+    FitRes,
+    RecordDict,
+    Status,
+    ndarrays_to_parameters,
+    parameters_to_ndarrays,
+)
 from torch.utils.data import TensorDataset
 
 from clients.client_app import NORM_KEY, VehicleClient
@@ -19,6 +28,8 @@ from fedseg.models import build_run_model, get_weights
 from fedseg.settings import RunSettings, settings_of
 from fedseg.training import AugmentedDataset, epoch_round, norm_state_keys, scheduled_lr, statistics_mask
 from server.compose import compose_server
+from server.resume import restore, resume_state
+from server.strategy import RoundRecorder, build_strategy
 
 
 def run_settings(tmp_path: Path | None = None, **federation: Any) -> RunSettings:
@@ -126,3 +137,26 @@ def test_statistics_mask_flags_buffers_not_parameters() -> None:
     assert statistics_mask(model) == [False, False, False, False, True, True, True]
     assert norm_state_keys(model, affine=True) == ["1.running_mean", "1.running_var", "1.num_batches_tracked",
                                                    "1.weight", "1.bias"]
+
+
+def test_fedavgm_velocity_survives_a_resume() -> None:
+    # Prepare: one round of server momentum, then a fresh server restored from the checkpointed state.
+    def results(value: float) -> list:
+        return [(MagicMock(), FitRes(Status(Code.OK, ""), ndarrays_to_parameters([np.full(2, value, np.float32)]),
+                                     1, {}))]
+
+    def server() -> Any:
+        return build_strategy("fedavgm", {"server_momentum": 0.5},
+                              initial_parameters=ndarrays_to_parameters([np.zeros(2, np.float32)]))
+
+    first = server()
+    first.aggregate_fit(1, results(2.0), [])  # velocity -2, weights 2
+    state = resume_state(first, RoundRecorder(first, on_round=lambda row: None), None)
+    second = server()
+    restore(state, second, RoundRecorder(second, on_round=lambda row: None))
+
+    # Execute: round 2, the vehicle sends 4 (2 above the global).
+    params, _ = second.aggregate_fit(2, results(4.0), [])
+
+    # Assert: velocity 0.5 x -2 + (2 - 4) = -3 -> 2 + 3 = 5 (a server that forgot it would give 4).
+    np.testing.assert_allclose(parameters_to_ndarrays(params)[0], [5.0, 5.0])
