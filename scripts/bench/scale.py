@@ -10,9 +10,11 @@ first run. Measured, with ratios against the 10-vehicle run of the same invocati
   model evaluated on the held-out set, the server's last step before round 1 samples its vehicles):
   config, SuperLink, Ray, the fleet's nodes and the server's held-out set.
 * ``first_round_s`` and ``median_round_s``: ``metrics.jsonl``'s ``round_s`` (sampling, the
-  vehicles' training and aggregation). Round 1 samples 10 vehicles never seen before at every fleet
-  size, so it compares like with like (each renders its frames); later rounds of a large fleet still
-  meet new vehicles while a 10-vehicle fleet's are cached, which the median shows.
+  vehicles' training and aggregation) of round 1, and the median of the later rounds (4 rounds
+  unless ``federation.rounds`` says otherwise). Round 1 also starts the Ray workers (each imports
+  torch and the model code) and meets 10 new vehicles at every fleet size; in later rounds a large
+  fleet still meets new vehicles (each renders its frames, about 0.25 s of one core at 64x64) while
+  a 10-vehicle fleet's frames are cached.
 * ``peak_mb``: the largest sum, over one poll, of the resident memory (RSS) of every process of the
   run (``fedseg-sim``, its SuperLink, the simulation and Ray processes), found by an environment
   tag they all inherit; shared pages count once per process, so this is an upper bound.
@@ -20,7 +22,7 @@ first run. Measured, with ratios against the 10-vehicle run of the same invocati
 
     python scripts/bench/scale.py --json                               # 10, 100, 1,000, 10,000 (~10 min)
     python scripts/bench/scale.py --fleets 10,1000 --resnet34 --json   # plus UNet-ResNet34 at 1,000
-    python scripts/bench/scale.py --fleets 10,100 federation.rounds=4
+    python scripts/bench/scale.py --fleets 10,100 federation.rounds=6   # more rounds for the median
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from fedseg.deploy.processes import tagged_pids
 
 FLEETS = "10,100,1000,10000"
 SAMPLED = 10  # vehicles per round at every fleet size
+ROUNDS = 4  # round 1 starts the Ray workers; the median is over rounds 2-4
 RESNET34_FLEET = 1000
 GOAL_MB, GOAL_STARTUP_RATIO = 8192, 2.0  # the issue's bar: all processes within 8 GB, start-up within 2x
 BENCH_TAG = "FEDSEG_SCALE_BENCH"
@@ -60,7 +63,8 @@ def run_fleet(vehicles: int, overrides: list[str], out: Path, poll: float) -> di
     """One ``fedseg-sim`` run of ``vehicles`` vehicles, 10 sampled per round; its timings and peak memory."""
     model = next((o.split("=", 1)[1] for o in overrides if o.startswith("model=")), None)
     run_dir, tag = out / (f"n{vehicles}" + (f"-{model}" if model else "")), uuid.uuid4().hex
-    args = [str(Path(sys.executable).with_name("fedseg-sim")), "experiment=smoke", *overrides, "run.progress=false",
+    args = [str(Path(sys.executable).with_name("fedseg-sim")), "experiment=smoke", f"federation.rounds={ROUNDS}",
+            *overrides, "run.progress=false",
             f"federation.num_clients={vehicles}", f"federation.fraction_fit={SAMPLED / vehicles:g}",
             f"federation.min_fit_clients={SAMPLED}", f"hydra.run.dir={run_dir}"]
     env = {**os.environ, BENCH_TAG: tag, "FEDSEG_DATA_CACHE": str(run_dir / "cache")}
@@ -77,11 +81,11 @@ def run_fleet(vehicles: int, overrides: list[str], out: Path, poll: float) -> di
             time.sleep(poll)
     wall = time.perf_counter() - start
     if proc.returncode != 0:
-        raise SystemExit(f"scale bench: {run_dir.name} failed (exit {proc.returncode}); see {log.name}")
-    rounds = [json.loads(line) for line in metrics.read_text().splitlines()][1:]
-    times = [r["round_s"] for r in rounds]
+        print(f"scale bench: {run_dir.name} failed (exit {proc.returncode}); see {log.name}", flush=True)
+        return {"run": run_dir.name, "vehicles": vehicles, "error": f"exit {proc.returncode}, see {log.name}"}
+    times = [json.loads(line)["round_s"] for line in metrics.read_text().splitlines()][1:]
     return {"run": run_dir.name, "vehicles": vehicles, "startup_s": round(startup or wall, 1),
-            "first_round_s": round(times[0], 2), "median_round_s": round(statistics.median(times), 2),
+            "first_round_s": round(times[0], 2), "median_round_s": round(statistics.median(times[1:] or times), 2),
             "rounds": len(times), "peak_mb": round(peak / 1024), "peak_pss_mb": round(peak_pss / 1024),
             "processes": most, "wall_s": round(wall, 1), "load_at_start": round(load, 1),
             "run_dir": str(run_dir)}
@@ -92,16 +96,20 @@ def add_ratios(results: list[dict[str, Any]]) -> None:
     base = results[0]
     for r in results:
         for key in ("startup_s", "first_round_s", "median_round_s"):
-            r[key[:-2] + "_ratio"] = round(r[key] / base[key], 2)
+            if key in r and key in base:
+                r[key[:-2] + "_ratio"] = round(r[key] / base[key], 2)
 
 
 def print_table(results: list[dict[str, Any]]) -> None:
     print(f"{'run':<16s} {'vehicles':>8s} {'start-up s':>10s} {'x':>5s} {'round 1 s':>9s} {'x':>5s} "
           f"{'median round s':>14s} {'x':>5s} {'peak MB':>8s} {'PSS MB':>7s} {'procs':>5s}")
     for r in results:
-        print(f"{r['run']:<16s} {r['vehicles']:8d} {r['startup_s']:10.1f} {r['startup_ratio']:5.2f} "
-              f"{r['first_round_s']:9.2f} {r['first_round_ratio']:5.2f} {r['median_round_s']:14.2f} "
-              f"{r['median_round_ratio']:5.2f} {r['peak_mb']:8d} {r['peak_pss_mb']:7d} {r['processes']:5d}")
+        if "error" in r:
+            print(f"{r['run']:<16s} {r['vehicles']:8d} failed: {r['error']}")
+            continue
+        print(f"{r['run']:<16s} {r['vehicles']:8d} {r['startup_s']:10.1f} {r.get('startup_ratio', 0):5.2f} "
+              f"{r['first_round_s']:9.2f} {r.get('first_round_ratio', 0):5.2f} {r['median_round_s']:14.2f} "
+              f"{r.get('median_round_ratio', 0):5.2f} {r['peak_mb']:8d} {r['peak_pss_mb']:7d} {r['processes']:5d}")
 
 
 def main() -> None:
@@ -128,9 +136,12 @@ def main() -> None:
     print(f"overrides: {' '.join(overrides) or '(none)'}; {os.cpu_count()} cores, load {load[0]:.1f} "
           f"{load[1]:.1f} {load[2]:.1f}; runs in {out}")
     print_table(results)
-    goals = {"peak_within_8gb": all(r["peak_mb"] <= GOAL_MB for r in results),
-             "startup_within_2x": all(r["startup_ratio"] <= GOAL_STARTUP_RATIO for r in results)}
-    print(f"goals: all processes within {GOAL_MB} MB: {goals['peak_within_8gb']}; start-up within "
+    goals = {"all_finished": all("error" not in r for r in results),
+             "peak_within_8gb": all(r.get("peak_mb", GOAL_MB + 1) <= GOAL_MB for r in results),
+             "startup_within_2x": all(r.get("startup_ratio", GOAL_STARTUP_RATIO + 1) <= GOAL_STARTUP_RATIO
+                                      for r in results)}
+    print(f"goals: every run finished: {goals['all_finished']}; all processes within {GOAL_MB} MB: "
+          f"{goals['peak_within_8gb']}; start-up within "
           f"{GOAL_STARTUP_RATIO:g}x of {results[0]['run']}: {goals['startup_within_2x']}")
     if args.json:
         print(json.dumps({"overrides": overrides, "cores": os.cpu_count(), "load": [round(x, 1) for x in load],
