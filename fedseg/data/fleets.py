@@ -91,6 +91,8 @@ class LazySyntheticFleet:
 
     def client(self, index: int) -> list[Frame]:
         if self.partition == "vehicle":
+            if not 0 <= index < self.num_clients:
+                raise IndexError(f"vehicle {index} outside 0..{self.num_clients - 1}")
             return list(self.frames.vehicle(index))
         return self._pooled[index]
 
