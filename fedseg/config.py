@@ -304,10 +304,24 @@ class TrainSpec:
     epochs: int | None = bounded(None, ge=1)  # None: rounds x local_epochs of the federated run
 
 
-def resolve_device(name: str) -> str:
-    """``auto`` -> ``cuda`` when available, else ``cpu``; anything else is passed to torch as is."""
-    if name == "auto":
-        import torch
+DEVICES = ("cpu", "cuda", "cuda:N", "auto")
 
+
+def resolve_device(name: str) -> str:
+    """``auto`` -> ``cuda`` when available, else ``cpu``; ``cpu``, ``cuda`` and ``cuda:N`` as they are,
+    if this machine has that device (else a one-line ``ValueError`` naming ``device``)."""
+    import torch
+
+    if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    kind, _, index = name.partition(":")
+    if name == "cpu":
+        return name
+    if kind != "cuda" or (index and not index.isdigit()):
+        raise ValueError(f"device={name!r}; valid: {list(DEVICES)}")
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if int(index or 0) >= count:
+        raise ValueError(f"device={name}: this machine has {count} CUDA device(s) (torch "
+                         f"{torch.__version__}, torch.cuda.is_available()={torch.cuda.is_available()}); "
+                         "use device=cpu or device=auto")
     return name

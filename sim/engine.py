@@ -21,7 +21,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from fedseg.config import RunConfig
+from fedseg.config import RunConfig, resolve_device
 from fedseg.deploy.outputs import write_app_config
 from fedseg.deploy.processes import TAG, free_port, new_tag, stop_tagged, wait_for_port
 from fedseg.runlog import RunFailed
@@ -69,6 +69,40 @@ def _verdict(env: dict[str, str], lines: list[str]) -> None:
     if errors:
         raise RunFailed(errors[-1])
     raise RuntimeError(f"the federated simulation ended {status}; see the log above")
+
+
+def check_accelerators(device: str, client_gpus: float, *, gpus: int) -> None:
+    """Refuse, in one line naming the key, a device and GPU share that Ray cannot give the vehicles.
+
+    ``gpus``: CUDA devices on this machine. Ray starts no vehicle when each wants a GPU share the
+    machine lacks, and hides the GPUs (``CUDA_VISIBLE_DEVICES=""``) from a vehicle that reserves none;
+    a vehicle that reserves a share sees its GPU as ``cuda:0``. ``device=auto`` means cuda where
+    ``gpus`` > 0. Fractional shares put several vehicles on one GPU (0.25: four per GPU).
+    """
+    if client_gpus > 0 and gpus == 0:
+        raise ValueError(f"federation.client_gpus={client_gpus:g}: this machine has no CUDA GPU, so Ray would "
+                         "start no vehicle; set federation.client_gpus=0 (and device=cpu or auto)")
+    if client_gpus > max(gpus, 1):
+        raise ValueError(f"federation.client_gpus={client_gpus:g}: more than this machine's {gpus} GPU(s), so Ray "
+                         "would start no vehicle; valid: 0 < client_gpus <= 1 shares one GPU")
+    cuda = device.startswith("cuda") or (device == "auto" and gpus > 0)
+    if cuda and client_gpus == 0:
+        raise ValueError(f"device={device} with federation.client_gpus=0: Ray hides the GPU from vehicles that "
+                         "reserve no share of it; set e.g. federation.client_gpus=0.25 (four vehicles per GPU)")
+    if device.startswith("cuda:") and device != "cuda:0":
+        raise ValueError(f"device={device}: Ray gives each vehicle its GPU as cuda:0; use device=cuda")
+    if not cuda and client_gpus > 0:
+        raise ValueError(f"federation.client_gpus={client_gpus:g} with device={device}: the vehicles would hold GPU "
+                         "shares and train on the CPU; set device=cuda or federation.client_gpus=0")
+
+
+def check_devices(device: str, client_gpus: float) -> None:
+    """``device`` exists here (:func:`~fedseg.config.resolve_device`) and Ray can honour it with
+    ``client_gpus`` (:func:`check_accelerators`); a ``ValueError`` naming the key otherwise."""
+    import torch
+
+    resolve_device(device)
+    check_accelerators(device, client_gpus, gpus=torch.cuda.device_count() if torch.cuda.is_available() else 0)
 
 
 def run_federation(run_config: RunConfig, *, num_vehicles: int, client_cpus: int, client_gpus: float,

@@ -20,7 +20,7 @@ from fedseg.data import describe_sizes, fleet_frames
 from fedseg.settings import RunSettings, check_choices
 from server.compose import check_composition
 from sim._cli import CONF_DIR, resolve, user_errors
-from sim.engine import run_federation
+from sim.engine import check_devices, run_federation
 
 log = logging.getLogger("fedseg")
 
@@ -33,6 +33,7 @@ def run(cfg: DictConfig) -> dict:
     settings = RunSettings.from_config(raw)
     check_choices(settings)
     fed = settings.federation
+    check_devices(settings.device, fed.client_gpus)  # before data and Ray: Ray would wait or hide the GPU
     # A user's folder is listed and every file decoded here, so bad frames fail before any vehicle
     # starts, naming the file. The synthetic fleet is only described: each vehicle renders (and
     # caches) its own frames when first sampled, so start-up does not grow with the fleet.
