@@ -237,3 +237,25 @@ def calibration_images(datasets: Sequence[Dataset], count: int, image_size: Sequ
     frames = torch.stack([pooled[i][0] for i in order])
     size = (int(image_size[0]), int(image_size[1]))
     return F.interpolate(frames, size=size, mode="bilinear", align_corners=False)
+
+
+# ---------------------------------------------------------------- rounds
+
+
+def critical_path_s(train_s: Sequence[float], slots: int) -> float:
+    """Training seconds on a round's critical path: vehicles with ``train_s`` seconds each, ``slots`` at once.
+
+    ``max(longest vehicle, total / slots)``: no schedule of the vehicles on ``slots`` workers finishes
+    its training sooner (a lower bound, exact when one slot or all vehicles train at once), so the
+    overhead it leaves in a round is an upper bound.
+    """
+    if not train_s:
+        return 0.0
+    return max(max(train_s), sum(train_s) / max(1, int(slots)))
+
+
+def overhead_share(round_s: float, train_s: Sequence[float], slots: int) -> float:
+    """Share of a round's wall time beyond the training on its critical path (0 when it is all training)."""
+    if round_s <= 0:
+        return 0.0
+    return max(0.0, round_s - critical_path_s(train_s, slots)) / round_s
