@@ -52,7 +52,7 @@ class VehicleClient(NumPyClient):
         fed, server_round = self.settings.federation, int(config.get("server_round", 0))
         seed = derive_seed(self.settings.seed, server_round, self.partition_id)
         model = build_run_model(self.settings.model, self.num_classes, seed=self.settings.seed,
-                                dp=self.settings.privacy.dp_model)
+                                dp=self.settings.group_norm)
         set_weights(model, parameters)
         self._keep_local_norm(model, restore=True)
         torch.manual_seed(seed)  # after build_run_model, which seeds the (overwritten) initialisation

@@ -229,6 +229,12 @@ class ModelSpec:
     name: str = "resnet34"
     encoder_weights: str | None = None
     decoder_channels: tuple[int, ...] | None = None
+    # The initial global model: a checkpoint (``<run dir>/checkpoints/global.pt`` of fedseg-train or
+    # fedseg-sim, e.g. public pretraining) whose weights replace the random initialisation.
+    init: str | None = None
+    # Normalization layers: "batch" (the registry's BatchNorm), "group" (GroupNorm, the DP-compatible
+    # form: per-frame gradients need it), "auto" (group where the privacy mode needs it, else batch).
+    norm: Literal["auto", "batch", "group"] = "auto"
 
 
 # Per-frame augmentations a run may list in federation.augment (fedseg.training applies them).

@@ -21,10 +21,12 @@ from opacus import PrivacyEngine
 from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
 from opacus.data_loader import DPDataLoader
+from opacus.utils.batch_memory_manager import wrap_data_loader
 from torch import nn
 from torch.utils.data import DataLoader
 
 from fedseg._dp_compat import PerSampleSegmentationLoss, unwrap_model
+from fedseg.models import set_trainable
 from fedseg.privacy import DPSpec, RoundOutcome, default_delta, steps_per_epoch
 from fedseg.training import TrainResult, train
 
@@ -65,10 +67,14 @@ class ClientPrivacy:
 
     def __init__(self, spec: DPSpec, *, num_examples: int, batch_size: int, planned_steps: int,
                  state_path: str | os.PathLike[str] | None = None) -> None:
-        """``planned_steps``: this vehicle's DP steps over the whole run (calibrates ``target_epsilon``);
+        """``batch_size``: frames per forward pass (the loader's); a DP-SGD step samples
+        ``spec.expected_batch_size`` frames in expectation if set (virtual steps), else ``batch_size``.
+        ``planned_steps``: this vehicle's DP steps over the whole run (calibrates ``target_epsilon``);
         ``state_path``: JSON file loaded now if it exists and rewritten on every ``attach``/``commit``."""
         self.spec = spec
-        self.steps_per_epoch = steps_per_epoch(num_examples, batch_size)
+        self.physical_batch = batch_size
+        self.logical_batch = spec.logical_batch(batch_size)
+        self.steps_per_epoch = steps_per_epoch(num_examples, self.logical_batch)
         self.sample_rate = 1.0 / self.steps_per_epoch  # what Opacus' DPDataLoader samples at
         self.delta = spec.delta if spec.delta is not None else default_delta(num_examples)
         if spec.noise_multiplier is not None:
@@ -107,15 +113,23 @@ class ClientPrivacy:
                seed: int, epochs: int = 1) -> tuple[nn.Module, torch.optim.Optimizer, DataLoader, Any]:
         """Wrap for DP-SGD; returns (model, optimizer, Poisson loader, criterion) for ``engine.train``.
 
-        ``model`` must come from :func:`make_dp_compatible`; ``loader`` must not drop its last batch
-        (its length sets the sampling rate). ``seed`` and the steps already taken fix the Poisson
-        sampling and the noise (ignored with ``secure_rng``).
+        ``model`` must come from :func:`make_dp_compatible`; ``loader`` (batches of the physical
+        ``batch_size``) must not drop its last batch. Its frames are Poisson-sampled at
+        ``logical_batch / N`` per step; a logical batch larger than the physical one is split (Opacus'
+        virtual steps: one noised step per logical batch). Only ``spec.trainable`` parameters train.
+        ``seed`` and the steps already taken fix the sampling and the noise (ignored with ``secure_rng``).
         """
         if self._pending is not None:
             raise RuntimeError("ClientPrivacy.attach: the previous round was not committed")
-        if len(loader) != self.steps_per_epoch or loader.drop_last:
-            raise ValueError(f"loader has {len(loader)} batches (drop_last={loader.drop_last}); "
-                             f"ClientPrivacy was sized for {self.steps_per_epoch} with drop_last=False")
+        if loader.batch_size != self.physical_batch or loader.drop_last:
+            raise ValueError(f"loader has batch_size={loader.batch_size} (drop_last={loader.drop_last}); "
+                             f"ClientPrivacy was sized for {self.physical_batch} with drop_last=False")
+        if self.logical_batch != self.physical_batch:
+            loader = DataLoader(loader.dataset, batch_size=self.logical_batch, generator=loader.generator)
+        if len(loader) != self.steps_per_epoch:
+            raise ValueError(f"loader has {len(loader)} logical batches; ClientPrivacy was sized for "
+                             f"{self.steps_per_epoch} (a different number of frames?)")
+        set_trainable(model, self.spec.trainable)
         with warnings.catch_warnings():  # "Secure RNG turned off": a choice made in the config
             warnings.simplefilter("ignore")
             engine = PrivacyEngine(accountant=self.spec.accountant, secure_mode=self.spec.secure_rng)
@@ -137,7 +151,10 @@ class ClientPrivacy:
             model, optimizer, criterion, loader = wrapped
         else:  # same per-frame loss definition in every mode, so clipping bounds the same quantity
             (model, optimizer, loader), criterion = wrapped, PerSampleSegmentationLoss()
-        model.forbid_grad_accumulation()  # type: ignore[operator]  # make_private only does it with Poisson
+        if self.logical_batch > self.physical_batch:  # virtual steps: noise once per logical batch
+            loader = wrap_data_loader(data_loader=loader, max_batch_size=self.physical_batch, optimizer=optimizer)
+        else:
+            model.forbid_grad_accumulation()  # type: ignore[operator]  # make_private only does it with Poisson
         self._engine, self._wrapped = engine, model
         self._pending = (self.noise_multiplier, self.sample_rate, self.round_steps(epochs))
         self.save()

@@ -110,6 +110,13 @@ class DPSpec:
     max_grad_norm: float = bounded(1.0, gt=0)
     accountant: Accountant = "rdp"
     grad_sample_mode: GradSampleMode = DEFAULT_GRAD_SAMPLE_MODE
+    # Expected frames per DP-SGD step (Poisson sampling at expected_batch_size / N); null: the
+    # federation's batch_size. Larger: fewer, less noisy steps; frames still go through the model
+    # federation.batch_size at a time (Opacus' BatchMemoryManager: virtual steps).
+    expected_batch_size: int | None = bounded(None, ge=1)
+    # Parameters DP-SGD trains (fedseg.models.TRAINABLE_PARTS): all, or decoder (the encoder stays as
+    # received, e.g. from public pretraining: fewer noised dimensions, no backward through it).
+    trainable: Literal["all", "decoder"] = "decoder"
     max_epsilon: float | None = bounded(None, gt=0)  # a vehicle stops training before it would pass this
     secure_rng: bool = False  # cryptographic RNG for noise and sampling (needs torchcsprng)
     state_dir: str | None = None  # None: <run dir>/privacy
@@ -126,10 +133,18 @@ class DPSpec:
         if self.max_grad_norm <= 0:
             raise ValueError(f"privacy.max_grad_norm must be > 0, got {self.max_grad_norm}")
 
+    def logical_batch(self, batch_size: int) -> int:
+        """Expected frames per DP-SGD step: ``expected_batch_size``, else the physical ``batch_size``."""
+        return self.expected_batch_size or batch_size
+
     def check_fleet(self, partition_sizes: Sequence[int], *, batch_size: int, rounds: int,
                     local_epochs: int) -> None:
         """Fail before training, in one line, where a vehicle's accountant would refuse these settings."""
+        batch_size = self.logical_batch(batch_size)
         for n in sorted(set(partition_sizes)):
+            if batch_size > n:
+                raise ValueError(f"privacy.expected_batch_size={batch_size} exceeds the {n} frames of a vehicle: "
+                                 f"at most {n}")
             delta = self.delta if self.delta is not None else default_delta(n)
             if delta >= 1.0 / n:
                 raise ValueError(f"privacy.delta={delta:g} must be below 1/N = {1 / n:.3g} for a vehicle with "
@@ -151,7 +166,8 @@ class DPSpec:
         """DP-SGD with this vehicle's accountant: from its disk file, then context.state if that spent more."""
         from fedseg.dpsgd import ClientPrivacy, DPSGDTrainer  # Opacus: only where DP-SGD is configured
 
-        planned = budget.rounds * budget.local_epochs * steps_per_epoch(budget.num_examples, budget.batch_size)
+        planned = budget.rounds * budget.local_epochs * steps_per_epoch(budget.num_examples,
+                                                                         self.logical_batch(budget.batch_size))
         state_dir = Path(self.state_dir) if self.state_dir else budget.state_dir
         privacy = ClientPrivacy(self, num_examples=budget.num_examples, batch_size=budget.batch_size,
                                 planned_steps=planned, state_path=state_dir / f"vehicle_{budget.vehicle}.json")

@@ -9,6 +9,7 @@ further down receives ``settings.privacy`` as a ``DPSpec`` (say) and never compa
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -69,6 +70,16 @@ class RunSettings:
             experiment=str(cfg.get("experiment_name", "custom")),
         )
 
+    def __post_init__(self) -> None:
+        if self.model.norm == "batch" and self.privacy.dp_model:
+            raise ValueError(f"model.norm=batch cannot train under privacy={self.privacy.name} (BatchNorm mixes "
+                             "frames, and noised running statistics wreck a model); valid: auto, group")
+
+    @property
+    def group_norm(self) -> bool:
+        """Whether the run's UNet is the DP-compatible (GroupNorm) form: ``model.norm``, or the privacy mode."""
+        return self.model.norm == "group" or (self.model.norm == "auto" and self.privacy.dp_model)
+
     @classmethod
     def from_run_config(cls, run_config: RunConfig) -> RunSettings:
         """Parse Flower's flat run config (what the apps receive)."""
@@ -107,6 +118,13 @@ def check_choices(settings: RunSettings) -> None:
                               ("federation.optimizer", settings.federation.optimizer, OPTIMIZERS)):
         if value not in valid:
             raise ValueError(f"{key}={value}: valid: {sorted(valid)}")
+    trainable = getattr(settings.privacy, "trainable", "all")
+    if trainable != "all" and settings.model.init is None:
+        logging.getLogger("fedseg").warning(
+            f"fedseg: privacy.trainable={trainable} and no model.init: DP-SGD will train the "
+            "decoder on a randomly initialised encoder. Pretrain on public data first (README, 'Privacy': "
+            "fedseg-train experiment=dp_pretrain, then model.init=<its checkpoints/global.pt>), or set "
+            "privacy.trainable=all")
     factor = 2**backbone.encoder_depth
     if any(side % factor for side in settings.data.image_size):
         raise ValueError(f"data.image_size={list(settings.data.image_size)} must be multiples of {factor} for "

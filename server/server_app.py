@@ -23,7 +23,7 @@ from fedseg.data import FleetData
 from fedseg.deploy.outputs import drop_stop_tracebacks, log_to_console, log_to_file, prepare_run_dir
 from fedseg.deploy.runconfig import deploy_spec, expand_run_config
 from fedseg.deploy.vehicle import load_heldout
-from fedseg.models import build_run_model, get_weights, set_weights
+from fedseg.models import build_run_model, get_weights, load_initial_weights, set_weights
 from fedseg.reporting import RunReporter
 from fedseg.runlog import RunFailed
 from fedseg.settings import RunSettings
@@ -39,10 +39,12 @@ log = logging.getLogger("fedseg")
 def make_reporter(settings: RunSettings, raw: dict[str, Any], data: FleetData,
                   point: ResumePoint | None) -> RunReporter:
     """The held-out evaluator and output writer for this run's directory (continuing ``point``)."""
-    dp = settings.privacy.dp_model
+    dp = settings.group_norm
     model = build_run_model(settings.model, data.label_map.num_classes, seed=settings.seed, dp=dp)
     if point is not None:
         set_weights(model, point.weights)
+    else:  # model.init: a pretrained global model (public pretraining) instead of the random one
+        load_initial_weights(model, settings.model)
     out_dir = Path(settings.output_dir)
     tracker = settings.tracking.build(run_dir=out_dir, config=raw, name=f"{settings.experiment}-{settings.model.name}",
                                       resume_id=point.state.get("tracker_id") if point else None)

@@ -22,7 +22,7 @@ from torch.utils.data import ConcatDataset
 from fedseg.checkpoints import checkpoint_meta
 from fedseg.config import resolve_device
 from fedseg.data import load_data
-from fedseg.models import build_run_model
+from fedseg.models import build_run_model, load_initial_weights
 from fedseg.reporting import RunReporter
 from fedseg.runlog import metrics_row
 from fedseg.settings import RunSettings, check_choices
@@ -51,7 +51,8 @@ def run(cfg: DictConfig) -> dict:
     data = load_data(s.data, num_clients=fed.num_clients, seed=s.seed, progress=progress)
     pooled: ConcatDataset = ConcatDataset(data.clients)
     frames = augmented(pooled, fed.augment)
-    model = build_run_model(s.model, data.label_map.num_classes, seed=s.seed)
+    model = load_initial_weights(build_run_model(s.model, data.label_map.num_classes, seed=s.seed,
+                                                 dp=s.group_norm), s.model)
     out, device = Path(s.output_dir), resolve_device(s.device)
     tracker = s.tracking.build(run_dir=out, config=raw, name=f"{s.experiment}-{s.model.name}-centralized")
     reporter = RunReporter(model=model, data=data, out_dir=out, tracker=tracker,

@@ -33,6 +33,8 @@ from fedseg.privacy import (
 from fedseg.training import train
 
 CLASSES = 3
+# These tests check clipping and noise on every parameter: they train the whole model (the default,
+# decoder-only training, is tested in tests/test_dp_levers.py).
 # Opacus hooks the first conv, whose input (the image) needs no grad; PyTorch warns on each backward.
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing")
 
@@ -69,7 +71,7 @@ def _dp_round(privacy: ClientPrivacy, model: nn.Module, data: TensorDataset, *, 
 
 def test_epsilon_equals_opacus_rdp_recomputed_from_history():
     # Prepare: 10 frames, batch 4 -> ceil(10/4) = 3 batches per epoch -> sample rate 1/3
-    privacy = ClientPrivacy(DPSpec(noise_multiplier=1.1), num_examples=10, batch_size=4, planned_steps=6)
+    privacy = ClientPrivacy(DPSpec(trainable="all", noise_multiplier=1.1), num_examples=10, batch_size=4, planned_steps=6)
     model = _tiny_unet()
     # Execute: two rounds of 3 steps
     _dp_round(privacy, model, _frames(10), batch=4, steps=3)
@@ -92,7 +94,7 @@ def test_calibrated_noise_meets_target_epsilon_within_tolerance():
     sigma = calibrate_noise(3.0, 1e-5, sample_rate=0.1, steps=50)
     eps = epsilon_of([(sigma, 0.1, 50)], 1e-5)
     assert 2.98 <= eps <= 3.0  # Opacus' search stops within 0.01 below the target
-    privacy = ClientPrivacy(DPSpec(target_epsilon=3.0), num_examples=100, batch_size=10, planned_steps=50)
+    privacy = ClientPrivacy(DPSpec(trainable="all", target_epsilon=3.0), num_examples=100, batch_size=10, planned_steps=50)
     assert privacy.noise_multiplier == sigma
 
 
@@ -104,7 +106,7 @@ def test_default_delta_is_below_one_over_n():
 
 def test_budget_stops_a_vehicle_before_it_passes_max_epsilon():
     # Prepare: one round of 3 steps already spent (5.20); a second would reach 6.84
-    privacy = ClientPrivacy(DPSpec(noise_multiplier=1.0, max_epsilon=6.0), num_examples=10, batch_size=4,
+    privacy = ClientPrivacy(DPSpec(trainable="all", noise_multiplier=1.0, max_epsilon=6.0), num_examples=10, batch_size=4,
                             planned_steps=6)
     assert privacy.can_train(3) == (True, pytest.approx(5.2047, abs=1e-3))
     privacy.load_state({"history": [[1.0, 1 / 3, 3]], "pending": None})
@@ -131,7 +133,7 @@ def _per_sample_grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> lis
 def _clipped_update(model: nn.Module, data: TensorDataset, clip: float, mode: str) -> tuple[torch.Tensor, ...]:
     """(DP update without noise, brute-force per-frame gradients): the DP update is read from p.grad."""
     per_sample = _per_sample_grads(copy.deepcopy(model), *data.tensors)
-    privacy = ClientPrivacy(DPSpec(noise_multiplier=0.0, max_grad_norm=clip, grad_sample_mode=mode),
+    privacy = ClientPrivacy(DPSpec(trainable="all", noise_multiplier=0.0, max_grad_norm=clip, grad_sample_mode=mode),
                             num_examples=len(data), batch_size=len(data), planned_steps=1)
     wrapped = _dp_round(privacy, model, data, batch=len(data), steps=1)
     return torch.cat([p.grad.flatten() for p in wrapped.parameters()]), *per_sample
@@ -169,7 +171,7 @@ def test_per_sample_clipping_on_the_unet_code_path(mode):
 def test_noise_has_the_promised_scale_and_follows_the_seed():
     # Prepare: sigma 1, C 1, batch 2 -> each coordinate of the update gets N(0, (1 * 1 / 2)^2)
     def step(seed: int) -> torch.Tensor:
-        privacy = ClientPrivacy(DPSpec(noise_multiplier=1.0), num_examples=2, batch_size=2, planned_steps=1)
+        privacy = ClientPrivacy(DPSpec(trainable="all", noise_multiplier=1.0), num_examples=2, batch_size=2, planned_steps=1)
         wrapped = _dp_round(privacy, _tiny_unet(), _frames(2), batch=2, steps=1, seed=seed)
         return torch.cat([p.grad.flatten() for p in wrapped.parameters()])
 
@@ -184,7 +186,7 @@ def test_noise_has_the_promised_scale_and_follows_the_seed():
 
 def test_the_same_seed_in_the_next_round_still_draws_fresh_noise():
     # Prepare: one vehicle, two rounds, the caller passes seed 0 both times
-    privacy = ClientPrivacy(DPSpec(noise_multiplier=1.0), num_examples=2, batch_size=2, planned_steps=2)
+    privacy = ClientPrivacy(DPSpec(trainable="all", noise_multiplier=1.0), num_examples=2, batch_size=2, planned_steps=2)
     model = _tiny_unet()
     # Execute
     first = torch.cat([p.grad.flatten() for p in _dp_round(privacy, model, _frames(2), batch=2, steps=1)
@@ -197,7 +199,7 @@ def test_the_same_seed_in_the_next_round_still_draws_fresh_noise():
 
 def test_engine_train_composes_with_attach_and_counts_every_step():
     # Prepare: 8 frames, batch 4 -> q = 1/2; a 2-epoch round on the Poisson loader
-    privacy = ClientPrivacy(DPSpec(noise_multiplier=1.0), num_examples=8, batch_size=4, planned_steps=4)
+    privacy = ClientPrivacy(DPSpec(trainable="all", noise_multiplier=1.0), num_examples=8, batch_size=4, planned_steps=4)
     model = _tiny_unet()
     wrapped, optimizer, loader, criterion = privacy.attach(
         model, torch.optim.SGD(model.parameters(), lr=0.1), DataLoader(_frames(8), batch_size=4),
@@ -216,7 +218,7 @@ def test_engine_train_composes_with_attach_and_counts_every_step():
 
 def test_state_continues_from_disk_and_from_context_blob(tmp_path):
     # Prepare
-    path, spec, data = tmp_path / "privacy" / "client_0.json", DPSpec(noise_multiplier=1.0), _frames(10)
+    path, spec, data = tmp_path / "privacy" / "client_0.json", DPSpec(trainable="all", noise_multiplier=1.0), _frames(10)
     first = ClientPrivacy(spec, num_examples=10, batch_size=4, planned_steps=6, state_path=path)
     _dp_round(first, _tiny_unet(), data, batch=4, steps=3)
     spent = first.epsilon()
@@ -237,7 +239,7 @@ def test_state_continues_from_disk_and_from_context_blob(tmp_path):
 
 def test_a_round_killed_before_commit_counts_its_planned_steps(tmp_path):
     # Prepare: 10 frames, batch 4 -> a 2-epoch round plans 6 steps; only 1 is taken, then a crash
-    path, spec = tmp_path / "c.json", DPSpec(noise_multiplier=1.0)
+    path, spec = tmp_path / "c.json", DPSpec(trainable="all", noise_multiplier=1.0)
     privacy = ClientPrivacy(spec, num_examples=10, batch_size=4, planned_steps=6, state_path=path)
     optimizer = torch.optim.SGD((model := _tiny_unet()).parameters(), lr=0.1)
     privacy.attach(model, optimizer, DataLoader(_frames(10), batch_size=4), seed=0, epochs=2)
@@ -248,7 +250,7 @@ def test_a_round_killed_before_commit_counts_its_planned_steps(tmp_path):
 
 
 def test_attach_rejects_a_loader_that_does_not_match_the_sampling_rate():
-    privacy = ClientPrivacy(DPSpec(noise_multiplier=1.0), num_examples=10, batch_size=4, planned_steps=3)
+    privacy = ClientPrivacy(DPSpec(trainable="all", noise_multiplier=1.0), num_examples=10, batch_size=4, planned_steps=3)
     model = _tiny_unet()
     with pytest.raises(ValueError, match="drop_last"):
         privacy.attach(model, torch.optim.SGD(model.parameters(), lr=0.1),
@@ -261,7 +263,7 @@ def test_attach_rejects_a_loader_that_does_not_match_the_sampling_rate():
 @pytest.mark.parametrize("mode", GRAD_SAMPLE_MODES)
 def test_state_dict_under_dp_has_the_plain_models_keys(mode):
     plain = _tiny_unet()
-    privacy = ClientPrivacy(DPSpec(noise_multiplier=1.0, grad_sample_mode=mode), num_examples=2,
+    privacy = ClientPrivacy(DPSpec(trainable="all", noise_multiplier=1.0, grad_sample_mode=mode), num_examples=2,
                             batch_size=2, planned_steps=1)
     wrapped = _dp_round(privacy, copy.deepcopy(plain), _frames(2), batch=2, steps=1)
     assert any(k.startswith("_module.") for k in wrapped.state_dict())  # Opacus' wrapper prefix
@@ -299,7 +301,7 @@ def test_default_backbone_takes_a_dp_step_in_the_default_mode():
     torch.manual_seed(0)
     model = make_dp_compatible(build_model(models.DEFAULT_BACKBONE, CLASSES))
     before = [p.detach().clone() for p in model.parameters()]
-    privacy = ClientPrivacy(DPSpec(noise_multiplier=1.0), num_examples=2, batch_size=2, planned_steps=1)
+    privacy = ClientPrivacy(DPSpec(trainable="all", noise_multiplier=1.0), num_examples=2, batch_size=2, planned_steps=1)
     assert privacy.spec.grad_sample_mode == DEFAULT_GRAD_SAMPLE_MODE
     _dp_round(privacy, model, _frames(2, size=64), batch=2, steps=1)
     assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
@@ -311,7 +313,7 @@ def test_default_backbone_takes_a_dp_step_in_the_default_mode():
 def test_every_backbone_takes_a_dp_step(backbone):
     torch.manual_seed(0)
     model = make_dp_compatible(build_model(backbone, CLASSES))
-    privacy = ClientPrivacy(DPSpec(noise_multiplier=1.0), num_examples=2, batch_size=2, planned_steps=1)
+    privacy = ClientPrivacy(DPSpec(trainable="all", noise_multiplier=1.0), num_examples=2, batch_size=2, planned_steps=1)
     wrapped = _dp_round(privacy, model, _frames(2, size=32), batch=2, steps=1)
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in wrapped.parameters())
 

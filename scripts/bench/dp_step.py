@@ -10,7 +10,14 @@ RSS before the first step), ``max_memory_allocated`` on CUDA.
     python scripts/bench/dp_step.py --size 64 --batch 4 --steps 3
 
 Every mode trains on the same DP-compatible model (GroupNorm, out-of-place residuals) and the same
-fixed batch, so the ratio is the price of per-sample clipping and noise alone.
+fixed batch. A mode ``<grad-sample mode>/decoder`` trains only the decoder and head (the encoder
+frozen: ``privacy.trainable=decoder``); ``plain`` (all parameters, no DP) is the baseline of every
+ratio, so ``ghost/decoder`` over ``plain`` is what a vehicle of the default ``privacy=dpsgd`` pays per
+step against one without DP. ``--json`` prints, last, every mode's ratios plus ``default_mode``
+(the grad-sample mode and trainable part of ``conf/privacy/dpsgd.yaml``) and ``default_time_ratio``.
+
+    python scripts/bench/dp_step.py --json
+    python scripts/bench/dp_step.py --modes plain,ghost/decoder --steps 5
 """
 
 from __future__ import annotations
@@ -25,7 +32,9 @@ import time
 
 import torch
 
-MODES = ("plain", "ghost", "hooks", "functorch", "ew")
+# A mode is "<grad-sample mode>[/<trainable part>]": what is trained (fedseg.models.TRAINABLE_PARTS,
+# default all) and how; "plain" is no DP. The baseline of every ratio is "plain" (all parameters).
+MODES = ("plain", "plain/decoder", "ghost", "hooks", "functorch", "ew", "ghost/decoder", "hooks/decoder")
 
 
 def _rss_mb() -> float:
@@ -41,20 +50,24 @@ def measure(mode: str, args: argparse.Namespace) -> dict[str, float]:
 
     from fedseg._dp_compat import PerSampleSegmentationLoss, make_dp_compatible
     from fedseg.dpsgd import ClientPrivacy
-    from fedseg.models import build_model
+    from fedseg.models import build_model, set_trainable
     from fedseg.privacy import DPSpec
 
+    grad_mode, _, part = mode.partition("/")
+    part = part or "all"
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     height, width = args.size
     x = torch.randn(args.batch, 3, height, width, device=args.device)
     y = torch.randint(0, args.classes, (args.batch, height, width), device=args.device)
     model = make_dp_compatible(build_model(args.backbone, args.classes)).to(args.device).train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    set_trainable(model, part)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     criterion = PerSampleSegmentationLoss()
-    if mode != "plain":
+    if grad_mode != "plain":
         data = TensorDataset(x.cpu(), y.cpu())  # only sizes the sampler: the steps use the fixed batch
-        privacy = ClientPrivacy(DPSpec(noise_multiplier=1.0, grad_sample_mode=mode),
+        spec = DPSpec(noise_multiplier=1.0, grad_sample_mode=grad_mode, trainable=part)  # type: ignore[arg-type]
+        privacy = ClientPrivacy(spec,
                                 num_examples=args.batch, batch_size=args.batch, planned_steps=args.steps)
         model, optimizer, _, criterion = privacy.attach(model, optimizer, DataLoader(data, batch_size=args.batch),
                                                         seed=0, epochs=args.warmup + args.steps)
@@ -108,8 +121,10 @@ def run_all(args: argparse.Namespace) -> None:
 
 def summary_json(results: dict[str, dict[str, float] | str], args: argparse.Namespace) -> dict:
     """The table as one JSON object: each mode's numbers and ratios to plain, and the default mode's."""
-    from fedseg.privacy import DEFAULT_GRAD_SAMPLE_MODE
+    from fedseg.privacy import DEFAULT_GRAD_SAMPLE_MODE, DPSpec
 
+    trainable = DPSpec(noise_multiplier=1.0).trainable  # conf/privacy/dpsgd.yaml's default too
+    default_mode = DEFAULT_GRAD_SAMPLE_MODE + ("" if trainable == "all" else f"/{trainable}")
     plain = results.get("plain")
     modes: dict[str, dict] = {}
     for mode, res in results.items():
@@ -118,9 +133,9 @@ def summary_json(results: dict[str, dict[str, float] | str], args: argparse.Name
             continue
         modes[mode] = {**res, "time_ratio": res["s_per_step"] / plain["s_per_step"],
                        "cpu_ratio": res["cpu_s"] / plain["cpu_s"], "memory_ratio": res["peak_mb"] / plain["peak_mb"]}
-    default = modes.get(DEFAULT_GRAD_SAMPLE_MODE, {})
+    default = modes.get(default_mode, {})
     return {"backbone": args.backbone, "size": list(args.size), "batch": args.batch, "threads": args.threads,
-            "modes": modes, "default_mode": DEFAULT_GRAD_SAMPLE_MODE,
+            "modes": modes, "default_mode": default_mode,
             "default_time_ratio": default.get("time_ratio"), "default_memory_ratio": default.get("memory_ratio")}
 
 
