@@ -107,9 +107,11 @@ def print_table(results: list[dict[str, Any]]) -> None:
         if "error" in r:
             print(f"{r['run']:<16s} {r['vehicles']:8d} failed: {r['error']}")
             continue
-        print(f"{r['run']:<16s} {r['vehicles']:8d} {r['startup_s']:10.1f} {r.get('startup_ratio', 0):5.2f} "
-              f"{r['first_round_s']:9.2f} {r.get('first_round_ratio', 0):5.2f} {r['median_round_s']:14.2f} "
-              f"{r.get('median_round_ratio', 0):5.2f} {r['peak_mb']:8d} {r['peak_pss_mb']:7d} {r['processes']:5d}")
+        ratio = {key: f"{r[key]:5.2f}" if key in r else f"{'-':>5s}"  # no ratio without the baseline
+                 for key in ("startup_ratio", "first_round_ratio", "median_round_ratio")}
+        print(f"{r['run']:<16s} {r['vehicles']:8d} {r['startup_s']:10.1f} {ratio['startup_ratio']} "
+              f"{r['first_round_s']:9.2f} {ratio['first_round_ratio']} {r['median_round_s']:14.2f} "
+              f"{ratio['median_round_ratio']} {r['peak_mb']:8d} {r['peak_pss_mb']:7d} {r['processes']:5d}")
 
 
 def main() -> None:
