@@ -7,6 +7,7 @@ from unittest.mock import MagicMock
 import numpy as np
 import pytest
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.server.strategy import FedAvgM
 
 from server.strategy import RoundRecorder, StatisticsMean, build_strategy, parameters_bytes
 
@@ -118,3 +119,23 @@ def test_flower_inplace_fedavg_zeroes_integer_counters_and_the_wrapper_restores_
 
     assert parameters_to_ndarrays(plain)[0] == 0  # Flower casts each weight (0.25, 0.75) to int: 0
     assert parameters_to_ndarrays(fixed)[0] == 25  # (10 x 1 + 30 x 3) / 4
+
+
+def test_fedavgm_in_place_matches_flowers_fedavgm_over_rounds() -> None:
+    # Prepare: the same random rounds through Flower's FedAvgM and the registry's in-place one.
+    rng = np.random.default_rng(0)
+    start = [rng.normal(size=(3, 2)).astype(np.float32), rng.normal(size=4).astype(np.float32)]
+    options = {"server_learning_rate": 1.5, "server_momentum": 0.7}
+    ours = build_strategy("fedavgm", options, initial_parameters=ndarrays_to_parameters(start))
+    flowers = FedAvgM(initial_parameters=ndarrays_to_parameters(start), **options)
+
+    for server_round in (1, 2, 3):
+        sent = [[rng.normal(size=a.shape).astype(np.float32) for a in start] for _ in range(3)]
+        results = [(proxy(str(i)), fit_res(arrays, i + 1)) for i, arrays in enumerate(sent)]
+        again = [(proxy(str(i)), fit_res(arrays, i + 1)) for i, arrays in enumerate(sent)]
+        mine, _ = ours.aggregate_fit(server_round, results, [])
+        theirs, _ = flowers.aggregate_fit(server_round, again, [])
+
+        # Assert: every round's model is Flower's, to float32 rounding.
+        for a, b in zip(parameters_to_ndarrays(mine), parameters_to_ndarrays(theirs), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
