@@ -26,6 +26,7 @@ extra argument is an override, as ``fedseg-sim`` takes it):
 
     python scripts/bench/throughput.py --json                          # default experiment (~10 min)
     python scripts/bench/throughput.py --json --repeats 1 --no-sim     # vehicle vs plain and wire only
+    python scripts/bench/throughput.py --json --sim-only --sim-rounds 3  # the round overhead only
     python scripts/bench/throughput.py --json experiment=smoke         # a quick check (~1.5 min)
 """
 
@@ -191,6 +192,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed fits of each loop, alternated")
     parser.add_argument("--sim-rounds", type=int, default=2, help="rounds of the fedseg-sim run (>= 2)")
     parser.add_argument("--no-sim", action="store_true", help="leave the fedseg-sim round overhead out")
+    parser.add_argument("--sim-only", action="store_true", help="only the fedseg-sim round overhead")
     parser.add_argument("--json", action="store_true", help="print every number as JSON on the last line")
     args = parser.parse_args()
     from fedseg.deploy.runconfig import compose_overrides
@@ -206,9 +208,20 @@ def main() -> None:
           f"load {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores", flush=True)
     report: dict[str, Any] = {"experiment": raw["experiment_name"], "overrides": args.overrides,
                               "load_before": os.getloadavg()[0]}
-    loops = vehicle_and_plain(raw, threads=threads, repeats=args.repeats)
+    if not args.sim_only:
+        report |= measure_loops_and_wire(raw, threads, args.repeats)
+    if not args.no_sim:
+        report |= measure_rounds(args.overrides, max(2, args.sim_rounds), int(fed["client_cpus"]), out)
+    report["load_after"] = os.getloadavg()[0]
+    if args.json:
+        print(json.dumps(report))
+
+
+def measure_loops_and_wire(raw: dict[str, Any], threads: int, repeats: int) -> dict[str, Any]:
+    """Vehicle against plain PyTorch, and one update on the wire: printed, and returned for the JSON."""
+    loops = vehicle_and_plain(raw, threads=threads, repeats=repeats)
     print(f"\n{'loop':>8s} {'fps':>7s} {'wall s':>7s} {'cpu s':>7s}   ({loops['frames_per_fit']} frames a fit, "
-          f"{threads} thread(s), median of {args.repeats})")
+          f"{threads} thread(s), median of {repeats})")
     for name in ("fedseg", "plain"):
         print(f"{name:>8s} {loops[name + '_fps']:7.2f} {loops[name + '_wall_s']:7.2f} {loops[name + '_cpu_s']:7.2f}")
     print(f"vehicle_vs_plain {loops['vehicle_vs_plain']:.3f} (pairs: "
@@ -220,20 +233,20 @@ def main() -> None:
           f"(arrays {wire['array_bytes'] / 1e6:.2f} MB), encode {wire['encode_s'] * 1e3:.0f} ms (protobuf "
           f"{wire['encode_protobuf_s'] * 1e3:.0f} ms), "
           f"decode {wire['decode_s'] * 1e3:.0f} ms", flush=True)
-    report |= {"loops": loops, "vehicle_vs_plain": loops["vehicle_vs_plain"], "serialization": wire}
-    if not args.no_sim:
-        sim = round_overhead(args.overrides, max(2, args.sim_rounds), int(fed["client_cpus"]), out)
-        print(f"\n{'round':>5s} {'round s':>8s} {'train s (vehicles)':>32s} {'overhead':>9s}   "
-              f"({sim['slots']} vehicles train at once)")
-        for r in sim["rounds"]:
-            train = " ".join(f"{v:.1f}" for v in r["train_s"].values())
-            print(f"{r['round']:5d} {r['round_s']:8.2f} {train:>32s} {r['share']:8.1%}")
-        print(f"round_overhead_share {sim['round_overhead_share']:.1%} (rounds after the first; goal <= "
-              f"{GOAL_OVERHEAD:.0%})")
-        report |= {"sim": sim, "round_overhead_share": sim["round_overhead_share"]}
-    report["load_after"] = os.getloadavg()[0]
-    if args.json:
-        print(json.dumps(report))
+    return {"loops": loops, "vehicle_vs_plain": loops["vehicle_vs_plain"], "serialization": wire}
+
+
+def measure_rounds(overrides: list[str], rounds: int, client_cpus: int, out: Path) -> dict[str, Any]:
+    """The fedseg-sim run's overhead per round: printed, and returned for the JSON."""
+    sim = round_overhead(overrides, rounds, client_cpus, out)
+    print(f"\n{'round':>5s} {'round s':>8s} {'train s (vehicles)':>32s} {'overhead':>9s}   "
+          f"({sim['slots']} vehicles train at once)")
+    for r in sim["rounds"]:
+        train = " ".join(f"{v:.1f}" for v in r["train_s"].values())
+        print(f"{r['round']:5d} {r['round_s']:8.2f} {train:>32s} {r['share']:8.1%}")
+    print(f"round_overhead_share {sim['round_overhead_share']:.1%} (rounds after the first; goal <= "
+          f"{GOAL_OVERHEAD:.0%})")
+    return {"sim": sim, "round_overhead_share": sim["round_overhead_share"]}
 
 
 if __name__ == "__main__":
