@@ -145,11 +145,16 @@ def norm_state_keys(model: nn.Module, *, affine: bool) -> list[str]:
     return keys
 
 
-def statistics_mask(model: nn.Module) -> list[bool]:
-    """Per state-dict entry (:func:`fedseg.models.get_weights` order): True for a buffer (BatchNorm
-    statistics, counters), which a server optimizer must not step, False for a trained parameter."""
+def statistics_mask(model: nn.Module) -> list[str]:
+    """Per state-dict entry (:func:`fedseg.models.get_weights` order): "" for a trained parameter, else
+    what the buffer is (``running_mean``, ``running_var``, or ``buffer``: counters and the like), which
+    the server combines as statistics (``server.strategy.StatisticsMean``) and no server optimizer steps."""
     params = {name for name, _ in model.named_parameters()}
-    return [key not in params for key in model.state_dict()]
+    kinds = []
+    for key in model.state_dict():
+        leaf = key.rsplit(".", 1)[-1]
+        kinds.append("" if key in params else leaf if leaf in ("running_mean", "running_var") else "buffer")
+    return kinds
 
 
 def derive_seed(*parts: int) -> int:

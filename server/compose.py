@@ -5,8 +5,9 @@ From the inside out:
 
 1. Flower's strategy from the registry (FedAvg, FedProx, FedAvgM, FedAdam, FedMedian,
    FedTrimmedAvg, Krum), evaluating server-side, inside :class:`~server.strategy.StatisticsMean`
-   (BatchNorm statistics and integer counters leave each round as their plain frame-weighted mean:
-   no server optimizer steps them, and Flower's in-place mean no longer zeroes integers);
+   (BatchNorm statistics leave each round as the statistics of all the vehicles' frames together,
+   the variance that of the mixture; no server optimizer steps them, and Flower's in-place mean no
+   longer zeroes integer counters);
 2. ``privacy=central``: Flower's ``DifferentialPrivacyClientSideFixedClipping`` around it (noise on
    the aggregate of updates the vehicles clipped with ``fixedclipping_mod``);
 3. without SecAgg+: :class:`~server.guard.UpdateGuard`, which drops non-finite, misshapen and
@@ -117,13 +118,13 @@ def check_composition(settings: RunSettings, partition_sizes: Sequence[int] | No
 def compose_server(settings: RunSettings, *, on_round: Callable[[dict[str, Any]], None],
                    evaluate_fn: EvaluateFn | None = None, initial_parameters: Parameters | None = None,
                    partition_sizes: Sequence[int] | None = None, start_round: int = 0,
-                   statistics: Sequence[bool] | None = None) -> ServerParts:
+                   statistics: Sequence[bool | str] | None = None) -> ServerParts:
     """Strategy -> central DP -> guard -> codec decoder -> recorder -> secure-sum decoding, and the
     matching fit workflow.
 
     ``start_round`` > 0 continues a run after that round (``server/resume.py``): Flower's rounds are
-    shifted so everything inside sees the run's own numbers. ``statistics`` flags the arrays that
-    are BatchNorm statistics (``fedseg.training.statistics_mask``), averaged plainly each round.
+    shifted so everything inside sees the run's own numbers. ``statistics`` tags the arrays that
+    are BatchNorm statistics (``fedseg.training.statistics_mask``), pooled each round.
     """
     check_composition(settings, partition_sizes)
     fed = settings.federation

@@ -178,35 +178,49 @@ def _is_integer(tensor: bytes) -> bool:
 
 class StatisticsMean(StrategyWrapper):
     """Around Flower's strategy: arrays that are statistics, not trained weights, leave each round as
-    the plain frame-weighted mean of what the vehicles sent.
+    what the vehicles' statistics say about all their frames together.
 
-    Two defects this fixes: Flower's in-place FedAvg scales integer arrays by a weight cast to their
-    dtype (0), so BatchNorm's ``num_batches_tracked`` came back 0 every round; and a server optimizer
-    (FedAvgM, FedAdam) stepped BatchNorm running means and variances as if they were gradients'
-    targets (momentum can overshoot a variance below zero). ``statistics`` flags buffers per array
-    (``fedseg.training.statistics_mask`` of the run's model); integer arrays are always statistics.
+    A BatchNorm running mean becomes the frame-weighted mean of the vehicles' means; a running
+    variance the variance of their mixture, ``sum_k w_k (var_k + mean_k^2) - mean^2`` (the plain mean
+    of variances leaves out how far the towns' means lie apart, and the server evaluated every frame
+    with too small a variance); other statistics (counters) their frame-weighted mean. Defects this
+    fixes besides: Flower's in-place FedAvg scales integer arrays by a weight cast to their dtype (0),
+    so ``num_batches_tracked`` came back 0 every round; and a server optimizer (FedAvgM, FedAdam)
+    stepped running means and variances as if they were weights (momentum can push a variance below
+    zero). ``statistics`` tags each array (``fedseg.training.statistics_mask`` of the run's model:
+    "" a weight, else ``running_mean``/``running_var``/``buffer``; ``True`` a generic statistic);
+    integer arrays are always statistics.
     """
 
-    def __init__(self, inner: Strategy, statistics: Sequence[bool] | None = None) -> None:
+    def __init__(self, inner: Strategy, statistics: Sequence[bool | str] | None = None) -> None:
         super().__init__(inner)
-        self.statistics = list(statistics) if statistics is not None else None
+        self.statistics = list(statistics) if statistics is not None else []
 
     def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]],
                       failures: list[Any]) -> tuple[Parameters | None, dict[str, Scalar]]:
         aggregated, metrics = self.inner.aggregate_fit(server_round, results, failures)
         if aggregated is None or not results:
             return aggregated, metrics
-        first = results[0][1].parameters.tensors
-        flagged = [i for i, t in enumerate(first)
-                   if (self.statistics is not None and i < len(self.statistics) and self.statistics[i])
-                   or _is_integer(t)]
+        tags = self.statistics + [""] * (len(aggregated.tensors) - len(self.statistics))
         total = sum(r.num_examples for _, r in results)
-        for i in flagged:
-            arrays = [bytes_to_ndarray(r.parameters.tensors[i]) for _, r in results]
-            weights = [r.num_examples / total if total else 1 / len(results) for _, r in results]
-            mean = np.sum([a.astype(np.float64) * w for a, w in zip(arrays, weights, strict=True)], axis=0)
-            kind = arrays[0].dtype
-            value = np.rint(mean).astype(kind) if np.issubdtype(kind, np.integer) else mean.astype(kind)
+        weights = [r.num_examples / total if total else 1 / len(results) for _, r in results]
+
+        def arrays(i: int) -> list[np.ndarray]:
+            return [bytes_to_ndarray(r.parameters.tensors[i]).astype(np.float64) for _, r in results]
+
+        def mean(values: list[np.ndarray]) -> np.ndarray:
+            return np.sum([v * w for v, w in zip(values, weights, strict=True)], axis=0)
+
+        first = results[0][1].parameters.tensors
+        for i, tag in enumerate(tags):
+            if not tag and not _is_integer(first[i]):
+                continue
+            value = mean(arrays(i))
+            if tag == "running_var" and tags[i - 1] == "running_mean":  # BatchNorm's state-dict order
+                means = arrays(i - 1)
+                value = mean([v + m**2 for v, m in zip(arrays(i), means, strict=True)]) - mean(means) ** 2
+            kind = bytes_to_ndarray(first[i]).dtype
+            value = np.rint(value).astype(kind) if np.issubdtype(kind, np.integer) else value.astype(kind)
             aggregated.tensors[i] = ndarray_to_bytes(value)
         return aggregated, metrics
 

@@ -29,7 +29,7 @@ from fedseg.settings import RunSettings, settings_of
 from fedseg.training import AugmentedDataset, epoch_round, norm_state_keys, scheduled_lr, statistics_mask
 from server.compose import compose_server
 from server.resume import restore, resume_state
-from server.strategy import RoundRecorder, build_strategy
+from server.strategy import RoundRecorder, StatisticsMean, build_strategy
 
 
 def run_settings(tmp_path: Path | None = None, **federation: Any) -> RunSettings:
@@ -134,7 +134,7 @@ def test_vehicle_keeps_its_own_batchnorm_across_rounds(tmp_path: Path, mode: str
 def test_statistics_mask_flags_buffers_not_parameters() -> None:
     model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 1), torch.nn.BatchNorm2d(2))
 
-    assert statistics_mask(model) == [False, False, False, False, True, True, True]
+    assert statistics_mask(model) == ["", "", "", "", "running_mean", "running_var", "buffer"]
     assert norm_state_keys(model, affine=True) == ["1.running_mean", "1.running_var", "1.num_batches_tracked",
                                                    "1.weight", "1.bias"]
 
@@ -160,3 +160,20 @@ def test_fedavgm_velocity_survives_a_resume() -> None:
 
     # Assert: velocity 0.5 x -2 + (2 - 4) = -3 -> 2 + 3 = 5 (a server that forgot it would give 4).
     np.testing.assert_allclose(parameters_to_ndarrays(params)[0], [5.0, 5.0])
+
+
+def test_server_pools_batchnorm_statistics_as_one_mixture_of_the_vehicles_frames() -> None:
+    # Prepare: town A's feature has mean 0, variance 1; town B's mean 2, variance 1; equal frames.
+    def sent(mean: float) -> FitRes:
+        arrays = [np.ones(1, np.float32), np.full(1, mean, np.float32), np.ones(1, np.float32), np.array(4)]
+        return FitRes(Status(Code.OK, ""), ndarrays_to_parameters(arrays), 5, {})
+
+    strategy = StatisticsMean(build_strategy("fedavg", {}), ["", "running_mean", "running_var", "buffer"])
+
+    # Execute
+    params, _ = strategy.aggregate_fit(1, [(MagicMock(), sent(0.0)), (MagicMock(), sent(2.0))], [])
+
+    # Assert: pooled mean 1; variance of the mixture (1 + 0 + 1 + 4) / 2 - 1 = 2, where the plain
+    # mean of the variances (FedAvg's) is 1; the counter stays 4.
+    _, mean, variance, count = parameters_to_ndarrays(params)
+    assert mean[0] == pytest.approx(1.0) and variance[0] == pytest.approx(2.0) and count == 4
