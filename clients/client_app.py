@@ -25,7 +25,7 @@ from clients.mods import run_mods
 from fedseg.config import resolve_device
 from fedseg.deploy.runconfig import expand_run_config
 from fedseg.deploy.vehicle import NodeSpec, load_vehicle
-from fedseg.models import build_run_model, get_weights, set_weights
+from fedseg.models import get_weights, model_with_weights
 from fedseg.privacy import LocalTrainer, VehicleBudget
 from fedseg.settings import RunSettings, settings_of
 from fedseg.training import augmented, derive_seed, make_loader, make_optimizer, norm_state_keys
@@ -51,11 +51,9 @@ class VehicleClient(NumPyClient):
     def fit(self, parameters: list, config: dict[str, Any]) -> tuple[list, int, dict[str, Any]]:
         fed, server_round = self.settings.federation, int(config.get("server_round", 0))
         seed = derive_seed(self.settings.seed, server_round, self.partition_id)
-        model = build_run_model(self.settings.model, self.num_classes, seed=self.settings.seed,
-                                dp=self.settings.group_norm)
-        set_weights(model, parameters)
+        model = model_with_weights(self.settings.model, self.num_classes, parameters, dp=self.settings.group_norm)
         self._keep_local_norm(model, restore=True)
-        torch.manual_seed(seed)  # after build_run_model, which seeds the (overwritten) initialisation
+        torch.manual_seed(seed)
         loader = make_loader(augmented(self.dataset, fed.augment), batch_size=fed.batch_size, shuffle=True,
                              seed=seed)
         # The server's lr schedule sends the round's lr (fedseg.training.scheduled_lr).

@@ -134,6 +134,22 @@ def build_run_model(spec: ModelSpec, num_classes: int, *, seed: int, dp: bool = 
     return model
 
 
+def model_with_weights(spec: ModelSpec, num_classes: int, arrays: Sequence[np.ndarray], *, dp: bool = False
+                       ) -> nn.Module:
+    """The run's UNet holding ``arrays`` (from :func:`get_weights`), built without initialising it.
+
+    The modules are created on PyTorch's meta device and then allocated empty: every parameter and
+    buffer is overwritten by ``arrays`` anyway, so the random initialisation (0.2-0.3 CPU s a round
+    for UNet-ResNet34 on a vehicle, docs/PERFORMANCE.md) is skipped. Same result as
+    ``set_weights(build_run_model(...), arrays)``.
+    """
+    with torch.device("meta"):
+        model = build_run_model(spec, num_classes, seed=0, dp=dp)
+    model = model.to_empty(device="cpu")
+    set_weights(model, arrays)
+    return model
+
+
 def load_initial_weights(model: nn.Module, spec: ModelSpec) -> nn.Module:
     """Load ``spec.init`` (a fedseg checkpoint) into ``model``, the run's freshly built UNet.
 

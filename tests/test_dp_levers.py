@@ -128,3 +128,19 @@ def test_norm_follows_privacy_unless_set_and_batch_norm_is_refused_under_dp() ->
     with pytest.raises(ValueError, match="model.norm=batch cannot train under privacy=dpsgd"):
         RunSettings.from_config({"model": {"norm": "batch"},
                                  "privacy": {"name": "dpsgd", "target_epsilon": 8.0}})
+
+
+@pytest.mark.parametrize("dp", [False, True])
+def test_a_model_built_for_received_weights_equals_one_initialised_then_loaded(dp: bool) -> None:
+    """The vehicle skips the random initialisation (meta device): same state, same outputs."""
+    from fedseg.models import get_weights, model_with_weights, set_weights
+
+    spec = ModelSpec(name="tiny")
+    arrays = get_weights(build_run_model(spec, CLASSES, seed=5, dp=dp))
+    reference = build_run_model(spec, CLASSES, seed=0, dp=dp)
+    set_weights(reference, arrays)
+    model = model_with_weights(spec, CLASSES, arrays, dp=dp)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), reference.state_dict().values(),
+                                                  strict=True))
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(model.eval()(x), reference.eval()(x))
