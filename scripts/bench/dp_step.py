@@ -12,7 +12,7 @@ RSS before the first step), ``max_memory_allocated`` on CUDA.
 Every mode trains on the same DP-compatible model (GroupNorm, out-of-place residuals) and the same
 fixed batch. A mode ``<grad-sample mode>/decoder`` trains only the decoder and head (the encoder
 frozen: ``privacy.trainable=decoder``); ``plain`` (all parameters, no DP) is the baseline of every
-ratio, so ``ghost/decoder`` over ``plain`` is what a vehicle of the default ``privacy=dpsgd`` pays per
+ratio, so ``hooks/decoder`` over ``plain`` is what a vehicle of the default ``privacy=dpsgd`` pays per
 step against one without DP. ``--json`` prints, last, every mode's ratios plus ``default_mode``
 (the grad-sample mode and trainable part of ``conf/privacy/dpsgd.yaml``) and ``default_time_ratio``.
 
