@@ -222,6 +222,10 @@ class DataSpec:
     heldout_fraction: float = bounded(0.1, gt=0, lt=1)
 
 
+# Which parameters local training updates (``privacy.trainable``; fedseg.models.set_trainable).
+TrainablePart = Literal["all", "decoder"]
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """UNet backbone choice (conf/model/*.yaml): ``name`` is a key of fedseg.models.BACKBONES."""

@@ -13,6 +13,7 @@ local file or an existing cache (see :func:`build_model`).
 from __future__ import annotations
 
 import os
+import typing
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,7 @@ import segmentation_models_pytorch as smp
 import torch
 from torch import nn
 
-from fedseg.config import ModelSpec
+from fedseg.config import ModelSpec, TrainablePart
 
 _DEFAULT_DECODER = (256, 128, 64, 32, 16)  # smp's UNet default
 # Every entry trains under DP-SGD through ``fedseg._dp_compat.make_dp_compatible`` (BatchNorm ->
@@ -181,7 +182,7 @@ def load_initial_weights(model: nn.Module, spec: ModelSpec) -> nn.Module:
 
 
 # Which parameters local training updates (``privacy.trainable``): the rest stay as received.
-TRAINABLE_PARTS = ("all", "decoder")
+TRAINABLE_PARTS: tuple[TrainablePart, ...] = typing.get_args(TrainablePart)
 
 
 def set_trainable(model: nn.Module, part: str) -> int:

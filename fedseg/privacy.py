@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from fedseg.config import bounded, parse_choice
+from fedseg.config import TrainablePart, bounded, parse_choice
 from fedseg.training import TrainResult, train
 
 # Measured on UNet-ResNet34 (scripts/bench/dp_step.py --json, quiet machine; numbers in
@@ -117,7 +117,7 @@ class DPSpec:
     expected_batch_size: int | None = bounded(None, ge=1)
     # Parameters DP-SGD trains (fedseg.models.TRAINABLE_PARTS): all, or decoder (the encoder stays as
     # received, e.g. from public pretraining: fewer noised dimensions, no backward through it).
-    trainable: Literal["all", "decoder"] = "decoder"
+    trainable: TrainablePart = "decoder"
     max_epsilon: float | None = bounded(None, gt=0)  # a vehicle stops training before it would pass this
     secure_rng: bool = False  # cryptographic RNG for noise and sampling (needs torchcsprng)
     state_dir: str | None = None  # None: <run dir>/privacy
