@@ -57,7 +57,7 @@ def run(command: str, name: str, overrides: list[str], out: Path) -> dict:
     if proc.returncode != 0:  # reported in its row; the other rows still run
         error = (proc.stderr.strip().splitlines() or ["no output"])[-1][:300]
         print(f"{name}: {command} failed: {error}", flush=True)
-        return {"miou": float("nan"), "error": error, "run_dir": str(run_dir), "wall_s": time.perf_counter() - t0}
+        return {"miou": None, "error": error, "run_dir": str(run_dir), "wall_s": time.perf_counter() - t0}
     summary = json.loads((run_dir / "summary.json").read_text())
     return {**summary["final"], "run_dir": str(run_dir), "wall_s": time.perf_counter() - t0}
 
@@ -96,15 +96,18 @@ def main() -> None:
             print(f"| {name} | failed: {r['error']} | - | - | {r['wall_s']:.0f} |")
             continue
         print(f"| {name} | {r['miou']:.3f} | {r['miou'] / base:.2f} | {eps} | {r['wall_s']:.0f} |")
-    if args.json:
-        eps8, eps3 = rows["DP-SGD eps=8"]["miou"], rows["DP-SGD eps=3"]["miou"]
+    if args.json:  # a failed row is null (strict JSON: no NaN) and named in "errors"
+        def ratio(r: dict) -> float | None:
+            return None if r["miou"] is None else r["miou"] / base
+
+        eps8, eps3 = rows["DP-SGD eps=8"], rows["DP-SGD eps=3"]
         print(json.dumps({
             "fleet": fleet, "pretrain_miou": pretrain["miou"],
-            "miou": {"no_dp": base, "eps8": eps8, "eps3": eps3},
-            "ratio": {"eps8": eps8 / base, "eps3": eps3 / base},
+            "miou": {"no_dp": base, "eps8": eps8["miou"], "eps3": eps3["miou"]},
+            "ratio": {"eps8": ratio(eps8), "eps3": ratio(eps3)},
             "epsilon": {name: r.get("epsilon") for name, r in rows.items()},
-            "ablation": {name: {"miou": r["miou"], "ratio": r["miou"] / base} for name, r in rows.items()
-                         if name in ABLATION},
+            "ablation": {name: {"miou": r["miou"], "ratio": ratio(r)} for name, r in rows.items() if name in ABLATION},
+            "errors": {name: r["error"] for name, r in rows.items() if "error" in r},
             "wall_s": {"public pretraining": pretrain["wall_s"], **{n: r["wall_s"] for n, r in rows.items()},
                        "total": time.perf_counter() - t0}}))
 
