@@ -23,7 +23,7 @@ from pathlib import Path
 
 from fedseg.config import RunConfig, resolve_device
 from fedseg.deploy.outputs import write_app_config
-from fedseg.deploy.processes import TAG, free_port, new_tag, stop_tagged, wait_for_port
+from fedseg.deploy.processes import TAG, free_port, new_tag, stop_tagged, terminate_as_exit, wait_for_port
 from fedseg.runlog import RunFailed
 
 log = logging.getLogger("fedseg")
@@ -112,23 +112,24 @@ def run_federation(run_config: RunConfig, *, num_vehicles: int, client_cpus: int
     home, tag, port = Path(tempfile.mkdtemp(prefix="fedseg-flwr-")), new_tag(), free_port()
     env = {**os.environ, TAG: tag, "FLWR_HOME": str(home), "FLWR_DISABLE_UPDATE_CHECK": "1",
            "RAY_DEDUP_LOGS": "0", "PYTHONUNBUFFERED": "1"}
-    try:
-        with (home / "superlink.log").open("wb") as out:
-            link = subprocess.Popen(
-                [str(BIN / "flower-superlink"), "--simulation", "--insecure", "--host", "127.0.0.1", "--port",
-                 str(port), "--disable-runtime-dependency-installation"],
-                stdout=out, stderr=subprocess.STDOUT, env=env, cwd=app_dir, start_new_session=True)
-        wait_for_port(port, 60, link)
-        (home / "config.toml").write_text(f'[superlink.sim]\naddress = "127.0.0.1:{port}"\ninsecure = true\n')
-        federation = (f"num-supernodes={num_vehicles} client-resources-num-cpus={client_cpus} "
-                      f"client-resources-num-gpus={client_gpus} init-args-logging-level='"
-                      f"{'INFO' if verbose else 'ERROR'}' init-args-log-to-driver={str(verbose).lower()} "
-                      f"verbose={str(verbose).lower()}")
-        code, lines = _stream([str(BIN / "flwr"), "run", str(app_dir), "sim", "--stream",
-                               "--federation-config", federation], env, verbose)
-        if code != 0:
-            raise RuntimeError(f"flwr run exited with status {code}: " + " | ".join(lines[-5:]))
-        _verdict(env, lines)
-    finally:
-        stop_tagged(tag)
-        shutil.rmtree(home, ignore_errors=True)
+    with terminate_as_exit():  # a SIGTERM'd run still stops what it started (the finally below)
+        try:
+            with (home / "superlink.log").open("wb") as out:
+                link = subprocess.Popen(
+                    [str(BIN / "flower-superlink"), "--simulation", "--insecure", "--host", "127.0.0.1", "--port",
+                     str(port), "--disable-runtime-dependency-installation"],
+                    stdout=out, stderr=subprocess.STDOUT, env=env, cwd=app_dir, start_new_session=True)
+            wait_for_port(port, 60, link)
+            (home / "config.toml").write_text(f'[superlink.sim]\naddress = "127.0.0.1:{port}"\ninsecure = true\n')
+            federation = (f"num-supernodes={num_vehicles} client-resources-num-cpus={client_cpus} "
+                          f"client-resources-num-gpus={client_gpus} init-args-logging-level='"
+                          f"{'INFO' if verbose else 'ERROR'}' init-args-log-to-driver={str(verbose).lower()} "
+                          f"verbose={str(verbose).lower()}")
+            code, lines = _stream([str(BIN / "flwr"), "run", str(app_dir), "sim", "--stream",
+                                   "--federation-config", federation], env, verbose)
+            if code != 0:
+                raise RuntimeError(f"flwr run exited with status {code}: " + " | ".join(lines[-5:]))
+            _verdict(env, lines)
+        finally:
+            stop_tagged(tag)
+            shutil.rmtree(home, ignore_errors=True)

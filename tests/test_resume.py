@@ -129,3 +129,33 @@ def test_sim_killed_after_round_2_resumes_to_round_4_with_each_row_once(privacy:
     after = _client_epsilon(run_dir)
     if privacy == "dpsgd":
         assert set(before) == set(after) and all(after[v] >= before[v] for v in before), (before, after)
+
+
+@pytest.mark.e2e
+def test_sim_stopped_with_sigterm_exits_nonzero_and_leaves_no_flower_process(tmp_path: Path) -> None:
+    # Prepare: a smoke run signalled like `kill PID` (only fedseg-sim itself) once round 1 is saved,
+    # i.e. while its SuperLink, SuperExec, simulation process and Ray workers are all up.
+    run_dir, mark = tmp_path / "run", uuid.uuid4().hex
+    exe = Path(sys.executable).with_name("fedseg-sim")
+    env = {**os.environ, "FEDSEG_DATA_CACHE": str(tmp_path / "cache"), "FEDSEG_TEST_MARK": mark}
+    proc = subprocess.Popen([str(exe), "experiment=smoke", "federation.rounds=20", "run.progress=false",
+                             f"hydra.run.dir={run_dir}"], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while _checkpoint_round(run_dir) < 1 and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert proc.poll() is None, f"the run ended before it could be stopped: {proc.stderr.read()[-2000:]}"
+        running = tagged_pids(mark, variable="FEDSEG_TEST_MARK")
+        # Execute
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=60)
+        # Assert: a failure exit, and nothing it started outlives it
+        left = tagged_pids(mark, variable="FEDSEG_TEST_MARK")
+    finally:
+        _kill_all(mark)
+        if proc.poll() is None:
+            proc.kill()
+    assert len(running) >= 3, running  # the SuperLink and what it spawned were up when the signal came
+    assert code == 128 + signal.SIGTERM
+    assert left == [], f"processes left running after SIGTERM: {left}"

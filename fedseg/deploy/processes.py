@@ -12,8 +12,11 @@ import os
 import signal
 import socket
 import subprocess
+import threading
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 TAG = "FEDSEG_PROCESS_TAG"
@@ -76,3 +79,26 @@ def stop_tagged(tag: str, grace: float = 10.0) -> None:
             pids = tagged_pids(tag)
         if not pids:
             return
+
+
+@contextmanager
+def terminate_as_exit() -> Iterator[None]:
+    """Within the block, SIGTERM (a job scheduler's or ``kill``'s stop) raises ``SystemExit(143)``.
+
+    Python's default for SIGTERM is to die at once, without running ``finally`` blocks, so a command
+    killed that way would leave its SuperLink and the processes it spawned running. As an exception,
+    the signal unwinds through the caller's ``finally: stop_tagged(tag)``. Only the main thread can
+    install signal handlers; elsewhere the block runs unchanged.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def _exit(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, _exit)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
