@@ -158,4 +158,11 @@ def test_sim_stopped_with_sigterm_exits_nonzero_and_leaves_no_flower_process(tmp
             proc.kill()
     assert len(running) >= 3, running  # the SuperLink and what it spawned were up when the signal came
     assert code == 128 + signal.SIGTERM
-    assert left == [], f"processes left running after SIGTERM: {left}"
+    assert left == [], f"processes left running after SIGTERM: {[_cmdline(pid) for pid in left]}"
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return f"{pid}: " + Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:200]
+    except OSError:
+        return f"{pid}: (gone)"

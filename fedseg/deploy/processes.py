@@ -8,6 +8,7 @@ means signalling exactly the processes with that tag, found in ``/proc`` (Linux)
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -16,7 +17,6 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 TAG = "FEDSEG_PROCESS_TAG"
@@ -65,23 +65,26 @@ def tagged_pids(tag: str, variable: str = TAG) -> list[int]:
 
 
 def stop_tagged(tag: str, grace: float = 10.0) -> None:
-    """SIGTERM every process tagged ``tag``; SIGKILL those left after ``grace`` s."""
+    """SIGTERM every process tagged ``tag``; SIGKILL those left after ``grace`` s.
+
+    Each phase signals processes that appear while it waits too (Ray's raylet starts workers while
+    its driver shuts down), so none is left because it was born after the first look.
+    """
     for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
-        pids = tagged_pids(tag)
-        for pid in pids:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + wait
-        while pids and time.monotonic() < deadline:
+        deadline, signalled = time.monotonic() + wait, set[int]()
+        while pids := set(tagged_pids(tag)):
+            for pid in pids - signalled:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, sig)
+            signalled |= pids
+            if time.monotonic() >= deadline:
+                break
             time.sleep(0.2)
-            pids = tagged_pids(tag)
-        if not pids:
+        else:
             return
 
 
-@contextmanager
+@contextlib.contextmanager
 def terminate_as_exit() -> Iterator[None]:
     """Within the block, SIGTERM (a job scheduler's or ``kill``'s stop) raises ``SystemExit(143)``.
 
