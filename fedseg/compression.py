@@ -168,8 +168,9 @@ class TopKCompression(_SparseCodec):
 
     Per sparse array: a bitmask of the kept positions (``n / 8`` bytes: cheaper than 32-bit indices
     once more than 1/32 of the values are kept), then the kept values in position order, as
-    ``values``: float32, float16, or int8 with the array's own scale (stochastic rounding; a third
-    array holds the scale). What is not sent, and the rounding of what is, stays in the residual.
+    ``values``: float32, float16, or int8 / int4 with the array's own scale (``max / 127`` or
+    ``max / 7``, stochastic rounding; int4 packs two values a byte; a third array holds the scale).
+    What is not sent, and the rounding of what is, stays in the residual.
     """
 
     name: ClassVar[str] = "topk"
@@ -177,7 +178,7 @@ class TopKCompression(_SparseCodec):
         "topk sends each vehicle's own top coordinates: their sum cannot be decoded from a masked sum "
         "(the server would need every vehicle's positions)")
     fraction: float = bounded(0.3, gt=0, le=1)  # with int8 values: 1/32 + 0.3/4 of float32, ~9x fewer bytes
-    values: Literal["float32", "float16", "int8"] = "int8"
+    values: Literal["float32", "float16", "int8", "int4"] = "int8"
 
     @property
     def keeps_residual(self) -> bool:
@@ -199,14 +200,26 @@ class TopKCompression(_SparseCodec):
         return out
 
     def _values(self, kept: np.ndarray, rng: np.random.Generator | None) -> Arrays:
+        if self.values == "int4":
+            return _int4_encode(kept, rng if rng is not None else np.random.default_rng())
         if self.values != "int8":
             return [np.asarray(kept, self.values)]
         steps, scales = Int8Compression().encode([kept], [kept], rng=rng)
         return [steps, scales]
 
+    def _decode_values(self, vals: Arrays, kept: int) -> np.ndarray:
+        if self.values == "int4":
+            return _int4_decode(vals, kept)
+        if np.size(vals[0]) != kept:
+            raise ValueError(f"topk: {kept} positions but {np.size(vals[0])} values")
+        if self.values == "int8":
+            like_kept = np.broadcast_to(np.float32(0), np.shape(vals[0]))  # float: int8 scales it
+            return Int8Compression().decode(vals, [like_kept])[0]
+        return np.asarray(vals[0], np.float64)
+
     def decode(self, encoded: Sequence[np.ndarray], like: Sequence[np.ndarray], *,
                seed: int | None = None) -> Arrays:
-        per_sparse = 3 if self.values == "int8" else 2
+        per_sparse = 3 if self.values in ("int8", "int4") else 2
         _check_count(encoded, len(like) + (per_sparse - 1) * sum(self.sparse(g) for g in like), self.name)
         parts, out = iter(encoded), []
         for g in like:
@@ -214,14 +227,8 @@ class TopKCompression(_SparseCodec):
                 out.append(np.asarray(next(parts), np.float64).reshape(np.shape(g)))
                 continue
             mask = np.unpackbits(np.asarray(next(parts), np.uint8), count=np.size(g)).view(bool)
-            vals = [next(parts) for _ in range(per_sparse - 1)]
-            kept = int(mask.sum())
-            if np.size(vals[0]) != kept:
-                raise ValueError(f"topk: {kept} positions but {np.size(vals[0])} values")
             flat = np.zeros(np.size(g))
-            like_kept = np.broadcast_to(np.float32(0), np.shape(vals[0]))  # float: int8 scales it
-            flat[mask] = (Int8Compression().decode(vals, [like_kept])[0] if self.values == "int8"
-                          else np.asarray(vals[0], np.float64))
+            flat[mask] = self._decode_values([next(parts) for _ in range(per_sparse - 1)], int(mask.sum()))
             out.append(flat.reshape(np.shape(g)))
         return out
 
@@ -296,6 +303,29 @@ def stochastic_round(y: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """``floor(y)`` plus 1 with probability ``y - floor(y)``: unbiased, error below 1 (float32)."""
     low = np.floor(y)
     return low + (rng.random(y.shape, dtype=np.float32) < (y - low))
+
+
+def _int4_encode(x: np.ndarray, rng: np.random.Generator) -> Arrays:
+    """``x`` as 4-bit steps of ``max|x| / 7`` (stochastic rounding onto -7..7, stored as 1..15), two a
+    byte (the first in the low nibble; an odd count pads with a zero step), and the scale."""
+    peak = float(np.abs(x).max()) if x.size else 0.0
+    scale = peak / 7.0 if math.isfinite(peak) else math.nan  # NaN: the server's guard rejects it
+    steps = (np.clip(stochastic_round(np.asarray(x, np.float32) / scale, rng), -7, 7) if scale > 0
+             else np.zeros(x.size))
+    nibbles = np.asarray(steps, np.int64).ravel() + 8
+    if nibbles.size % 2:
+        nibbles = np.append(nibbles, 8)
+    packed = np.asarray(nibbles[0::2] | (nibbles[1::2] << 4), np.uint8)
+    return [packed, np.asarray([scale], np.float32)]
+
+
+def _int4_decode(vals: Sequence[np.ndarray], count: int) -> np.ndarray:
+    """The ``count`` values :func:`_int4_encode` packed, as float64."""
+    packed, scale = np.asarray(vals[0], np.uint8), np.asarray(vals[1], np.float64)
+    if packed.size != (count + 1) // 2 or scale.size != 1:
+        raise ValueError(f"topk: {count} positions but {packed.size} bytes of int4 values and {scale.size} scales")
+    nibbles = np.stack([packed & 0x0F, packed >> 4], axis=1).ravel()[:count]
+    return (nibbles.astype(np.float64) - 8.0) * float(scale[0])
 
 
 def round_seed(run_seed: int, server_round: int) -> int:

@@ -104,6 +104,26 @@ def test_topk_int8_values_are_within_a_step_of_the_kept_values() -> None:
     assert abs(decoded[3] + 0.635) <= 0.01 + 1e-6  # -63.5 steps: either neighbour; the residual keeps the rest
 
 
+def test_topk_int4_packs_two_values_a_byte_within_a_step_and_unbiased() -> None:
+    codec, like = TopKCompression(fraction=0.6, dense_below=1, values="int4"), [np.zeros(6, np.float32)]
+    update = [np.array([0.7, -0.01, 0.35, -0.7, 0.02, 0.0])]  # keeps 4 of 6: 0.7, 0.35, -0.7, 0.02; scale 0.1
+
+    encoded = codec.encode(update, like, rng=np.random.default_rng(0))
+    decoded = codec.decode(encoded, like)[0]
+
+    assert [e.dtype for e in encoded] == [np.uint8, np.uint8, np.float32] and encoded[1].size == 2  # 4 values
+    assert list(np.flatnonzero(np.unpackbits(encoded[0], count=6))) == [0, 2, 3, 4]
+    assert encoded[2][0] == pytest.approx(0.1)
+    assert decoded[0] == pytest.approx(0.7) and decoded[3] == pytest.approx(-0.7)  # on the grid: exact
+    assert abs(decoded[2] - 0.35) <= 0.1 + 1e-6 and decoded[1] == decoded[5] == 0
+    # Unbiased: the mean of many stochastic roundings of 0.35 (3.5 steps) is 0.35.
+    mean = np.mean([codec.decode(codec.encode(update, like, rng=np.random.default_rng(i)), like)[0][2]
+                    for i in range(400)])
+    assert mean == pytest.approx(0.35, abs=0.01)
+    with pytest.raises(ValueError, match="topk: 4 positions but 3 bytes of int4 values"):
+        codec.decode([encoded[0], np.zeros(3, np.uint8), encoded[2]], like)
+
+
 def test_topk_error_feedback_makes_the_sum_sent_track_the_sum_of_updates() -> None:
     codec, rng = TopKCompression(fraction=0.1, dense_below=1), np.random.default_rng(2)
     like = [np.zeros(200, np.float32)]

@@ -42,9 +42,10 @@ def run_codec(entry: str, overrides: list[str], out: Path) -> dict[str, Any]:
     start = time.perf_counter()
     proc = subprocess.run(args, check=False, capture_output=True, text=True, env=dict(os.environ))
     wall = time.perf_counter() - start
-    if proc.returncode != 0:
-        raise SystemExit(f"compression bench: {entry} failed (exit {proc.returncode}): "
-                         f"{proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else ''}")
+    if proc.returncode != 0:  # reported in its row; the other codecs still run
+        error = (proc.stderr.strip().splitlines() or ["no output"])[-1][:300]
+        print(f"compression bench: {entry} failed (exit {proc.returncode}): {error}", flush=True)
+        return {"codec": entry, "error": error, "wall_s": round(wall, 1), "run_dir": str(run_dir)}
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     trained = [r for r in rows if r["round"] > 0 and r.get("clients")]
     per_vehicle = [r["bytes_up"] / r["clients"] for r in trained]
@@ -55,13 +56,14 @@ def run_codec(entry: str, overrides: list[str], out: Path) -> dict[str, Any]:
 
 def add_ratios(results: list[dict[str, Any]]) -> dict[str, Any] | None:
     """Saving and mIoU change against ``none`` (when measured); the best codec that meets the goal."""
-    base = next((r for r in results if r["codec"] == "none"), None)
+    base = next((r for r in results if r["codec"] == "none" and "error" not in r), None)
     if base is None:
         return None
-    for r in results:
+    for r in (r for r in results if "error" not in r):
         r["saving"] = base["bytes_up_per_vehicle"] / r["bytes_up_per_vehicle"]
         r["miou_points"] = 100 * (r["miou"] - base["miou"])
-    meets = [r for r in results if r["saving"] >= GOAL_SAVING and r["miou_points"] >= -GOAL_MIOU_POINTS]
+    meets = [r for r in results if "error" not in r and r["saving"] >= GOAL_SAVING
+             and r["miou_points"] >= -GOAL_MIOU_POINTS]
     return max(meets, key=lambda r: r["miou"]) if meets else None
 
 
@@ -69,6 +71,9 @@ def print_table(results: list[dict[str, Any]]) -> None:
     print(f"{'codec':<22s} {'MB up/veh/round':>15s} {'x fewer':>8s} {'final mIoU':>10s} {'vs none':>8s} "
           f"{'wall s':>7s}")
     for r in results:
+        if "error" in r:
+            print(f"{r['codec']:<22s} failed: {r['error']}")
+            continue
         saving = f"{r['saving']:7.1f}x" if "saving" in r else "-"
         points = f"{r['miou_points']:+7.2f}" if "miou_points" in r else "-"
         print(f"{r['codec']:<22s} {r['bytes_up_per_vehicle'] / 1e6:15.3f} {saving:>8s} {r['miou']:10.4f} "
@@ -91,9 +96,12 @@ def main() -> None:
     print_table(results)
     print(f"goal (>= {GOAL_SAVING:g}x fewer bytes up, <= {GOAL_MIOU_POINTS:g} mIoU point below none): "
           + (f"met by {best['codec']}" if best else "not met"))
+    failed = [r["codec"] for r in results if "error" in r]
     if args.json:
         print(json.dumps({"overrides": overrides, "results": results,
-                          "goal_met_by": best["codec"] if best else None}))
+                          "goal_met_by": best["codec"] if best else None, "failed": failed}))
+    if failed:
+        raise SystemExit(f"compression bench: {len(failed)} codec run(s) failed: {', '.join(failed)}")
 
 
 if __name__ == "__main__":
