@@ -79,3 +79,21 @@ def test_settings_the_accounting_does_not_cover_are_refused(cfg: dict, message: 
 
     with pytest.raises(ValueError, match=message):
         check_composition(settings(**blocks), [8, 8, 8, 8])
+
+
+@pytest.mark.parametrize("secagg", [{"name": "none"}, {"name": "secaggplus", "num_shares": 3,
+                                                        "reconstruction_threshold": 2}])
+def test_a_run_reports_after_each_round_the_epsilon_computed_by_hand(secagg: dict) -> None:
+    # Prepare: 3 vehicles, all sampled every round (min_fit_clients 3), noise multiplier 2.0. Under
+    # SecAgg+ the noise is added once, to the mean of the masked sum, so the accounting is the same.
+    privacy = {"name": "central", "noise_multiplier": 2.0, "clipping_norm": 1.0}
+
+    # Execute
+    fleet = Fleet(toy_updates(), [1, 2, 3], secagg, privacy=privacy, rounds=2,
+                  federation={"min_fit_clients": 3}).run()
+
+    # Assert: what the run recorded for rounds 1 and 2 is the hand computation for that many rounds
+    delta, rows = default_delta(3), [row for row in fleet.rows if row["round"] > 0]
+    assert [row["round"] for row in rows] == [1, 2] and [row["delta"] for row in rows] == [delta, delta]
+    assert [row["epsilon"] for row in rows] == pytest.approx(
+        [epsilon_by_hand(2.0, 1, delta), epsilon_by_hand(2.0, 2, delta)], rel=1e-9)
