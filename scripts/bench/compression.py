@@ -56,14 +56,14 @@ def run_codec(entry: str, overrides: list[str], out: Path) -> dict[str, Any]:
 
 def add_ratios(results: list[dict[str, Any]]) -> dict[str, Any] | None:
     """Saving and mIoU change against ``none`` (when measured); the best codec that meets the goal."""
-    base = next((r for r in results if r["codec"] == "none" and "error" not in r), None)
+    finished = [r for r in results if "error" not in r]
+    base = next((r for r in finished if r["codec"] == "none"), None)
     if base is None:
         return None
-    for r in (r for r in results if "error" not in r):
+    for r in finished:
         r["saving"] = base["bytes_up_per_vehicle"] / r["bytes_up_per_vehicle"]
         r["miou_points"] = 100 * (r["miou"] - base["miou"])
-    meets = [r for r in results if "error" not in r and r["saving"] >= GOAL_SAVING
-             and r["miou_points"] >= -GOAL_MIOU_POINTS]
+    meets = [r for r in finished if r["saving"] >= GOAL_SAVING and r["miou_points"] >= -GOAL_MIOU_POINTS]
     return max(meets, key=lambda r: r["miou"]) if meets else None
 
 
