@@ -138,14 +138,16 @@ def test_sim_stopped_with_sigterm_exits_nonzero_and_leaves_no_flower_process(tmp
     run_dir, mark = tmp_path / "run", uuid.uuid4().hex
     exe = Path(sys.executable).with_name("fedseg-sim")
     env = {**os.environ, "FEDSEG_DATA_CACHE": str(tmp_path / "cache"), "FEDSEG_TEST_MARK": mark}
+    log = tmp_path / "stderr.log"  # a file, not a pipe: nobody reads it while the run goes on
+    err = log.open("w")
     proc = subprocess.Popen([str(exe), "experiment=smoke", "federation.rounds=20", "run.progress=false",
                              f"hydra.run.dir={run_dir}"], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=err)
     try:
         deadline = time.monotonic() + 300
         while _checkpoint_round(run_dir) < 1 and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert proc.poll() is None, f"the run ended before it could be stopped: {proc.stderr.read()[-2000:]}"
+        assert proc.poll() is None, f"the run ended before it could be stopped: {log.read_text()[-2000:]}"
         running = tagged_pids(mark, variable="FEDSEG_TEST_MARK")
         # Execute
         proc.send_signal(signal.SIGTERM)
@@ -159,6 +161,7 @@ def test_sim_stopped_with_sigterm_exits_nonzero_and_leaves_no_flower_process(tmp
         _kill_all(mark)
         if proc.poll() is None:
             proc.kill()
+        err.close()
     assert len(running) >= 3, running  # the SuperLink and what it spawned were up when the signal came
     assert code == 128 + signal.SIGTERM
     assert left == [], f"processes left running after SIGTERM: {[_cmdline(pid) for pid in left]}"
