@@ -167,13 +167,13 @@ class StrategyWrapper(Strategy):
         return self.inner.evaluate(server_round, parameters)
 
 
-def _is_integer(tensor: bytes) -> bool:
-    """Whether one serialized array (numpy's .npy bytes, as Flower sends them) holds integers."""
+def _dtype(tensor: bytes) -> np.dtype:
+    """The dtype of one serialized array (numpy's .npy bytes, as Flower sends them), from its header only."""
     stream = io.BytesIO(tensor)
     version = np.lib.format.read_magic(stream)
     read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-    _, _, dtype = read(stream)  # the header only, not the data
-    return bool(np.issubdtype(dtype, np.integer))
+    _, _, dtype = read(stream)
+    return np.dtype(dtype)
 
 
 class StatisticsMean(StrategyWrapper):
@@ -183,7 +183,9 @@ class StatisticsMean(StrategyWrapper):
     A BatchNorm running mean becomes the frame-weighted mean of the vehicles' means; a running
     variance the variance of their mixture, ``sum_k w_k (var_k + mean_k^2) - mean^2`` (the plain mean
     of variances leaves out how far the towns' means lie apart, and the server evaluated every frame
-    with too small a variance); other statistics (counters) their frame-weighted mean. Defects this
+    with too small a variance); other statistics (counters) their frame-weighted mean. Every array
+    leaves with the vehicles' dtype: Flower's FedAdam multiplies by a float64 bias correction, and a
+    float64 global model would have the next round's float32 updates rejected. Defects this
     fixes besides: Flower's in-place FedAvg scales integer arrays by a weight cast to their dtype (0),
     so ``num_batches_tracked`` came back 0 every round; and a server optimizer (FedAvgM, FedAdam)
     stepped running means and variances as if they were weights (momentum can push a variance below
@@ -213,13 +215,15 @@ class StatisticsMean(StrategyWrapper):
 
         first = results[0][1].parameters.tensors
         for i, tag in enumerate(tags):
-            if not tag and not _is_integer(first[i]):
+            kind = _dtype(first[i])
+            if not tag and not np.issubdtype(kind, np.integer):
+                if _dtype(aggregated.tensors[i]) != kind:  # FedAdam's bias correction makes float64 weights
+                    aggregated.tensors[i] = ndarray_to_bytes(bytes_to_ndarray(aggregated.tensors[i]).astype(kind))
                 continue
             value = mean(arrays(i))
             if tag == "running_var" and tags[i - 1] == "running_mean":  # BatchNorm's state-dict order
                 means = arrays(i - 1)
                 value = mean([v + m**2 for v, m in zip(arrays(i), means, strict=True)]) - mean(means) ** 2
-            kind = bytes_to_ndarray(first[i]).dtype
             value = np.rint(value).astype(kind) if np.issubdtype(kind, np.integer) else value.astype(kind)
             aggregated.tensors[i] = ndarray_to_bytes(value)
         return aggregated, metrics

@@ -43,6 +43,18 @@ def test_nan_and_outsized_updates_are_rejected_logged_and_the_others_averaged(
     assert "rejected vehicle 2" in caplog.text and "rejected vehicle 3" in caplog.text
 
 
+def test_a_round_whose_every_update_is_rejected_stops_the_run_naming_the_reason() -> None:
+    # Every vehicle sends NaN: without the stop, the run would go on with an unchanged model.
+    nan = {i: (lambda p: [np.full_like(a, np.nan) for a in p]) for i in range(3)}
+    fleet = Fleet(toy_updates(), [1, 2, 3], PLAIN, send=nan, rounds=2)
+
+    with pytest.raises(RunFailed, match=r"round 1: every vehicle's update was rejected \(3\); first: vehicle 0: "
+                                        r".*not finite"):
+        fleet.run()
+
+    assert [r["round"] for r in fleet.rows] == [0]
+
+
 def test_a_vehicle_failing_every_round_is_counted_and_the_run_completes() -> None:
     fleet = Fleet(toy_updates(), [1, 2, 3], PLAIN, fail_always=(1,), rounds=2).run()
 

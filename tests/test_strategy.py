@@ -158,3 +158,39 @@ def test_fedavgm_in_place_matches_flowers_fedavgm_over_rounds() -> None:
         # Assert: every round's model is Flower's, to float32 rounding.
         for a, b in zip(parameters_to_ndarrays(mine), parameters_to_ndarrays(theirs), strict=True):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_fedadam_global_model_keeps_float32_so_the_next_round_is_not_rejected() -> None:
+    # Prepare: the composed server (strategy -> statistics -> guard -> recorder) for FedAdam, whose
+    # bias correction is a float64 scalar, and two vehicles sending float32 updates each round.
+    from flwr.server.client_manager import SimpleClientManager
+
+    from fedseg.config import to_run_config
+    from fedseg.settings import settings_of
+    from server.compose import compose_server
+
+    rows: list[dict] = []
+    settings = settings_of(to_run_config({"strategy": {"name": "fedadam"}, "federation": {
+        "num_clients": 2, "min_fit_clients": 2, "rounds": 2}}))
+    start = [np.zeros((2, 3), np.float32), np.ones(3, np.float32)]
+    parts = compose_server(settings, on_round=rows.append, initial_parameters=ndarrays_to_parameters(start),
+                           evaluate_fn=lambda r, arrays, config: (0.0, {}))
+    manager = SimpleClientManager()
+    for cid in ("a", "b"):
+        manager.register(proxy(cid))
+    params, rejected = ndarrays_to_parameters(start), []
+    parts.recorder.annotate = lambda r, fields: rejected.extend(fields.get("rejected", []))  # type: ignore
+
+    # Execute: two rounds, each vehicle moving every weight by +0.1 / -0.05 from what it was sent and
+    # replying in float32, as a torch model does
+    for server_round in (1, 2):
+        sent = parts.strategy.configure_fit(server_round, params, manager)
+        replies = [(client, fit_res([(a + step).astype(np.float32) for a in parameters_to_ndarrays(ins.parameters)], 1,
+                                    partition_id=i))
+                   for i, ((client, ins), step) in enumerate(zip(sent, (0.1, -0.05), strict=True))]
+        params, _ = parts.strategy.aggregate_fit(server_round, replies, [])
+
+    # Assert: no update was rejected, and the global model that goes out is still float32 and moved
+    assert rejected == []
+    assert [a.dtype for a in parameters_to_ndarrays(params)] == [np.float32, np.float32]
+    assert not np.allclose(parameters_to_ndarrays(params)[0], start[0])
