@@ -59,6 +59,22 @@ def _memory_kb(pid: int) -> tuple[int, int]:
     return fields.get("Rss", 0), fields.get("Pss", 0)
 
 
+def _process_name(pid: int) -> str:
+    """A short name for ``pid``: its program (``flwr-simulation``, ``raylet``) or Ray's title
+    (``ray::ClientAppActor.run``)."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return "?"
+    words = [w.decode(errors="replace") for w in argv if w]
+    if not words:
+        return "?"
+    if words[0].startswith("ray::"):
+        return words[0].split()[0]
+    program = next((w for w in words[1:] if not w.startswith("-")), words[0]) if "python" in words[0] else words[0]
+    return Path(program).name
+
+
 def run_fleet(vehicles: int, overrides: list[str], out: Path, poll: float) -> dict[str, Any]:
     """One ``fedseg-sim`` run of ``vehicles`` vehicles, 10 sampled per round; its timings and peak memory."""
     model = next((o.split("=", 1)[1] for o in overrides if o.startswith("model=")), None)
@@ -69,12 +85,18 @@ def run_fleet(vehicles: int, overrides: list[str], out: Path, poll: float) -> di
             f"federation.min_fit_clients={SAMPLED}", f"hydra.run.dir={run_dir}"]
     env = {**os.environ, BENCH_TAG: tag, "FEDSEG_DATA_CACHE": str(run_dir / "cache")}
     metrics, startup, peak, peak_pss, most = run_dir / "metrics.jsonl", None, 0, 0, 0
+    at_peak: dict[str, int] = {}  # PSS kB by process name when the sum peaked
     load, start = os.getloadavg()[0], time.perf_counter()
     with (out / f"{run_dir.name}.log").open("w") as log:
         proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env)
         while proc.poll() is None:
             pids = tagged_pids(tag, BENCH_TAG)
-            rss, pss = (sum(m) for m in zip(*(_memory_kb(p) for p in pids), strict=True)) if pids else (0, 0)
+            memory = {p: _memory_kb(p) for p in pids}
+            rss, pss = sum(m[0] for m in memory.values()), sum(m[1] for m in memory.values())
+            if pss > peak_pss:
+                at_peak = {}
+                for p, (_, kb) in memory.items():
+                    at_peak[_process_name(p)] = at_peak.get(_process_name(p), 0) + kb
             peak, peak_pss, most = max(peak, rss), max(peak_pss, pss), max(most, len(pids))
             if startup is None and metrics.is_file() and metrics.read_text().strip():
                 startup = time.perf_counter() - start
@@ -87,7 +109,9 @@ def run_fleet(vehicles: int, overrides: list[str], out: Path, poll: float) -> di
     return {"run": run_dir.name, "vehicles": vehicles, "startup_s": round(startup or wall, 1),
             "first_round_s": round(times[0], 2), "median_round_s": round(statistics.median(times[1:] or times), 2),
             "rounds": len(times), "peak_mb": round(peak / 1024), "peak_pss_mb": round(peak_pss / 1024),
-            "processes": most, "wall_s": round(wall, 1), "load_at_start": round(load, 1),
+            "processes": most,
+            "pss_mb_at_peak": {name: round(kb / 1024) for name, kb in sorted(at_peak.items(), key=lambda x: -x[1])},
+            "wall_s": round(wall, 1), "load_at_start": round(load, 1),
             "run_dir": str(run_dir)}
 
 
