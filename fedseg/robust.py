@@ -32,8 +32,11 @@ def structure_problem(local: Sequence[np.ndarray], global_: Sequence[np.ndarray]
 
 def update_norm(local: Sequence[np.ndarray], global_: Sequence[np.ndarray]) -> float:
     """L2 norm of ``local - global`` over the floating arrays (integer counters left out)."""
-    squares = sum(float(np.sum((np.asarray(a, np.float64) - np.asarray(g, np.float64)) ** 2))
-                  for a, g in zip(local, global_, strict=True) if np.asarray(g).dtype.kind == "f")
+    squares = 0.0
+    for a, g in zip(local, global_, strict=True):
+        if np.asarray(g).dtype.kind == "f":
+            d = np.subtract(a, g).ravel()  # in the arrays' own precision: a norm for a ratio test
+            squares += float(np.dot(d, d))  # BLAS; the float64 square-and-sum took 0.15 s per ResNet34
     return float(np.sqrt(squares))
 
 

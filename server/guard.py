@@ -7,14 +7,14 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-from flwr.common import FitIns, FitRes, Parameters, Scalar, parameters_to_ndarrays
+from flwr.common import FitIns, FitRes, Parameters, Scalar
 from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy
 
 from fedseg.robust import screen_updates
 from fedseg.runlog import RunFailed
-from server.strategy import StrategyWrapper
+from server.strategy import StrategyWrapper, parameters_view
 
 log = logging.getLogger("fedseg")
 
@@ -33,12 +33,12 @@ class UpdateGuard(StrategyWrapper):
 
     def configure_fit(self, server_round: int, parameters: Parameters, client_manager: ClientManager
                       ) -> list[tuple[ClientProxy, FitIns]]:
-        self._global = parameters_to_ndarrays(parameters)
+        self._global = parameters_view(parameters)
         return self.inner.configure_fit(server_round, parameters, client_manager)
 
     def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]],
                       failures: list[Any]) -> tuple[Parameters | None, dict[str, Scalar]]:
-        updates = [parameters_to_ndarrays(r.parameters) for _, r in results]
+        updates = [parameters_view(r.parameters) for _, r in results]  # read only: no 98 MB copies
         reasons = screen_updates(updates, self._global, max_norm_ratio=self.max_norm_ratio)
         rejected = []
         for (proxy, res), reason in zip(results, reasons, strict=True):

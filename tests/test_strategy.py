@@ -194,3 +194,18 @@ def test_fedadam_global_model_keeps_float32_so_the_next_round_is_not_rejected() 
     assert rejected == []
     assert [a.dtype for a in parameters_to_ndarrays(params)] == [np.float32, np.float32]
     assert not np.allclose(parameters_to_ndarrays(params)[0], start[0])
+
+
+def test_parameters_view_reads_what_flower_decodes_without_copying() -> None:
+    from server.strategy import parameters_view
+
+    arrays = [np.arange(6, dtype=np.float32).reshape(2, 3), np.asfortranarray(np.arange(6.0).reshape(2, 3)),
+              np.array(7, np.int64), np.zeros((0, 4), np.float32)]
+    params = ndarrays_to_parameters(arrays)
+
+    views = parameters_view(params)
+
+    for view, decoded in zip(views, parameters_to_ndarrays(params), strict=True):
+        assert view.dtype == decoded.dtype and view.shape == decoded.shape
+        np.testing.assert_array_equal(view, decoded)
+    assert not views[0].flags.writeable  # a view over the message's bytes, not a copy
