@@ -18,7 +18,9 @@ first run. Measured, with ratios against the 10-vehicle run of the same invocati
 * ``peak_mb``: the largest sum, over one poll, of the resident memory (RSS) of every process of the
   run (``fedseg-sim``, its SuperLink, the simulation and Ray processes), found by an environment
   tag they all inherit; shared pages count once per process, so this is an upper bound.
-  ``peak_pss_mb`` counts shared pages proportionally (what the processes take together).
+  ``peak_pss_mb`` counts shared pages proportionally: what the processes take together, the
+  measure the 8 GB goal is judged by (summed RSS counts torch's shared libraries once for each of
+  the run's Python processes). ``pss_mb_at_peak`` splits that peak by process.
 
     python scripts/bench/scale.py --json                               # 10, 100, 1,000, 10,000 (~10 min)
     python scripts/bench/scale.py --fleets 10,1000 --resnet34 --json   # plus UNet-ResNet34 at 1,000
@@ -164,10 +166,10 @@ def main() -> None:
     print_table(results)
     finished = [r for r in results if "error" not in r]
     goals = {"all_finished": len(finished) == len(results),
-             "peak_within_8gb": all(r["peak_mb"] <= GOAL_MB for r in finished),
+             "peak_within_8gb": all(r["peak_pss_mb"] <= GOAL_MB for r in finished),  # PSS: see the docstring
              "startup_within_2x": all(r.get("startup_ratio", GOAL_STARTUP_RATIO + 1) <= GOAL_STARTUP_RATIO
                                       for r in finished)}  # no ratio without the baseline
-    print(f"goals: every run finished: {goals['all_finished']}; of those, all processes within {GOAL_MB} MB: "
+    print(f"goals: every run finished: {goals['all_finished']}; of those, all processes within {GOAL_MB} MB (PSS): "
           f"{goals['peak_within_8gb']}; start-up within "
           f"{GOAL_STARTUP_RATIO:g}x of {results[0]['run']}: {goals['startup_within_2x']}")
     if args.json:
