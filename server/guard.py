@@ -13,7 +13,6 @@ from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy
 
 from fedseg.robust import screen_updates
-from fedseg.runlog import RunFailed
 from server.strategy import StrategyWrapper, parameters_view
 
 log = logging.getLogger("fedseg")
@@ -21,8 +20,7 @@ log = logging.getLogger("fedseg")
 
 class UpdateGuard(StrategyWrapper):
     """Drops non-finite, misshapen and outsized updates (``fedseg.robust``), logs each with its vehicle,
-    and reports them through ``on_reject(round, rejected)`` (the recorder's row). A round whose every
-    update is rejected stops the run (``RunFailed``): the model could not have changed."""
+    and reports them through ``on_reject(round, rejected)`` (the recorder's row)."""
 
     def __init__(self, inner: Strategy, *, max_norm_ratio: float | None,
                  on_reject: Callable[[int, dict[str, Any]], None]) -> None:
@@ -49,9 +47,6 @@ class UpdateGuard(StrategyWrapper):
         kept = [pair for pair, reason in zip(results, reasons, strict=True) if reason is None]
         if rejected:
             self.on_reject(server_round, {"rejected": rejected, "clients": len(kept)})
-        if results and not kept:  # the model could not change: stop instead of "training" on
-            raise RunFailed(f"round {server_round}: every vehicle's update was rejected ({len(rejected)}); "
-                            f"first: vehicle {rejected[0]['vehicle']}: {rejected[0]['reason']}")
         if not kept:
             return None, {}
         return self.inner.aggregate_fit(server_round, kept, failures)

@@ -328,6 +328,12 @@ class RoundRecorder(StrategyWrapper):
                             f"vehicles answered, below federation.min_fit_clients={self.min_replies}"
                             + (f"; first vehicle error: {errors[0]}" if errors else ""))
         aggregated = self.inner.aggregate_fit(server_round, trained, failures) if trained else (None, {})
+        rejected = self._notes.get(server_round, {}).get("rejected", [])
+        if trained and aggregated[0] is None and len(rejected) >= len(trained):
+            # Every update was rejected (guard or codec decoder): the model could not change, so stop
+            # instead of "training" on.
+            raise RunFailed(f"round {server_round}: every vehicle's update was rejected ({len(rejected)}); "
+                            f"first: vehicle {rejected[0]['vehicle']}: {rejected[0]['reason']}")
         if "t0" in self._pending:  # configure_fit opened this round
             self._pending["round_s"] = time.perf_counter() - self._pending["t0"]
         return aggregated
