@@ -98,7 +98,8 @@ def run_fleet(vehicles: int, overrides: list[str], out: Path, poll: float) -> di
             if pss > peak_pss:
                 at_peak = {}
                 for p, (_, kb) in memory.items():
-                    at_peak[_process_name(p)] = at_peak.get(_process_name(p), 0) + kb
+                    name = _process_name(p)
+                    at_peak[name] = at_peak.get(name, 0) + kb
             peak, peak_pss, most = max(peak, rss), max(peak_pss, pss), max(most, len(pids))
             if startup is None and metrics.is_file() and metrics.read_text().strip():
                 startup = time.perf_counter() - start
