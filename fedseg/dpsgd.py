@@ -18,7 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 from opacus import PrivacyEngine
-from opacus.accountants import create_accountant
+from opacus.accountants import RDPAccountant, create_accountant
+from opacus.accountants.analysis.rdp import get_privacy_spent as rdp_privacy_spent
 from opacus.accountants.utils import get_noise_multiplier
 from opacus.data_loader import DPDataLoader
 from opacus.utils.batch_memory_manager import wrap_data_loader
@@ -39,7 +40,19 @@ warnings.filterwarnings("ignore", message="Full backward hook is firing when gra
 
 def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, steps: int,
                     accountant: str = "rdp") -> float:
-    """Smallest noise multiplier (Opacus' search) keeping ``steps`` steps within ``target_epsilon``."""
+    """Smallest noise multiplier (Opacus' search) keeping ``steps`` steps within ``target_epsilon``.
+
+    Under RDP a target at or below the accountant's floor (its epsilon with no privacy loss at all,
+    set by ``delta`` and its largest order) is refused at once: Opacus' search would double the noise
+    up to 1e6, a minute of accounting, before saying so."""
+    if accountant == "rdp":
+        orders = RDPAccountant.DEFAULT_ALPHAS
+        with warnings.catch_warnings():  # "optimal order is the largest alpha": that is the floor
+            warnings.simplefilter("ignore")
+            floor, _ = rdp_privacy_spent(orders=orders, rdp=np.zeros(len(orders)), delta=delta)
+        if target_epsilon <= floor:
+            raise ValueError(f"The privacy budget is too low: RDP accounting cannot reach epsilon below "
+                             f"{floor:.3g} at delta {delta:g}, whatever the noise")
     with warnings.catch_warnings():  # the search probes extreme noise levels, where RDP warns
         warnings.simplefilter("ignore")
         return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,

@@ -98,6 +98,14 @@ def test_calibrated_noise_meets_target_epsilon_within_tolerance():
     assert privacy.noise_multiplier == sigma
 
 
+def test_target_below_the_rdp_floor_is_refused_without_searching():
+    # Opacus' RDP epsilon never falls below ~0.1029 at delta 1e-5 (its largest order is 63), however much
+    # noise: its own search would double sigma to 1e6 (a minute) before giving up.
+    with pytest.raises(ValueError, match=r"cannot reach epsilon below 0\.103 at delta 1e-05"):
+        calibrate_noise(0.1, 1e-5, sample_rate=0.5, steps=4)
+    assert calibrate_noise(0.2, 1e-5, sample_rate=0.5, steps=4) > 10  # just above it: a (large) answer
+
+
 def test_default_delta_is_below_one_over_n():
     assert default_delta(200) == 1e-5
     assert default_delta(10**6) == pytest.approx(1e-7)
