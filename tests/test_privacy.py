@@ -13,7 +13,7 @@ from opacus.accountants import RDPAccountant
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from fedseg import models
+from fedseg import dpsgd, models
 from fedseg._dp_compat import (
     make_dp_compatible,
     make_residuals_out_of_place,
@@ -243,6 +243,23 @@ def test_state_continues_from_disk_and_from_context_blob(tmp_path):
     assert from_disk.epsilon() == pytest.approx(epsilon_of([(1.0, 1 / 3, 6)], 1e-5))
     assert ClientPrivacy(spec, num_examples=10, batch_size=4, planned_steps=6,
                          state_path=path).epsilon() == from_disk.epsilon()
+
+
+def test_calibrated_noise_is_searched_once_per_run_not_once_per_process(tmp_path, monkeypatch):
+    # Prepare: a vehicle's first process calibrates target epsilon 3 and saves its state (as attach does)
+    path, spec = tmp_path / "vehicle_0.json", DPSpec(trainable="all", target_epsilon=3.0)
+    first = ClientPrivacy(spec, num_examples=100, batch_size=10, planned_steps=50, state_path=path)
+    first.save()
+    searches: list[float] = []
+    real = dpsgd.get_noise_multiplier
+    monkeypatch.setattr(dpsgd, "get_noise_multiplier", lambda **kw: searches.append(kw["target_epsilon"]) or real(**kw))
+    calibrate_noise.cache_clear()  # as in a fresh process (Flower's Deployment Engine: one per round)
+    # Execute: the next round's process, then one whose run plans more steps
+    again = ClientPrivacy(spec, num_examples=100, batch_size=10, planned_steps=50, state_path=path)
+    longer = ClientPrivacy(spec, num_examples=100, batch_size=10, planned_steps=80, state_path=path)
+    # Assert: the same noise without a search; a different plan searches again, for more noise
+    assert again.noise_multiplier == first.noise_multiplier and searches == [3.0]
+    assert longer.noise_multiplier > first.noise_multiplier
 
 
 def test_a_round_killed_before_commit_counts_its_planned_steps(tmp_path):
