@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import segmentation_models_pytorch as smp
 import torch
 from torch import nn
 
@@ -106,6 +105,9 @@ def build_model(
             f"decoder_channels {channels} must have {spec.encoder_depth} entries "
             f"(encoder depth of backbone {backbone!r})"
         )
+    import segmentation_models_pytorch as smp  # here, not at the top: its timm import costs 7 s of a
+    # command (fedseg-sim) that only checks registry names before its processes build models
+
     # Always build without weights: smp would otherwise download them.
     model = smp.Unet(
         spec.encoder, encoder_weights=None, encoder_depth=spec.encoder_depth,
@@ -265,6 +267,8 @@ def _cached_hf_weights(spec: BackboneSpec, weights: str) -> tuple[str | None, Pa
         cfg = timm.models.get_pretrained_cfg(timm_name)
         repo = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
     else:
+        import segmentation_models_pytorch as smp
+
         settings = smp.encoders.encoders[spec.encoder]["pretrained_settings"]
         if weights not in settings:
             raise ValueError(
