@@ -15,7 +15,6 @@ from smoke_runs import rows_of, run_sim
 from toy_fleet import EXAMPLES, START, Fleet
 
 from fedseg.compression import (
-    CODECS,
     FP16Compression,
     Int8Compression,
     RandKCompression,
@@ -297,23 +296,21 @@ def test_randk_under_secaggplus_gives_the_mean_on_the_round_positions(tmp_path: 
     assert secure.rows[-1]["secagg"]["stages"]["collect_masked_vectors"]["up"] < 0.2 * 3 * 4 * 4096
 
 
-# ---- end to end: fedseg-sim with every codec (same seed), and SecAgg+ refusing topk in one line ----
-
+# ---- end to end: fedseg-sim with a codec, and SecAgg+ refusing topk in one line ----
+# (Every codec's bytes and decoded mean go through the real mods and server above, in-process; one
+# Ray run a codec would add a minute each and nothing those do not check.)
 
 
 @pytest.mark.e2e
-def test_smoke_runs_with_every_codec_and_counts_the_encoded_bytes(tmp_path: Path) -> None:
-    rows: dict[str, list[dict]] = {}
-    for codec in CODECS:
-        proc, out = run_sim(tmp_path, codec, f"compression={codec}")
-        assert proc.returncode == 0, f"{codec}: {proc.stderr[-3000:]}"
-        rows[codec] = rows_of(out)
+def test_smoke_with_topk_sends_a_fraction_of_the_dense_bytes_and_keeps_its_residual(tmp_path: Path) -> None:
+    proc, out = run_sim(tmp_path, "topk", "compression=topk")
 
-    ratio = {c: rows[c][-1]["bytes_up"] / rows["none"][-1]["bytes_up"] for c in CODECS}
-    assert 0.48 <= ratio["fp16"] <= 0.55 and 0.23 <= ratio["int8"] <= 0.30, ratio
-    assert ratio["topk"] < 0.2 and ratio["randk"] < 0.2, ratio  # small arrays travel whole
-    assert all(np.isfinite(rows[c][-1]["loss"]) for c in CODECS)
-    assert (tmp_path / "topk" / "compression" / "vehicle_0.npz").exists()  # error feedback kept on disk
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = rows_of(out)[1:]  # rounds 1..: the server sends the dense global model down, vehicles send topk up
+    assert [r["round"] for r in rows] == [1, 2]
+    assert all(r["bytes_up"] < 0.2 * r["bytes_down"] for r in rows), [(r["bytes_up"], r["bytes_down"]) for r in rows]
+    assert all(np.isfinite(r["loss"]) for r in rows)
+    assert (out / "compression" / "vehicle_0.npz").exists()  # error feedback kept on disk
 
 
 @pytest.mark.e2e
