@@ -158,6 +158,7 @@ def test_sim_stopped_with_sigterm_exits_nonzero_and_leaves_no_flower_process(tmp
         deadline = time.monotonic() + 30
         while (left := _alive(tagged_pids(mark, variable="FEDSEG_TEST_MARK"))) and time.monotonic() < deadline:
             time.sleep(0.5)
+        left_running = [_cmdline(pid) for pid in left]  # named before the clean-up below kills them
     finally:
         _kill_all(mark)
         if proc.poll() is None:
@@ -165,7 +166,7 @@ def test_sim_stopped_with_sigterm_exits_nonzero_and_leaves_no_flower_process(tmp
         err.close()
     assert len(running) >= 3, running  # the SuperLink and what it spawned were up when the signal came
     assert code == 128 + signal.SIGTERM
-    assert left == [], f"processes left running after SIGTERM: {[_cmdline(pid) for pid in left]}"
+    assert left_running == [], f"processes left running after SIGTERM: {left_running}"
 
 
 def _alive(pids: list[int]) -> list[int]:

@@ -68,11 +68,21 @@ def stop_tagged(tag: str, grace: float = 10.0) -> None:
     """SIGTERM every process tagged ``tag``; SIGKILL those left after ``grace`` s.
 
     Each phase signals processes that appear while it waits too (Ray's raylet starts workers while
-    its driver shuts down), so none is left because it was born after the first look.
+    its driver shuts down), so none is left because it was born after the first look; and "none
+    left" must hold on two looks 0.5 s apart, since a process in the middle of being started can be
+    unreadable for a moment.
     """
     for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
-        deadline, signalled = time.monotonic() + wait, set[int]()
-        while pids := set(tagged_pids(tag)):
+        deadline, signalled, empty_looks = time.monotonic() + wait, set[int](), 0
+        while True:
+            pids = set(tagged_pids(tag))
+            if not pids:
+                empty_looks += 1
+                if empty_looks == 2:
+                    return
+                time.sleep(0.5)
+                continue
+            empty_looks = 0
             for pid in pids - signalled:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, sig)
@@ -80,8 +90,6 @@ def stop_tagged(tag: str, grace: float = 10.0) -> None:
             if time.monotonic() >= deadline:
                 break
             time.sleep(0.2)
-        else:
-            return
 
 
 @contextlib.contextmanager
