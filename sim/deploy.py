@@ -21,6 +21,7 @@ from pathlib import Path
 from fedseg.data import DataError
 from fedseg.deploy.certs import make_credentials, vehicle_names
 from fedseg.deploy.launch import VehicleLaunch, check_vehicle, supernode_command
+from fedseg.deploy.processes import with_this_environment_on_path
 
 
 def _fail(prog: str, err: BaseException) -> None:
@@ -87,7 +88,7 @@ def vehicle_main(argv: Sequence[str] | None = None) -> None:
     if args.check_only:
         print(" ".join(cmd))
         return
-    os.execv(cmd[0], cmd)
+    os.execve(cmd[0], cmd, with_this_environment_on_path(dict(os.environ)))  # it starts flwr-clientapp by name
 
 
 if __name__ == "__main__":

@@ -23,7 +23,15 @@ from pathlib import Path
 
 from fedseg.config import RunConfig, resolve_device
 from fedseg.deploy.outputs import write_app_config
-from fedseg.deploy.processes import TAG, free_port, new_tag, stop_tagged, terminate_as_exit, wait_for_port
+from fedseg.deploy.processes import (
+    TAG,
+    free_port,
+    new_tag,
+    stop_tagged,
+    terminate_as_exit,
+    wait_for_port,
+    with_this_environment_on_path,
+)
 from fedseg.runlog import RunFailed
 
 log = logging.getLogger("fedseg")
@@ -110,8 +118,9 @@ def run_federation(run_config: RunConfig, *, num_vehicles: int, client_cpus: int
     """Run the fedseg ServerApp and ``num_vehicles`` virtual ClientApps on Ray; raise if it failed."""
     write_app_config(app_dir, run_config)
     home, tag, port = Path(tempfile.mkdtemp(prefix="fedseg-flwr-")), new_tag(), free_port()
-    env = {**os.environ, TAG: tag, "FLWR_HOME": str(home), "FLWR_DISABLE_UPDATE_CHECK": "1",
-           "RAY_DEDUP_LOGS": "0", "PYTHONUNBUFFERED": "1"}
+    env = with_this_environment_on_path({**os.environ, TAG: tag, "FLWR_HOME": str(home),
+                                         "FLWR_DISABLE_UPDATE_CHECK": "1", "RAY_DEDUP_LOGS": "0",
+                                         "PYTHONUNBUFFERED": "1"})
     with terminate_as_exit():  # a SIGTERM'd run still stops what it started (the finally below)
         try:
             with (home / "superlink.log").open("wb") as out:
@@ -119,7 +128,12 @@ def run_federation(run_config: RunConfig, *, num_vehicles: int, client_cpus: int
                     [str(BIN / "flower-superlink"), "--simulation", "--insecure", "--host", "127.0.0.1", "--port",
                      str(port), "--disable-runtime-dependency-installation"],
                     stdout=out, stderr=subprocess.STDOUT, env=env, cwd=app_dir, start_new_session=True)
-            wait_for_port(port, 60, link)
+            try:
+                wait_for_port(port, 60, link)
+            except RuntimeError as err:  # its log is in the temporary FLWR_HOME, removed below: quote it
+                tail = [line for line in (home / "superlink.log").read_text(errors="replace").splitlines()
+                        if line.strip()][-3:]
+                raise RunFailed(f"the Flower SuperLink did not start ({err}): " + " | ".join(tail)) from None
             (home / "config.toml").write_text(f'[superlink.sim]\naddress = "127.0.0.1:{port}"\ninsecure = true\n')
             federation = (f"num-supernodes={num_vehicles} client-resources-num-cpus={client_cpus} "
                           f"client-resources-num-gpus={client_gpus} init-args-logging-level='"

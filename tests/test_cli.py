@@ -17,9 +17,14 @@ CONTRACT = {"round", "loss", "pixel_acc", "miou", "dice", "per_class_iou", "epsi
             "bytes_up", "bytes_down", "round_s", "clients"}
 
 
-def run_cli(name: str, *args: str, tmp: Path) -> subprocess.CompletedProcess:
+def run_cli(name: str, *args: str, tmp: Path, activated: bool = True) -> subprocess.CompletedProcess:
+    """``name`` from this environment; ``activated=False``: by its full path with the environment's
+    ``bin`` off ``PATH``, as cron or systemd would start it."""
     exe = Path(sys.executable).with_name(name)
     env = {**os.environ, "FEDSEG_DATA_CACHE": str(tmp / "cache"), "WANDB_MODE": "offline"}
+    if not activated:
+        env["PATH"] = os.pathsep.join(p for p in env.get("PATH", "").split(os.pathsep)
+                                      if p and Path(p).resolve() != exe.parent.resolve())
     return subprocess.run([str(exe), *args], check=False, capture_output=True, text=True, env=env,
                           timeout=600)
 
@@ -31,8 +36,9 @@ def read_rows(out: Path) -> list[dict]:
 def test_two_vehicle_federation_writes_the_contract_and_loss_falls(tmp_path: Path) -> None:
     out = tmp_path / "sim"
 
+    # Not activated: Flower's processes start each other by name (flower-superexec, flwr-simulation)
     proc = run_cli("fedseg-sim", "experiment=smoke", "federation.num_clients=2",
-                   "federation.min_fit_clients=2", f"hydra.run.dir={out}", tmp=tmp_path)
+                   "federation.min_fit_clients=2", f"hydra.run.dir={out}", tmp=tmp_path, activated=False)
 
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = read_rows(out)

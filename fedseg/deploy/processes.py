@@ -13,6 +13,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -20,6 +21,18 @@ from collections.abc import Iterator
 from pathlib import Path
 
 TAG = "FEDSEG_PROCESS_TAG"
+
+
+def with_this_environment_on_path(env: dict[str, str]) -> dict[str, str]:
+    """``env`` with this Python's ``bin`` folder first on ``PATH``.
+
+    Flower's processes start each other by name (the SuperLink its ``flower-superexec``, a SuperNode
+    its ``flwr-clientapp``), so a command run as ``/path/to/venv/bin/fedseg-sim`` without activating
+    the venv (cron, systemd) would fail to find them, or find another environment's.
+    """
+    here = str(Path(sys.executable).parent)
+    rest = [p for p in env.get("PATH", "").split(os.pathsep) if p and p != here]
+    return {**env, "PATH": os.pathsep.join([here, *rest])}
 
 
 def new_tag() -> str:
