@@ -103,14 +103,16 @@ class ClientPrivacy:
         # What target_epsilon was calibrated for; kept in the state, so a vehicle whose every round is
         # a fresh process (Flower's Deployment Engine) searches once per run, not once per round.
         self.calibration: list[Any] | None = None
+        # The disk copy, read once: its calibration here, its spent budget below (a corrupt file raises)
+        saved = (json.loads(self.state_path.read_bytes())
+                 if self.state_path is not None and self.state_path.exists() else None)
         if spec.noise_multiplier is not None:
             self.noise_multiplier = float(spec.noise_multiplier)
         else:
             assert spec.target_epsilon is not None  # DPSpec guarantees one of the two
             self.calibration = [float(spec.target_epsilon), self.delta, self.sample_rate, max(planned_steps, 1),
                                 spec.accountant]
-            saved = self._saved_state()
-            if saved is not None and saved.get("calibration") == self.calibration:
+            if isinstance(saved, dict) and saved.get("calibration") == self.calibration:
                 self.noise_multiplier = float(saved["noise_multiplier"])
             else:
                 self.noise_multiplier = calibrate_noise(*self.calibration)
@@ -118,16 +120,8 @@ class ClientPrivacy:
         self._pending: tuple[float, float, int] | None = None  # steps reserved by the round in flight
         self._engine: PrivacyEngine | None = None
         self._wrapped: nn.Module | None = None  # Opacus' wrapper of the round in flight
-        if self.state_path is not None and self.state_path.exists():
-            self.load_state(self.state_path.read_bytes())
-
-    def _saved_state(self) -> dict[str, Any] | None:
-        """The disk copy's state, if there is a readable one."""
-        try:
-            state = json.loads(self.state_path.read_bytes()) if self.state_path is not None else None
-        except (OSError, ValueError):
-            return None
-        return state if isinstance(state, dict) else None
+        if saved is not None:
+            self.load_state(saved)
 
     def round_steps(self, epochs: int) -> int:
         """DP steps of one round of ``epochs`` local epochs."""
