@@ -18,7 +18,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fedseg.deploy.processes import TAG, free_port, new_tag, stop_tagged, tagged_pids, wait_for_port
+from fedseg.deploy.processes import (TAG, free_port, new_tag, stop_tagged, tagged_pids, wait_for_port,
+                                     with_this_environment_on_path)
 
 PROJECT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -48,8 +49,11 @@ class LocalFleet:
     def __post_init__(self) -> None:
         self.home = self.root / "flwr_home"
         self.home.mkdir(parents=True, exist_ok=True)
-        self.env = {**os.environ, **self.env_extra, TAG: self.tag, "FLWR_HOME": str(self.home),
-                    "FLWR_DISABLE_UPDATE_CHECK": "1", "PYTHONUNBUFFERED": "1"}
+        # The SuperLink starts flower-superexec by name: this environment's bin first, as fedseg-sim does,
+        # so the suite also runs as `.venv/bin/python -m pytest` without activating the venv.
+        self.env = with_this_environment_on_path({**os.environ, **self.env_extra, TAG: self.tag,
+                                                  "FLWR_HOME": str(self.home), "FLWR_DISABLE_UPDATE_CHECK": "1",
+                                                  "PYTHONUNBUFFERED": "1"})
 
     def log(self, name: str) -> str:
         path = self.root / "logs" / f"{name}.log"
