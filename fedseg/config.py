@@ -17,10 +17,22 @@ import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 _JSON_PREFIX = "json:"
 RunConfig = dict[str, "str | int | float | bool"]
+
+
+def conf_dir() -> Path:
+    """fedseg's Hydra configs: ``fedseg/conf`` inside an installed wheel; the top-level ``conf/`` beside
+    this package in a checkout (an editable install) or a Flower app bundle built from one."""
+    package = Path(__file__).resolve().parent
+    for candidate in (package / "conf", package.parent / "conf"):
+        if (candidate / "config.yaml").is_file():
+            return candidate
+    raise FileNotFoundError(f"{package / 'conf' / 'config.yaml'}: missing, and no conf/ beside {package}: "
+                            "reinstall fedseg (its wheel ships the configs)")
 
 
 def to_run_config(cfg: Mapping[str, Any]) -> RunConfig:
@@ -269,7 +281,7 @@ class FederationSpec:
     lr_final: float = bounded(0.1, gt=0, le=1)
     # Per-frame training augmentation, vehicles and fedseg-train alike (fedseg.training.AUGMENTATIONS).
     augment: tuple[str, ...] = ()
-    # BatchNorm kept on each vehicle across rounds (clients/client_app.py): none; stats (running
+    # BatchNorm kept on each vehicle across rounds (fedseg/clients/client_app.py): none; stats (running
     # mean/var, SiloBN); affine (stats and the BN weight/bias, FedBN). The server evaluates with the
     # frame-weighted mean of what the vehicles send.
     local_norm: Literal["none", "stats", "affine"] = "none"

@@ -180,7 +180,7 @@ def aggregate_error_bound(examples: Sequence[int], *, clipping_range: float, qua
 def validate_secagg(spec: SecAggSpec, *, sampled: int, partition_sizes: Sequence[int] | None = None) -> None:
     """Raise a ValueError naming the setting for any configuration SecAgg+ cannot run (before training).
 
-    Which strategies can consume a sum is the strategy registry's business (``server/compose.py``).
+    Which strategies can consume a sum is the strategy registry's business (``fedseg/server/compose.py``).
     """
     if sampled < 3:
         raise ValueError(f"secagg=secaggplus needs at least 3 vehicles per round, got {sampled} "

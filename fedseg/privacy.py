@@ -9,7 +9,7 @@ machinery is :mod:`fedseg.dpsgd`, imported only when a vehicle trains under DP-S
 The ``PRIVACY`` registry holds one typed spec per mode (``none``, ``dpsgd``, ``central``); each spec
 gives the vehicle its :class:`LocalTrainer`, so DP-SGD wraps local training and a client's ``fit``
 has no privacy branch. Client-level DP (``privacy=central``) is Flower's business (a strategy
-wrapper and a client mod, composed in ``server/compose.py`` and ``clients/``).
+wrapper and a client mod, composed in ``fedseg/server/compose.py`` and ``clients/``).
 """
 
 from __future__ import annotations
@@ -182,7 +182,7 @@ class CentralDPSpec:
     """Client-level DP (``conf/privacy/central.yaml``) for Flower's client-side fixed clipping.
 
     The vehicle trains plainly; ``fixedclipping_mod`` clips its update and the server wrapper adds the
-    noise (both composed in ``clients/`` and ``server/compose.py``).
+    noise (both composed in ``clients/`` and ``fedseg/server/compose.py``).
     """
 
     name: ClassVar[str] = "central"
@@ -195,7 +195,7 @@ class CentralDPSpec:
 
     def check_fleet(self, partition_sizes: Sequence[int], *, batch_size: int, rounds: int,
                     local_epochs: int) -> None:
-        """Nothing per vehicle: the server's accountant covers the fleet (``server/compose.py``)."""
+        """Nothing per vehicle: the server's accountant covers the fleet (``fedseg/server/compose.py``)."""
 
     def vehicle_trainer(self, budget: VehicleBudget) -> LocalTrainer:
         return PlainTrainer()

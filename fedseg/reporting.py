@@ -37,7 +37,7 @@ class RunReporter:
         self.model = model.to(device)
         self.data = data
         self.log = RunLog(out_dir, resume_after=resume_after)
-        # What a checkpoint holds besides weights and metadata, so a killed run can continue (server/resume.py).
+        # What a checkpoint holds besides weights and metadata, so a killed run can continue (fedseg/server/resume.py).
         self.checkpoint_state: Callable[[], dict[str, Any]] | None = None
         self.tracker = tracker
         self.meta = meta

@@ -18,8 +18,15 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fedseg.deploy.processes import (TAG, free_port, new_tag, stop_tagged, tagged_pids, wait_for_port,
-                                     with_this_environment_on_path)
+from fedseg.deploy.processes import (
+    TAG,
+    free_port,
+    new_tag,
+    stop_tagged,
+    tagged_pids,
+    wait_for_port,
+    with_this_environment_on_path,
+)
 
 PROJECT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

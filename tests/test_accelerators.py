@@ -16,7 +16,7 @@ from smoke_runs import rows_of, run_sim
 
 from fedseg.config import resolve_device, to_run_config
 from fedseg.settings import settings_of
-from sim.engine import check_accelerators
+from fedseg.sim.engine import check_accelerators
 
 NO_GPU = "needs a CUDA GPU (torch.cuda.is_available() is False on this machine)"
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_GPU)
@@ -75,7 +75,7 @@ def test_gpu_shares_ray_can_honour_pass(device: str, client_gpus: float, gpus: i
 def test_fedseg_sim_refuses_a_gpu_run_here_before_anything_starts(
         args: list[str], message: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:
-    from sim.federated import main
+    from fedseg.sim.federated import main
 
     monkeypatch.setattr(sys, "argv", ["fedseg-sim", *args, "run.progress=false", f"hydra.run.dir={tmp_path}"])
     monkeypatch.setenv("FEDSEG_DATA_CACHE", str(tmp_path / "cache"))
@@ -105,7 +105,7 @@ class DeviceSpy:
 @needs_gpu
 def test_a_vehicle_trains_on_the_gpu_and_replies_with_numpy_weights(tmp_path: Path) -> None:
     # Prepare: the tiny model on a vehicle told device=cuda.
-    from clients.client_app import VehicleClient
+    from fedseg.clients.client_app import VehicleClient
     from fedseg.models import build_run_model, get_weights
 
     cfg = {"data": {"root": str(tmp_path / "data"), "image_size": [32, 32], "frames_per_vehicle": 4,

@@ -10,9 +10,9 @@ from toy_fleet import START, Fleet, toy_updates
 
 from fedseg.config import FederationSpec
 from fedseg.privacy import CentralDPSpec, default_delta
+from fedseg.server.central_dp import central_accounting, central_epsilon
+from fedseg.server.compose import check_composition
 from fedseg.settings import RunSettings
-from server.central_dp import central_accounting, central_epsilon
-from server.compose import check_composition
 
 # dp-accounting's default RDP orders (Flower's RdpAccountant uses them).
 ORDERS = np.array([1 + x / 10.0 for x in range(1, 100)] + list(range(11, 64)) + [128, 256, 512], float)

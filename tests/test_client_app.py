@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flwr.common import Context, RecordDict
 
-from clients.client_app import STATE_KEY, VehicleClient
+from fedseg.clients.client_app import STATE_KEY, VehicleClient
 from fedseg.config import to_run_config
 from fedseg.dpsgd import epsilon_of
 from fedseg.privacy import NoPrivacy

@@ -316,15 +316,14 @@ def test_collected_fleet_trains_a_smoke_run(tmp_path: Path) -> None:
     assert all(math.isfinite(r["loss"]) for r in rows) and rows[1]["examples"] == 10
 
 
-
 def run_entry_point(monkeypatch: pytest.MonkeyPatch, collector: object, *overrides: str) -> int:
     """``fedseg-collect OVERRIDES`` in-process with ``collector`` in place of ``collect``; exit status."""
-    import sim.collect
+    import fedseg.sim.collect
 
-    monkeypatch.setattr(sim.collect, "collect", collector)
+    monkeypatch.setattr(fedseg.sim.collect, "collect", collector)
     monkeypatch.setattr(sys, "argv", ["fedseg-collect", *overrides])
     try:
-        sim.collect.main()
+        fedseg.sim.collect.main()
     except SystemExit as exit_:
         return int(exit_.code or 0)
     return 0

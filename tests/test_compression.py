@@ -24,9 +24,9 @@ from fedseg.compression import (
     round_seed,
     update_norm,
 )
+from fedseg.server.codecs import weights_from
+from fedseg.server.compose import check_composition
 from fedseg.settings import RunSettings
-from server.codecs import weights_from
-from server.compose import check_composition
 
 PLAIN = {"name": "none"}
 SECAGG = {"name": "secaggplus", "num_shares": 3, "reconstruction_threshold": 2}

@@ -30,9 +30,9 @@ from fedseg.deploy.certs import make_credentials, vehicle_names
 from fedseg.deploy.launch import VehicleLaunch, check_vehicle, supernode_command
 from fedseg.deploy.runconfig import compose_overrides, expand_run_config
 from fedseg.deploy.vehicle import NodeSpec, load_heldout, load_vehicle, own_frames
+from fedseg.server.fleet import FleetClientManager, FleetError, wait_for_vehicles
 from fedseg.settings import settings_of
-from server.fleet import FleetClientManager, FleetError, wait_for_vehicles
-from sim.deploy import vehicle_main
+from fedseg.sim.deploy import vehicle_main
 
 SAMPLE = Path(__file__).parent / "data" / "carla_sample" / "dataA"
 SMOKE = "experiment=smoke federation.num_clients=3"

@@ -22,14 +22,14 @@ from flwr.common import (
 )
 from torch.utils.data import TensorDataset
 
-from clients.client_app import NORM_KEY, VehicleClient
+from fedseg.clients.client_app import NORM_KEY, VehicleClient
 from fedseg.config import to_run_config
 from fedseg.models import build_run_model, get_weights
+from fedseg.server.compose import compose_server
+from fedseg.server.resume import restore, resume_state
+from fedseg.server.strategy import RoundRecorder, StatisticsMean, build_strategy
 from fedseg.settings import RunSettings, settings_of
 from fedseg.training import AugmentedDataset, epoch_round, norm_state_keys, scheduled_lr, statistics_mask
-from server.compose import compose_server
-from server.resume import restore, resume_state
-from server.strategy import RoundRecorder, StatisticsMean, build_strategy
 
 
 def run_settings(tmp_path: Path | None = None, **federation: Any) -> RunSettings:

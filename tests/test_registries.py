@@ -22,8 +22,8 @@ from fedseg.fixedpoint import SECAGG, parse_secagg
 from fedseg.models import BACKBONES
 from fedseg.privacy import PRIVACY, parse_privacy
 from fedseg.search.hardware import HARDWARE_PROFILES
+from fedseg.server.strategy import STRATEGIES, build_strategy
 from fedseg.tracking import TRACKERS, parse_tracking
-from server.strategy import STRATEGIES, build_strategy
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 REGISTRIES: dict[str, Mapping[str, Any]] = {

@@ -21,7 +21,7 @@ from toy_fleet import Fleet, toy_updates
 from fedseg.checkpoints import read_checkpoint, save_checkpoint
 from fedseg.deploy.processes import tagged_pids
 from fedseg.runlog import RunLog
-from server.resume import resume_state
+from fedseg.server.resume import resume_state
 
 PLAIN = {"name": "none"}
 

@@ -31,7 +31,7 @@ def test_overhead_share_is_what_the_round_spends_beyond_training() -> None:
 
 def test_a_vehicle_reports_its_training_seconds(tmp_path: Path) -> None:
     # Prepare: the tiny model on one vehicle of two, without privacy.
-    from clients.client_app import VehicleClient
+    from fedseg.clients.client_app import VehicleClient
     from fedseg.config import to_run_config
     from fedseg.models import build_run_model, get_weights
     from fedseg.settings import settings_of

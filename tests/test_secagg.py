@@ -31,9 +31,9 @@ from fedseg.fixedpoint import (
     resolve_shares,
     unpack_masked,
 )
+from fedseg.server.compose import check_composition, compose_server
+from fedseg.server.secagg import SecAggRoundError
 from fedseg.settings import RunSettings
-from server.compose import check_composition, compose_server
-from server.secagg import SecAggRoundError
 
 SECAGG = {"name": "secaggplus", "num_shares": 3, "reconstruction_threshold": 2}
 MEAN = (1 * 1.0 + 2 * 4.0 + 3 * -2.0) / 6  # 0.5: FedAvg's example-weighted mean of UPDATES, by hand

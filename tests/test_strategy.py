@@ -9,7 +9,7 @@ import pytest
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.server.strategy import FedAvgM
 
-from server.strategy import RoundRecorder, StatisticsMean, build_strategy, parameters_bytes
+from fedseg.server.strategy import RoundRecorder, StatisticsMean, build_strategy, parameters_bytes
 
 
 def fit_res(arrays: list[np.ndarray], n: int, **metrics: float) -> FitRes:
@@ -166,8 +166,8 @@ def test_fedadam_global_model_keeps_float32_so_the_next_round_is_not_rejected() 
     from flwr.server.client_manager import SimpleClientManager
 
     from fedseg.config import to_run_config
+    from fedseg.server.compose import compose_server
     from fedseg.settings import settings_of
-    from server.compose import compose_server
 
     rows: list[dict] = []
     settings = settings_of(to_run_config({"strategy": {"name": "fedadam"}, "federation": {
@@ -197,7 +197,7 @@ def test_fedadam_global_model_keeps_float32_so_the_next_round_is_not_rejected() 
 
 
 def test_parameters_view_reads_what_flower_decodes_without_copying() -> None:
-    from server.strategy import parameters_view
+    from fedseg.server.strategy import parameters_view
 
     arrays = [np.arange(6, dtype=np.float32).reshape(2, 3), np.asfortranarray(np.arange(6.0).reshape(2, 3)),
               np.array(7, np.int64), np.zeros((0, 4), np.float32)]

@@ -14,12 +14,12 @@ from flwr.app import Context, RecordDict
 from flwr.client import ClientApp, NumPyClient
 from flwr.common import ndarrays_to_parameters
 
-from clients.mods import run_mods
+from fedseg.clients.mods import run_mods
 from fedseg.config import to_run_config
+from fedseg.server.compose import compose_server
+from fedseg.server.resume import restore
 from fedseg.settings import RunSettings
-from server.compose import compose_server
-from server.resume import restore
-from sim.loopback import LoopbackGrid
+from fedseg.sim.loopback import LoopbackGrid
 
 # Vehicle i adds UPDATES[i] to every global element and trains on EXAMPLES[i] frames.
 UPDATES, EXAMPLES = (1.0, 4.0, -2.0), (1, 2, 3)
@@ -56,7 +56,7 @@ class Fleet:
                     raise RuntimeError(f"vehicle {self.i} lost its camera")
                 if send and self.i in send:  # whatever this vehicle chooses to send instead
                     return send[self.i](parameters), examples[self.i], {"loss": 0.0, "partition_id": self.i}
-                if self.i in skip:  # as clients/client_app.py when a vehicle's privacy budget is spent
+                if self.i in skip:  # as fedseg/clients/client_app.py when a vehicle's privacy budget is spent
                     return parameters, 0, {"skipped": True, "partition_id": self.i}
                 return ([p + u for p, u in zip(parameters, updates[self.i], strict=True)], examples[self.i],
                         {"loss": float(self.i), "partition_id": self.i})

@@ -27,7 +27,7 @@ def write_app_config(app_dir: Path, run_config: RunConfig) -> Path:
                     "license": "Apache-2.0"},
         "tool": {"flwr": {"app": {
             "publisher": "fedseg",
-            "components": {"serverapp": "server.server_app:app", "clientapp": "clients.client_app:app"},
+            "components": {"serverapp": "fedseg.server.server_app:app", "clientapp": "fedseg.clients.client_app:app"},
             "config": dict(run_config),
         }}},
     }

@@ -26,10 +26,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedseg.config import RunConfig, bounded, parse_spec, to_run_config
+from fedseg.config import RunConfig, bounded, conf_dir, parse_spec, to_run_config
 
 OVERRIDES_KEY = "overrides"
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+CONF_DIR = conf_dir()
 
 
 @dataclass(frozen=True)

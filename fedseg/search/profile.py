@@ -12,7 +12,7 @@ How each number is obtained (all at batch 1 unless stated):
 * ``latency_ms`` / ``latency_p95_ms``: median and 95th percentile of ``repeats`` timed forwards
   after ``warmup`` untimed ones, with torch set to ``threads`` threads (restored afterwards; see
   :mod:`fedseg.measurement`, which also times ``fedseg-export``). The sim package sets
-  ``OMP_WAIT_POLICY=PASSIVE`` before torch loads (see ``sim/__init__.py``): with spinning OpenMP
+  ``OMP_WAIT_POLICY=PASSIVE`` before torch loads (see ``fedseg/sim/__init__.py``): with spinning OpenMP
   workers, timings on cores shared with other work swing by 10x.
 * ``memory_mb`` (peak inference memory): the model's parameters, buffers and the input, plus the
   peak of *live tensor storage* during one forward (:func:`fedseg.measurement.inference_memory_mb`:

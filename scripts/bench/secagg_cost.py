@@ -45,11 +45,11 @@ def make_fleet(vehicles: int, weights: list[np.ndarray], secagg: dict[str, Any],
     from flwr.client import ClientApp, NumPyClient
     from flwr.common import ndarrays_to_parameters
 
-    from clients.mods import run_mods
+    from fedseg.clients.mods import run_mods
     from fedseg.config import to_run_config
+    from fedseg.server.compose import compose_server
     from fedseg.settings import RunSettings
-    from server.compose import compose_server
-    from sim.loopback import LoopbackGrid
+    from fedseg.sim.loopback import LoopbackGrid
 
     cfg = {"federation": {"num_clients": vehicles, "min_fit_clients": vehicles, "rounds": rounds},
            "strategy": {"name": "fedavg"}, "privacy": {"name": "none"}, "secagg": secagg,
@@ -84,7 +84,7 @@ def measure(vehicles: int, weights: list[np.ndarray], secagg: dict[str, Any], ro
     from flwr.server.workflow import DefaultWorkflow
     from flwr.server.workflow.default_workflows import default_fit_workflow
 
-    from server.grids import MeteredGrid
+    from fedseg.server.grids import MeteredGrid
 
     fleet = make_fleet(vehicles, weights, secagg, rounds, compression or {"name": "none"})
     loopback, inner_fit = fleet["grid"], fleet["fit"] or default_fit_workflow

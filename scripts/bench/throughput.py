@@ -61,7 +61,7 @@ def vehicle_and_plain(raw: dict[str, Any], *, threads: int, repeats: int) -> dic
     from flwr.app import Context, RecordDict
     from torch.utils.data import DataLoader
 
-    from clients.client_app import VehicleClient
+    from fedseg.clients.client_app import VehicleClient
     from fedseg.config import resolve_device, to_run_config
     from fedseg.labels import IGNORE_INDEX
     from fedseg.measurement import torch_threads

@@ -11,11 +11,11 @@ update codec:
 * otherwise: ``compression_mod -> fixedclipping_mod -> client`` (no ``compression_mod`` for ``none``).
 
 Clipping sees the weights it expects (it computes the update itself); the codec then turns the
-clipped weights into the encoded update (``clients/codecs.py``: why after clipping, and how the
+clipped weights into the encoded update (``fedseg/clients/codecs.py``: why after clipping, and how the
 clipping bound survives it), which SecAgg+ masks; the server decodes it and adds the global weights
-back (``server/codecs.py``, ``server/secagg.py``). Flower's ``secaggplus_mod`` sends its masked
+back (``fedseg/server/codecs.py``, ``fedseg/server/secagg.py``). Flower's ``secaggplus_mod`` sends its masked
 vector as int64 arrays; :func:`secure_aggregation_mod` packs them to the modulus' width for the
-wire, and ``server/secagg.py`` unpacks them before Flower's workflow reads them.
+wire, and ``fedseg/server/secagg.py`` unpacks them before Flower's workflow reads them.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from flwr.common import bytes_to_ndarray, ndarrays_to_parameters
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE, Key
 from flwr.compat.common import recorddict_compat as compat
 
-from clients.codecs import compression_mod, encode_reply
+from fedseg.clients.codecs import compression_mod, encode_reply
 from fedseg.fixedpoint import PACKED_RECORD, PACKED_SHAPES, SecAggSpec, check_secagg_range, pack_masked
 from fedseg.privacy import CentralDPSpec
 from fedseg.settings import RunSettings, settings_of

@@ -11,7 +11,7 @@ Writes into the run dir: ``search.md``, ``search.csv``, ``search.json``, ``searc
 
 from __future__ import annotations
 
-# (OMP_WAIT_POLICY=PASSIVE is set by the sim package before torch loads: see sim/__init__.py.)
+# (OMP_WAIT_POLICY=PASSIVE is set by the sim package before torch loads: see fedseg/sim/__init__.py.)
 import dataclasses
 import json
 import sys
@@ -39,7 +39,7 @@ from fedseg.search.measure import (
 from fedseg.search.report import plot_search, table_rows, write_csv, write_markdown, write_model_config
 from fedseg.search.select import Choice, NoBackboneFits, pareto_front, select_backbone
 from fedseg.settings import RunSettings
-from sim._cli import CONF_DIR, resolve, user_errors
+from fedseg.sim._cli import CONF_DIR, resolve, user_errors
 
 
 def _threads(budget: HardwareBudget) -> int:

@@ -6,12 +6,13 @@ import functools
 import logging
 import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+from fedseg.config import conf_dir
+
+CONF_DIR = str(conf_dir())
 
 
 def resolve(cfg: DictConfig) -> dict[str, Any]:

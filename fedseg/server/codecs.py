@@ -22,7 +22,7 @@ from flwr.server.strategy import Strategy
 
 from fedseg.compression import Codec, clip_update, round_seed
 from fedseg.fixedpoint import decode_delta
-from server.strategy import StrategyWrapper
+from fedseg.server.strategy import StrategyWrapper
 
 log = logging.getLogger("fedseg")
 

@@ -3,7 +3,7 @@
 ``RoundRecorder`` wraps whatever strategy the run uses (FedAvg, FedProx, FedAdam, or Flower's DP
 wrapper around one of them) and turns what passes through it into the run-output contract: real
 serialized bytes each way, the vehicles' training loss, their privacy spend, and the server-side
-evaluation. The order of the wrappers is fixed in one place, ``server/compose.py``.
+evaluation. The order of the wrappers is fixed in one place, ``fedseg/server/compose.py``.
 """
 
 from __future__ import annotations

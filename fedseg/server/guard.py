@@ -13,7 +13,7 @@ from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy
 
 from fedseg.robust import screen_updates
-from server.strategy import StrategyWrapper, parameters_view
+from fedseg.server.strategy import StrategyWrapper, parameters_view
 
 log = logging.getLogger("fedseg")
 

@@ -39,7 +39,7 @@ from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 
 from fedseg.config import FederationSpec
 from fedseg.privacy import CentralDPSpec, default_delta
-from server.strategy import StrategyWrapper
+from fedseg.server.strategy import StrategyWrapper
 
 log = logging.getLogger("fedseg")
 

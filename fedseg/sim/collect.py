@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 
 from fedseg.collect import CollectSpec, collect
 from fedseg.config import parse_spec
-from sim._cli import CONF_DIR, resolve, user_errors
+from fedseg.sim._cli import CONF_DIR, resolve, user_errors
 
 PROG = "fedseg-collect"
 

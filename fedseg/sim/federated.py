@@ -17,10 +17,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from fedseg.config import to_run_config
 from fedseg.data import describe_sizes, fleet_frames
+from fedseg.server.compose import check_composition
 from fedseg.settings import RunSettings, check_choices
-from server.compose import check_composition
-from sim._cli import CONF_DIR, resolve, user_errors
-from sim.engine import check_devices, run_federation
+from fedseg.sim._cli import CONF_DIR, resolve, user_errors
+from fedseg.sim.engine import check_devices, run_federation
 
 log = logging.getLogger("fedseg")
 

@@ -1,6 +1,6 @@
 """The vehicle's half of update compression: encode its reply with the run's codec, keep its residual.
 
-:func:`compression_mod` (no SecAgg+) and the SecAgg+ delta mod (``clients/mods.py``) both call
+:func:`compression_mod` (no SecAgg+) and the SecAgg+ delta mod (``fedseg/clients/mods.py``) both call
 :func:`encode_reply`, which turns the vehicle's final weights into the codec's encoding of its update
 ``weights - global``. It sits outside the client and outside ``fixedclipping_mod``:
 

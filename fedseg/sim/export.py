@@ -9,7 +9,7 @@ of PyTorch, ONNX fp32 and ONNX INT8 measured in the same run.
 
 from __future__ import annotations
 
-# (OMP_WAIT_POLICY=PASSIVE is set by the sim package before torch loads: see sim/__init__.py.)
+# (OMP_WAIT_POLICY=PASSIVE is set by the sim package before torch loads: see fedseg/sim/__init__.py.)
 import dataclasses
 import json
 from dataclasses import dataclass
@@ -34,7 +34,7 @@ from fedseg.measurement import (
     torch_threads,
     usable_threads,
 )
-from sim._cli import CONF_DIR, resolve, user_errors
+from fedseg.sim._cli import CONF_DIR, resolve, user_errors
 
 
 @dataclass(frozen=True)

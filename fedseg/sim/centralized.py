@@ -26,6 +26,7 @@ from fedseg.models import build_run_model, load_initial_weights
 from fedseg.reporting import RunReporter
 from fedseg.runlog import metrics_row
 from fedseg.settings import RunSettings, check_choices
+from fedseg.sim._cli import CONF_DIR, resolve, user_errors
 from fedseg.training import (
     augmented,
     derive_seed,
@@ -36,7 +37,6 @@ from fedseg.training import (
     set_lr,
     train,
 )
-from sim._cli import CONF_DIR, resolve, user_errors
 
 log = logging.getLogger("fedseg")
 

@@ -23,7 +23,7 @@ from flwr.common import Parameters, Scalar, ndarrays_to_parameters, parameters_t
 from flwr.server.client_manager import ClientManager
 from flwr.server.strategy import FedAvgM, FedOpt, Strategy
 
-from server.strategy import RoundRecorder, StrategyWrapper
+from fedseg.server.strategy import RoundRecorder, StrategyWrapper
 
 
 class RoundOffset(StrategyWrapper):

@@ -3,11 +3,11 @@
 ``secagg=secaggplus`` swaps the legacy fit workflow for Flower's ``SecAggPlusWorkflow`` (the server
 learns only the sum of the masked vectors) and wraps the strategy in :class:`SecureSumStrategy`:
 
-* vehicles send ``weights - global``, encoded by the run's codec (``clients/mods.py``); Flower hands
+* vehicles send ``weights - global``, encoded by the run's codec (``fedseg/clients/mods.py``); Flower hands
   ``aggregate_fit`` the unmasked weighted mean in every result, and the wrapper decodes it (a
   SecAgg+-compatible codec decodes linearly) and adds the global weights back before the configured
   strategy (FedAvg/FedProx/FedAdam, possibly inside Flower's DP wrapper) sees it;
-* vehicles send their masked vectors packed to the modulus' width (``clients/mods.py``);
+* vehicles send their masked vectors packed to the modulus' width (``fedseg/clients/mods.py``);
   :class:`PackedVectorsGrid`, between Flower's workflow and the metered grid, restores the list of
   arrays the workflow reads, so the meter counts what travelled and the protocol is Flower's own;
 * the per-vehicle metrics (loss, epsilon, partition id, example count) still reach the server in
@@ -56,9 +56,9 @@ from fedseg.fixedpoint import (
     aggregate_error_bound,
     unpack_masked,
 )
-from server.codecs import weights_from
-from server.grids import GridWrapper, MeteredGrid
-from server.strategy import RoundRecorder, StrategyWrapper
+from fedseg.server.codecs import weights_from
+from fedseg.server.grids import GridWrapper, MeteredGrid
+from fedseg.server.strategy import RoundRecorder, StrategyWrapper
 
 log = logging.getLogger("fedseg.secagg")
 

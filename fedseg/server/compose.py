@@ -19,7 +19,7 @@ From the inside out:
    the run when fewer than ``min_fit_clients`` vehicles answer a round; outside the decoder, so its
    ``bytes_up`` are the encoded bytes as they travelled;
 6. ``secagg=secaggplus``: :class:`~server.secagg.SecureSumStrategy`, outermost (but for the round
-   offset of a resumed run, ``server/resume.py``), because the vehicles' masked deltas must become
+   offset of a resumed run, ``fedseg/server/resume.py``), because the vehicles' masked deltas must become
    weights again before anything inside sees them: it decodes the one unmasked sum with the run's
    codec (SecAgg+ admits only codecs that decode linearly) and annotates the recorder's rows with
    what the protocol really carried.
@@ -45,15 +45,13 @@ from flwr.server.workflow import DefaultWorkflow
 from fedseg.compression import CODECS, SEED_KEY, round_seed
 from fedseg.fixedpoint import SecAggSpec, auto_quantization_range, resolve_max_weight, validate_secagg
 from fedseg.privacy import CentralDPSpec
-from fedseg.settings import RunSettings
-from fedseg.training import scheduled_lr
-from server.central_dp import central_accounting, sampled_vehicles, wrap_central_dp
-from server.codecs import DecodingStrategy
-from server.grids import TimeoutGrid
-from server.guard import UpdateGuard
-from server.resume import RoundOffset
-from server.secagg import SecAggPlusFit, SecureSumStrategy
-from server.strategy import (
+from fedseg.server.central_dp import central_accounting, sampled_vehicles, wrap_central_dp
+from fedseg.server.codecs import DecodingStrategy
+from fedseg.server.grids import TimeoutGrid
+from fedseg.server.guard import UpdateGuard
+from fedseg.server.resume import RoundOffset
+from fedseg.server.secagg import SecAggPlusFit, SecureSumStrategy
+from fedseg.server.strategy import (
     STRATEGIES,
     RoundRecorder,
     StatisticsMean,
@@ -61,6 +59,8 @@ from server.strategy import (
     mean_train_loss,
     strategy_entry,
 )
+from fedseg.settings import RunSettings
+from fedseg.training import scheduled_lr
 
 EvaluateFn = Callable[[int, list, dict], tuple[float, dict] | None]
 
@@ -79,7 +79,7 @@ class ServerParts:
             client_manager: ClientManager | None = None) -> None:
         """Run ``rounds`` rounds on ``grid`` (Flower's legacy workflow: where SecAgg+ lives); a round
         waits at most ``round_timeout`` seconds for its vehicles; ``client_manager`` (e.g. the fleet's,
-        ``server/fleet.py``) decides how long to wait for them to be available."""
+        ``fedseg/server/fleet.py``) decides how long to wait for them to be available."""
         legacy = LegacyContext(context=context, strategy=self.strategy, client_manager=client_manager,
                                config=ServerConfig(num_rounds=rounds, round_timeout=self.round_timeout))
         DefaultWorkflow(fit_workflow=self.fit_workflow)(TimeoutGrid(grid, self.round_timeout), legacy)
@@ -122,7 +122,7 @@ def compose_server(settings: RunSettings, *, on_round: Callable[[dict[str, Any]]
     """Strategy -> central DP -> guard -> codec decoder -> recorder -> secure-sum decoding, and the
     matching fit workflow.
 
-    ``start_round`` > 0 continues a run after that round (``server/resume.py``): Flower's rounds are
+    ``start_round`` > 0 continues a run after that round (``fedseg/server/resume.py``): Flower's rounds are
     shifted so everything inside sees the run's own numbers. ``statistics`` tags the arrays that
     are BatchNorm statistics (``fedseg.training.statistics_mask``), pooled each round.
     """

@@ -20,7 +20,7 @@ from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
-from server.grids import STAGES, stage_of
+from fedseg.server.grids import STAGES, stage_of
 
 
 class LoopbackGrid(Grid):
