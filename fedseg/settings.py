@@ -26,8 +26,8 @@ from fedseg.config import (
     from_run_config,
     parse_spec,
 )
-from fedseg.fixedpoint import NoSecAgg, SecAggSpec, parse_secagg
 from fedseg.privacy import NoPrivacy, PrivacySpec, parse_privacy
+from fedseg.secagg import NoSecAgg, SecAggSpec, parse_secagg
 from fedseg.tracking import NoTracking, TrackingSpec, parse_tracking
 
 

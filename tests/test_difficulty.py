@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from baselines import ColourLookup
 from PIL import Image
 
-from fedseg.baselines import ColourLookup
 from fedseg.data.carla import Frame, SegmentationDataset, load_fleet
 from fedseg.data.normalize import denormalize
 from fedseg.data.synthetic import generate_fleet

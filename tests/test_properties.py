@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 from fedseg.config import FederationSpec, from_run_config, parse_spec, to_run_config
 from fedseg.data.frames import Frame
 from fedseg.data.partition import PARTITIONS, partition_frames
-from fedseg.fixedpoint import decode_delta, encode_delta
 from fedseg.robust import screen_updates
+from fedseg.secagg import decode_delta, encode_delta
 
 keys = st.text(alphabet="abcdefghijklmnopqrstuvwxyz_0123456789", min_size=1, max_size=8)
 scalars = st.none() | st.booleans() | st.integers(-2**40, 2**40) | st.floats(allow_nan=False) | st.text(max_size=12)

@@ -18,10 +18,10 @@ from omegaconf import OmegaConf
 
 from fedseg.compression import CODECS, parse_compression
 from fedseg.data import DATA_SOURCES
-from fedseg.fixedpoint import SECAGG, parse_secagg
 from fedseg.models import BACKBONES
 from fedseg.privacy import PRIVACY, parse_privacy
 from fedseg.search.hardware import HARDWARE_PROFILES
+from fedseg.secagg import SECAGG, parse_secagg
 from fedseg.server.strategy import STRATEGIES, build_strategy
 from fedseg.tracking import TRACKERS, parse_tracking
 

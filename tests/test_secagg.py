@@ -18,7 +18,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from smoke_runs import rows_of, run_sim
 from toy_fleet import EXAMPLES, START, UPDATES, Fleet, toy_updates
 
-from fedseg.fixedpoint import (
+from fedseg.secagg import (
     PACKED_RECORD,
     PACKED_SHAPES,
     SecAggRangeError,

@@ -32,7 +32,7 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from fedseg.compression import SEED_KEY, Arrays, clip_encoded
 from fedseg.deploy.vehicle import NodeSpec
-from fedseg.fixedpoint import encode_delta
+from fedseg.secagg import encode_delta
 from fedseg.settings import RunSettings, settings_of
 
 RESIDUAL_RECORD = "compression.residual"  # context.state key of the error-feedback residual

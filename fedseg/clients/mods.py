@@ -33,8 +33,8 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.compat.common import recorddict_compat as compat
 
 from fedseg.clients.codecs import compression_mod, encode_reply
-from fedseg.fixedpoint import PACKED_RECORD, PACKED_SHAPES, SecAggSpec, check_secagg_range, pack_masked
 from fedseg.privacy import CentralDPSpec
+from fedseg.secagg import PACKED_RECORD, PACKED_SHAPES, SecAggSpec, check_secagg_range, pack_masked
 from fedseg.settings import RunSettings, settings_of
 
 Mod = Callable[[Message, Context, ClientAppCallable], Message]

@@ -21,7 +21,7 @@ from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy
 
 from fedseg.compression import Codec, clip_update, round_seed
-from fedseg.fixedpoint import decode_delta
+from fedseg.secagg import decode_delta
 from fedseg.server.strategy import StrategyWrapper
 
 log = logging.getLogger("fedseg")

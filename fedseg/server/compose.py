@@ -43,8 +43,8 @@ from flwr.server.strategy import Strategy
 from flwr.server.workflow import DefaultWorkflow
 
 from fedseg.compression import CODECS, SEED_KEY, round_seed
-from fedseg.fixedpoint import SecAggSpec, auto_quantization_range, resolve_max_weight, validate_secagg
 from fedseg.privacy import CentralDPSpec
+from fedseg.secagg import SecAggSpec, auto_quantization_range, resolve_max_weight, validate_secagg
 from fedseg.server.central_dp import central_accounting, sampled_vehicles, wrap_central_dp
 from fedseg.server.codecs import DecodingStrategy
 from fedseg.server.grids import TimeoutGrid

@@ -48,7 +48,7 @@ from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, Key
 
 from fedseg.compression import Codec, NoCompression, round_seed
-from fedseg.fixedpoint import (
+from fedseg.secagg import (
     PACKED_RECORD,
     PACKED_SHAPES,
     SecAggRangeError,
