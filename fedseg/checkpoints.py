@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import os
 import pickle
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
 from fedseg.config import DataSpec, ModelSpec
 from fedseg.labels import LabelMap
+from fedseg.models import build_model
 
 REQUIRED_KEYS = ("model_state", "backbone", "num_classes")
 
@@ -65,23 +67,58 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     return content
 
 
+def norm_form(state_keys: Iterable[str]) -> Literal["batch", "group"]:
+    """The normalization a state dict was saved with: ``batch`` (BatchNorm running statistics), else
+    ``group`` (the DP-compatible GroupNorm form, ``model.norm=group``, which has no running statistics)."""
+    return "batch" if any(key.endswith("running_mean") for key in state_keys) else "group"
+
+
 def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the UNet saved at ``path`` (``<run_dir>/checkpoints/global.pt``); returns (model, metadata).
 
-    A DP run's model has GroupNorm where the registry's has BatchNorm, so the DP-compatible rebuild
-    is tried when the plain one does not match the saved keys.
+    A DP run's model has GroupNorm where the registry's has BatchNorm: the rebuild takes the form
+    the saved weights have (:func:`norm_form`).
     """
-    from fedseg._dp_compat import make_dp_compatible
-    from fedseg.models import build_model
-
     content = read_checkpoint(path)
     model = build_model(content["backbone"], int(content["num_classes"]),
                         decoder_channels=content.get("decoder_channels"))
     state = content["model_state"]
-    for candidate in (model, make_dp_compatible(model)):
-        if set(candidate.state_dict()) == set(state):
-            candidate.load_state_dict(state)
-            return candidate.eval(), {k: v for k, v in content.items() if k != "model_state"}
-    extra = sorted(set(state) - set(model.state_dict()))[:3]
-    raise ValueError(f"{path}: weights do not match backbone {content['backbone']!r} (plain or DP-compatible), "
-                     f"e.g. unexpected keys {extra}")
+    if norm_form(state) != norm_form(model.state_dict()):
+        # Here, not at the top: Opacus and timm, which fedseg-sim (runlog imports this module) avoids.
+        from fedseg._dp_compat import make_dp_compatible
+
+        model = make_dp_compatible(model)
+    if set(model.state_dict()) != set(state):
+        extra = sorted(set(state) - set(model.state_dict()))[:3]
+        raise ValueError(f"{path}: weights do not match backbone {content['backbone']!r} (plain or "
+                         f"DP-compatible), e.g. unexpected keys {extra}")
+    model.load_state_dict(state)
+    return model.eval(), {k: v for k, v in content.items() if k != "model_state"}
+
+
+_NORM_NAMES = {"batch": "BatchNorm", "group": "GroupNorm"}
+
+
+def load_initial_weights(model: nn.Module, spec: ModelSpec) -> nn.Module:
+    """Load ``spec.init`` (a fedseg checkpoint) into ``model``, the run's freshly built UNet.
+
+    The checkpoint must hold this backbone, class count and normalization form; a mismatch is a
+    one-line ``ValueError`` naming the file and what differs. Returns ``model``.
+    """
+    if spec.init is None:
+        return model
+    content = read_checkpoint(spec.init)
+    state, expected = content["model_state"], model.state_dict()
+    head = list(expected.values())[-1]  # the segmentation head's bias: one value per class
+    if content["backbone"] != spec.name or int(content["num_classes"]) != head.shape[0]:
+        raise ValueError(f"model.init={spec.init}: a {content['backbone']} model with {content['num_classes']} "
+                         f"classes; this run builds {spec.name} with {head.shape[0]}")
+    if set(state) != set(expected):
+        saved, run = norm_form(state), norm_form(expected)
+        if saved != run:
+            raise ValueError(f"model.init={spec.init} was trained with {_NORM_NAMES[saved]}, this run's model has "
+                             f"{_NORM_NAMES[run]}: train it with model.norm={run} (DP-SGD and central DP need group)")
+        raise ValueError(f"model.init={spec.init}: its weights do not match this run's model "
+                         f"(e.g. {sorted(set(state) ^ set(expected))[:3]}; different decoder_channels?)")
+    model.load_state_dict(state)
+    return model

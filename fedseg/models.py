@@ -153,36 +153,6 @@ def model_with_weights(spec: ModelSpec, num_classes: int, arrays: Sequence[np.nd
     return model
 
 
-def load_initial_weights(model: nn.Module, spec: ModelSpec) -> nn.Module:
-    """Load ``spec.init`` (a fedseg checkpoint) into ``model``, the run's freshly built UNet.
-
-    The checkpoint must hold this backbone, class count and normalization form; a mismatch is a
-    one-line ``ValueError`` naming the file and what differs. Returns ``model``.
-    """
-    if spec.init is None:
-        return model
-    from fedseg.checkpoints import read_checkpoint
-
-    content = read_checkpoint(spec.init)
-    state, expected = content["model_state"], model.state_dict()
-    head = list(expected.values())[-1]  # the segmentation head's bias: one value per class
-    if content["backbone"] != spec.name or int(content["num_classes"]) != head.shape[0]:
-        raise ValueError(f"model.init={spec.init}: a {content['backbone']} model with {content['num_classes']} "
-                         f"classes; this run builds {spec.name} with {head.shape[0]}")
-    if set(state) != set(expected):
-        has_bn = any(key.endswith("running_mean") for key in state)
-        wants_bn = any(key.endswith("running_mean") for key in expected)
-        if has_bn != wants_bn:
-            saved, run = ("BatchNorm", "GroupNorm") if has_bn else ("GroupNorm", "BatchNorm")
-            raise ValueError(f"model.init={spec.init} was trained with {saved}, this run's model has {run}: "
-                             f"train it with model.norm={'batch' if wants_bn else 'group'} "
-                             "(DP-SGD and central DP need group)")
-        raise ValueError(f"model.init={spec.init}: its weights do not match this run's model "
-                         f"(e.g. {sorted(set(state) ^ set(expected))[:3]}; different decoder_channels?)")
-    model.load_state_dict(state)
-    return model
-
-
 # Which parameters local training updates (``privacy.trainable``): the rest stay as received.
 TRAINABLE_PARTS: tuple[TrainablePart, ...] = typing.get_args(TrainablePart)
 

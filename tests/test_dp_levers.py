@@ -11,11 +11,11 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from fedseg._dp_compat import make_dp_compatible
-from fedseg.checkpoints import checkpoint_meta, save_checkpoint
+from fedseg.checkpoints import checkpoint_meta, load_initial_weights, save_checkpoint
 from fedseg.config import DataSpec, ModelSpec
 from fedseg.dpsgd import ClientPrivacy, private_round
 from fedseg.labels import build_label_map
-from fedseg.models import build_model, build_run_model, load_initial_weights, set_trainable
+from fedseg.models import build_model, build_run_model, set_trainable
 from fedseg.privacy import DPSpec
 from fedseg.settings import RunSettings
 

@@ -17,13 +17,13 @@ from typing import Any
 from flwr.common import Context, ndarrays_to_parameters
 from flwr.server import Grid, ServerApp
 
-from fedseg.checkpoints import checkpoint_meta
+from fedseg.checkpoints import checkpoint_meta, load_initial_weights
 from fedseg.config import from_run_config, resolve_device, spec_block
 from fedseg.data import FleetData
 from fedseg.deploy.outputs import drop_stop_tracebacks, log_to_console, log_to_file, prepare_run_dir
 from fedseg.deploy.runconfig import deploy_spec, expand_run_config
 from fedseg.deploy.vehicle import load_heldout
-from fedseg.models import build_run_model, get_weights, load_initial_weights, set_weights
+from fedseg.models import build_run_model, get_weights, set_weights
 from fedseg.reporting import RunReporter
 from fedseg.runlog import RunFailed
 from fedseg.server.compose import compose_server

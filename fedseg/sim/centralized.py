@@ -19,10 +19,10 @@ import hydra
 from omegaconf import DictConfig
 from torch.utils.data import ConcatDataset
 
-from fedseg.checkpoints import checkpoint_meta
+from fedseg.checkpoints import checkpoint_meta, load_initial_weights
 from fedseg.config import resolve_device
 from fedseg.data import load_data
-from fedseg.models import build_run_model, load_initial_weights
+from fedseg.models import build_run_model
 from fedseg.reporting import RunReporter
 from fedseg.runlog import metrics_row
 from fedseg.settings import RunSettings, check_choices
