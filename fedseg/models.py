@@ -7,23 +7,21 @@ paper's UNet-ResNet34; the other entries are the seed papers' efficient / search
 UNet code path in milliseconds.
 
 Nothing is ever downloaded: ``encoder_weights`` defaults to ``None`` and named weights load only from a
-local file or an existing cache (see :func:`build_model`).
+local file or an existing cache (:mod:`fedseg.pretrained`).
 """
 
 from __future__ import annotations
 
-import os
 import typing
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from fedseg.config import ModelSpec, TrainablePart
+from fedseg.pretrained import load_encoder_weights
 
 _DEFAULT_DECODER = (256, 128, 64, 32, 16)  # smp's UNet default
 # Every entry trains under DP-SGD through ``fedseg._dp_compat.make_dp_compatible`` (BatchNorm ->
@@ -116,8 +114,8 @@ def build_model(
     for name in spec.unused_modules:
         delattr(model.encoder, name)
     if encoder_weights is not None:
-        path = _find_weights_file(backbone, spec, encoder_weights)
-        _load_encoder_state(model.encoder, _read_state_dict(path), in_channels, path)
+        load_encoder_weights(model.encoder, encoder_weights, backbone=backbone, encoder=spec.encoder,
+                             in_channels=in_channels)
     return model
 
 
@@ -194,114 +192,3 @@ def set_weights(model: nn.Module, arrays: Sequence[np.ndarray]) -> None:
         # Cast to the model's dtype: aggregation may turn integer buffers into floats.
         new_state[key] = torch.as_tensor(np.asarray(array)).to(current.dtype)
     model.load_state_dict(new_state, strict=True)
-
-
-# ---------------------------------------------------------------- local pretrained weights
-
-_WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
-
-
-def _find_weights_file(backbone: str, spec: BackboneSpec, weights: str) -> Path:
-    """Resolve ``encoder_weights`` to an existing local file, never touching the network."""
-    given = Path(weights).expanduser()
-    if given.is_file():
-        return given
-    if given.suffix in _WEIGHT_SUFFIXES or os.sep in weights:
-        raise FileNotFoundError(f"encoder_weights file {str(given)!r} does not exist")
-    hub_dir = Path(torch.hub.get_dir()) / "checkpoints"
-    looked = [hub_dir / f"{backbone}-{weights}{suffix}" for suffix in (".safetensors", ".pth")]
-    for candidate in looked:
-        if candidate.is_file():
-            return candidate
-    hf_repo, hf_file = _cached_hf_weights(spec, weights)
-    if hf_file is not None:
-        return hf_file
-    places = [str(p) for p in looked] + [f"Hugging Face cache, repo {hf_repo!r}" if hf_repo else "no HF repo"]
-    raise FileNotFoundError(
-        f"encoder_weights={weights!r} for backbone {backbone!r} ({spec.encoder}): no local copy found, "
-        f"and fedseg never downloads. Looked in: {'; '.join(places)}. Provide the file: pass "
-        f"encoder_weights='/path/to/encoder.safetensors' (or .pth, an encoder or UNet state dict), "
-        f"or put it at {looked[0]}."
-    )
-
-
-def _cached_hf_weights(spec: BackboneSpec, weights: str) -> tuple[str | None, Path | None]:
-    """(repo id, cached file or None) for a named weight set, from the local HF cache only."""
-    from huggingface_hub import hf_hub_download
-
-    repo, revision = None, None
-    if spec.encoder.startswith("tu-"):
-        import timm
-
-        timm_name = spec.encoder[3:] if weights == "imagenet" else f"{spec.encoder[3:]}.{weights}"
-        cfg = timm.models.get_pretrained_cfg(timm_name)
-        repo = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
-    else:
-        import segmentation_models_pytorch as smp
-
-        settings = smp.encoders.encoders[spec.encoder]["pretrained_settings"]
-        if weights not in settings:
-            raise ValueError(
-                f"unknown weights {weights!r} for encoder {spec.encoder!r}; valid: {sorted(settings)}"
-            )
-        repo, revision = settings[weights]["repo_id"], settings[weights]["revision"]
-    if repo is None:
-        return None, None
-    try:
-        found = hf_hub_download(
-            repo, "model.safetensors", revision=revision, local_files_only=True,
-            cache_dir=os.environ.get("HF_HUB_CACHE"),  # read now, not at huggingface_hub import
-        )
-    except Exception:  # noqa: BLE001 - any miss (offline, not cached) means "not here"
-        return repo, None
-    return repo, Path(found)
-
-
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """Read a state dict from ``.safetensors`` or a torch file; unwrap common checkpoint layouts."""
-    loaded: Any  # a torch file may hold any (weights-only) structure; checked below
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        loaded = load_file(str(path), device="cpu")
-    else:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
-    for key in ("state_dict", "model"):
-        if isinstance(loaded, dict) and isinstance(loaded.get(key), dict):
-            loaded = loaded[key]
-    if not isinstance(loaded, dict):
-        raise TypeError(f"{path} does not hold a state dict")
-    state: dict[str, torch.Tensor] = {k.removeprefix("module."): v for k, v in loaded.items()}
-    if any(k.startswith("encoder.") for k in state):  # a whole-UNet checkpoint: keep its encoder
-        state = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
-    return state
-
-
-def _load_encoder_state(
-    encoder: nn.Module, state: dict[str, torch.Tensor], in_channels: int, path: Path
-) -> None:
-    """Load ``state`` into the encoder (or its timm model), adapting a 3-channel stem if needed."""
-    from timm.models import adapt_input_conv
-
-    # smp-native files match the encoder; timm checkpoints match the wrapped timm model.
-    inner = getattr(encoder, "model", None)
-    targets: list[nn.Module] = [encoder, *([inner] if isinstance(inner, nn.Module) else [])]
-    target = max(targets, key=lambda m: len(state.keys() & m.state_dict().keys()))
-    own = target.state_dict()
-    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
-    if missing:
-        raise ValueError(f"{path} lacks {len(missing)} of {len(own)} encoder tensors, e.g. {missing[:3]}")
-    selected = {}
-    for key, current in own.items():
-        if key not in state:
-            continue
-        value = state[key]
-        if value.shape != current.shape:
-            if value.ndim == 4 and value.shape[1] == 3 and current.shape[1] == in_channels:
-                value = adapt_input_conv(in_channels, value)  # the stem, for in_channels != 3
-            else:
-                raise ValueError(
-                    f"{path}: {key!r} has shape {tuple(value.shape)}, encoder wants {tuple(current.shape)}"
-                )
-        selected[key] = value
-    nn.Module.load_state_dict(target, selected, strict=False)  # skip smp's key-renaming overrides
