@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import zipfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
@@ -56,7 +57,10 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
                                 "written by fedseg-sim or fedseg-train)")
     try:
         content = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:  # a torch/pickle file holding more than tensors and plain data
+    except pickle.UnpicklingError as err:
+        if not _looks_like_torch_file(path):  # a text file or any other bytes fail in the unpickler too
+            raise ValueError(f"{path} is not a fedseg checkpoint: not a torch file") from err
+        # a torch/pickle file holding more than tensors and plain data
         raise ValueError(f"{path} is not a fedseg checkpoint: it holds objects other than tensors and "
                          "plain metadata, which fedseg never unpickles") from err
     except Exception as err:  # zip, EOF and torch errors alike: not a torch file at all
@@ -65,6 +69,15 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     if missing:
         raise ValueError(f"{path} is not a fedseg checkpoint: it lacks {missing}")
     return content
+
+
+def _looks_like_torch_file(path: Path) -> bool:
+    """``torch.save``'s zip archive, or its legacy format (a pickle stream: protocol byte 0x80 first)."""
+    with path.open("rb") as file:
+        if zipfile.is_zipfile(file):
+            return True
+        file.seek(0)
+        return file.read(1) == b"\x80"
 
 
 def norm_form(state_keys: Iterable[str]) -> Literal["batch", "group"]:
@@ -122,3 +135,39 @@ def load_initial_weights(model: nn.Module, spec: ModelSpec) -> nn.Module:
                          f"(e.g. {sorted(set(state) ^ set(expected))[:3]}; different decoder_channels?)")
     model.load_state_dict(state)
     return model
+
+
+def check_start_checkpoint(path: str | Path, *, key: str, model: ModelSpec, data: DataSpec, label_map: LabelMap,
+                           group_norm: bool) -> dict[str, Any]:
+    """Read the checkpoint a run starts from (``key``: ``model.init``, or ``resume``'s ``global.pt``) and
+    compare its metadata with what the run builds; returns its contents.
+
+    Missing, not a checkpoint, or another backbone, decoder, class list, image size or normalization
+    (BatchNorm vs GroupNorm) is one ``FileNotFoundError``/``ValueError`` line naming ``key``, the file
+    and what differs. Only metadata and the weights' key names are read, so no model is built: the
+    entry points call this before any data is rendered or Ray or a SuperLink starts.
+    """
+    try:
+        content = read_checkpoint(path)
+    except (FileNotFoundError, ValueError) as err:
+        raise type(err)(f"{key}: {err}") from None
+    differs = []
+    saved_classes = [str(name) for name in content.get("class_names") or []]
+    if int(content["num_classes"]) != label_map.num_classes:
+        differs.append(f"{content['num_classes']} classes (this run: {label_map.num_classes})")
+    elif saved_classes and saved_classes != list(label_map.class_names):
+        differs.append(f"classes {saved_classes} (this run: {list(label_map.class_names)})")
+    run_decoder = list(model.decoder_channels) if model.decoder_channels else None
+    for what, saved, run in (("backbone", content["backbone"], model.name),
+                             ("decoder_channels", content.get("decoder_channels"), run_decoder),
+                             ("image_size", content.get("image_size"), list(data.image_size))):
+        if what == "image_size" and saved is None:  # not recorded: nothing to compare
+            continue
+        if saved != run:
+            differs.append(f"{what} {saved} (this run: {run})")
+    saved_norm, run_norm = norm_form(content["model_state"]), "group" if group_norm else "batch"
+    if saved_norm != run_norm:
+        differs.append(f"{_NORM_NAMES[saved_norm]} (this run: {_NORM_NAMES[run_norm]}, model.norm={run_norm})")
+    if differs:
+        raise ValueError(f"{key}={Path(path).expanduser()} does not fit this run: {'; '.join(differs)}")
+    return content

@@ -16,9 +16,15 @@ from pathlib import Path
 
 import pytest
 
+from fedseg.checkpoints import checkpoint_meta, save_checkpoint
+from fedseg.config import DataSpec, ModelSpec
+from fedseg.labels import build_label_map
+from fedseg.models import build_run_model
+
 pytestmark = pytest.mark.e2e
-MAINS = {"fedseg-sim": "sim.federated", "fedseg-train": "sim.centralized", "fedseg-export": "sim.export",
-         "fedseg-search": "sim.search", "fedseg-collect": "sim.collect"}
+MAINS = {"fedseg-sim": "fedseg.sim.federated", "fedseg-train": "fedseg.sim.centralized",
+         "fedseg-export": "fedseg.sim.export", "fedseg-search": "fedseg.sim.search",
+         "fedseg-collect": "fedseg.sim.collect"}
 
 SMOKE = ("experiment=smoke", "run.progress=false")
 CASES = [
@@ -50,9 +56,21 @@ CASES = [
     ("fedseg-sim", [*SMOKE, "secagg=secaggplus", "federation.num_clients=2", "federation.min_fit_clients=2"],
      "needs at least 3 vehicles per round"),
     ("fedseg-sim", [*SMOKE, "tracking=wandb", "tracking.mode=cloud"], "tracking.mode='cloud'"),
+    # fedseg-sim: the start file (model.init, resume), checked before any frame is rendered or Ray starts
+    ("fedseg-sim", [*SMOKE, "model.init=/nonexistent/global.pt"], "model.init: checkpoint not found: /nonexistent"),
+    ("fedseg-sim", [*SMOKE, "model.init={ckpt}/hostname"], "hostname is not a fedseg checkpoint: not a torch file"),
+    ("fedseg-sim", [*SMOKE, "model.init={ckpt}/other_backbone.pt"],
+     "other_backbone.pt does not fit this run: backbone resnet18 (this run: tiny)"),
+    ("fedseg-sim", [*SMOKE, "model.init={ckpt}/other_classes.pt"],
+     "other_classes.pt does not fit this run: 99 classes (this run: "),
+    ("fedseg-sim", [*SMOKE, "model.init={ckpt}/other_size.pt"],
+     "other_size.pt does not fit this run: image_size [96, 128] (this run: [64, 64])"),
+    ("fedseg-sim", ["resume={ckpt}/broken_run"],
+     "resume: {ckpt}/broken_run/checkpoints/global.pt is not a fedseg checkpoint: not a torch file"),
     # fedseg-train
     ("fedseg-train", [*SMOKE, "train.epochs=0"], "train.epochs=0 is out of range"),
     ("fedseg-train", [*SMOKE, "federation.lr=-1"], "federation.lr=-1.0 is out of range: must be > 0"),
+    ("fedseg-train", [*SMOKE, "model.init={ckpt}/other_classes.pt"], "other_classes.pt does not fit this run"),
     # fedseg-export
     ("fedseg-export", [], "needs checkpoint=PATH"),
     ("fedseg-export", ["checkpoint=/nonexistent/global.pt"], "checkpoint not found: /nonexistent/global.pt"),
@@ -69,7 +87,25 @@ CASES = [
 def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("bad_input")
     (path / "not_a_checkpoint.pt").write_bytes(os.urandom(256))
+    (path / "hostname").write_text("vm\n")  # as /etc/hostname: a text file given as model.init
+    write_start_checkpoints(path)
     return path
+
+
+def write_start_checkpoints(folder: Path) -> None:
+    """Checkpoints that fit ``experiment=smoke`` but for one thing each, written by fedseg's own save."""
+    spec, data = ModelSpec(name="tiny"), DataSpec(image_size=(64, 64))
+    label_map = build_label_map(data.tagset, data.task)
+    model = build_run_model(spec, label_map.num_classes, seed=0)
+    fits = checkpoint_meta(spec, data, label_map, {"mode": "centralized"})
+    for name, changed in (("other_backbone", {"backbone": "resnet18"}), ("other_classes", {"num_classes": 99}),
+                          ("other_size", {"image_size": [96, 128]})):
+        save_checkpoint(folder / f"{name}.pt", model, fits | changed)
+    run = folder / "broken_run"  # a run directory whose checkpoint is not one
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "config.yaml").write_text("experiment_name: smoke\n")
+    (run / "checkpoints").mkdir()
+    (run / "checkpoints" / "global.pt").write_text("vm\n")
 
 
 def run_in_process(command: str, args: list[str], monkeypatch: pytest.MonkeyPatch,
@@ -97,7 +133,7 @@ def test_bad_input_gets_one_line_naming_it(case: int, workdir: Path, tmp_path: P
                                            monkeypatch: pytest.MonkeyPatch,
                                            capsys: pytest.CaptureFixture[str]) -> None:
     command, args, message = CASES[case]
-    args = [a.format(not_a_checkpoint=workdir / "not_a_checkpoint.pt", tmp=tmp_path) for a in args]
+    args = [a.format(not_a_checkpoint=workdir / "not_a_checkpoint.pt", ckpt=workdir, tmp=tmp_path) for a in args]
     args.append(f"hydra.run.dir={tmp_path / 'run'}")
     monkeypatch.setenv("FEDSEG_DATA_CACHE", str(workdir / "cache"))
     monkeypatch.setenv("WANDB_MODE", "offline")
@@ -110,6 +146,6 @@ def test_bad_input_gets_one_line_naming_it(case: int, workdir: Path, tmp_path: P
         lines = [line for line in stderr.splitlines() if line.strip()]
         assert code != 0
         assert len(lines) == 1 and lines[0].startswith(f"{command}: error: "), stderr[-2000:]
-        assert message in lines[0]
+        assert message.format(ckpt=workdir) in lines[0]
         assert "Traceback" not in stderr
     assert not (tmp_path / "run" / "metrics.jsonl").exists()  # nothing ran

@@ -11,7 +11,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from fedseg._dp_compat import make_dp_compatible
-from fedseg.checkpoints import checkpoint_meta, load_initial_weights, save_checkpoint
+from fedseg.checkpoints import check_start_checkpoint, checkpoint_meta, load_initial_weights, save_checkpoint
 from fedseg.config import DataSpec, ModelSpec
 from fedseg.dpsgd import ClientPrivacy, private_round
 from fedseg.labels import build_label_map
@@ -119,6 +119,26 @@ def test_model_init_with_the_wrong_normalization_says_what_to_do(tmp_path: Path)
     with pytest.raises(ValueError, match="a tiny model with 3 classes; this run builds tiny with 5"):
         load_initial_weights(build_run_model(ModelSpec(name="tiny"), 5, seed=0),
                              ModelSpec(name="tiny", init=str(path)))
+
+
+def test_start_checkpoint_is_checked_from_its_metadata_naming_what_differs(tmp_path: Path) -> None:
+    data = DataSpec(image_size=(64, 64))
+    label_map = build_label_map(data.tagset, data.task)
+    tiny = ModelSpec(name="tiny")
+    model = build_run_model(tiny, label_map.num_classes, seed=0)  # BatchNorm
+    path = save_checkpoint(tmp_path / "global.pt", model, checkpoint_meta(tiny, data, label_map, {}))
+
+    def check(model: ModelSpec = tiny, data: DataSpec = data, group_norm: bool = False) -> dict:
+        return check_start_checkpoint(path, key="model.init", model=model, data=data, label_map=label_map,
+                                      group_norm=group_norm)
+
+    assert check()["backbone"] == "tiny"  # fits: its contents, read once
+    with pytest.raises(ValueError, match=r"model.init=.*global.pt does not fit this run: BatchNorm \(this run: "
+                                         r"GroupNorm, model.norm=group\)$"):
+        check(group_norm=True)
+    with pytest.raises(ValueError, match=r"fit this run: backbone tiny \(this run: resnet18\); decoder_channels "
+                                         r"None \(this run: \[32, 16\]\); image_size \[64, 64\] \(this run: \[96, 128\]\)$"):
+        check(model=ModelSpec(name="resnet18", decoder_channels=(32, 16)), data=DataSpec())
 
 
 def test_norm_follows_privacy_unless_set_and_batch_norm_is_refused_under_dp() -> None:

@@ -6,11 +6,15 @@ import functools
 import logging
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from fedseg.checkpoints import check_start_checkpoint
 from fedseg.config import conf_dir
+from fedseg.labels import build_label_map
+from fedseg.settings import RunSettings
 
 CONF_DIR = str(conf_dir())
 
@@ -24,6 +28,20 @@ def resolve(cfg: DictConfig) -> dict[str, Any]:
     resolved = {str(key): value for key, value in container.items()}
     resolved["output_dir"] = HydraConfig.get().runtime.output_dir
     return resolved
+
+
+def check_start_file(settings: RunSettings, *, resume: str | None = None) -> None:
+    """The checkpoint the run starts from (``resume=DIR``'s, else ``model.init``) against the run's model
+    and data: a mismatch is one line naming the file, before any frame is rendered or Ray starts."""
+    if resume:
+        path, key = Path(resume).expanduser() / "checkpoints" / "global.pt", "resume"
+    elif settings.model.init:
+        path, key = Path(settings.model.init), "model.init"
+    else:
+        return
+    check_start_checkpoint(path, key=key, model=settings.model, data=settings.data,
+                           label_map=build_label_map(settings.data.tagset, settings.data.task),
+                           group_norm=settings.group_norm)
 
 
 def user_errors(prog: str) -> Callable:

@@ -26,7 +26,7 @@ from fedseg.models import build_run_model
 from fedseg.reporting import RunReporter
 from fedseg.runlog import metrics_row
 from fedseg.settings import RunSettings, check_choices
-from fedseg.sim._cli import CONF_DIR, resolve, user_errors
+from fedseg.sim._cli import CONF_DIR, check_start_file, resolve, user_errors
 from fedseg.training import (
     augmented,
     derive_seed,
@@ -46,6 +46,7 @@ def run(cfg: DictConfig) -> dict:
     raw = resolve(cfg)
     s = RunSettings.from_config(raw)
     check_choices(s)
+    check_start_file(s)  # a bad model.init: one line before any frame is rendered
     fed, progress = s.federation, s.run.progress
     epochs = s.train.epochs or fed.rounds * fed.local_epochs
     data = load_data(s.data, num_clients=fed.num_clients, seed=s.seed, progress=progress)

@@ -19,7 +19,7 @@ from fedseg.config import to_run_config
 from fedseg.data import describe_sizes, fleet_frames
 from fedseg.server.compose import check_composition
 from fedseg.settings import RunSettings, check_choices
-from fedseg.sim._cli import CONF_DIR, resolve, user_errors
+from fedseg.sim._cli import CONF_DIR, check_start_file, resolve, user_errors
 from fedseg.sim.engine import check_devices, run_federation
 
 log = logging.getLogger("fedseg")
@@ -32,6 +32,7 @@ def run(cfg: DictConfig) -> dict:
         raw = resumed_config(Path(raw["resume"]))
     settings = RunSettings.from_config(raw)
     check_choices(settings)
+    check_start_file(settings, resume=raw.get("resume"))  # a bad model.init or resume: one line, nothing started
     fed = settings.federation
     check_devices(settings.device, fed.client_gpus)  # before data and Ray: Ray would wait or hide the GPU
     # A user's folder is listed and every file decoded here, so bad frames fail before any vehicle
