@@ -55,7 +55,7 @@ def test_default_run_is_unet_resnet34_on_synthetic_data() -> None:
     s = RunSettings.from_config(compose_config())
 
     assert (s.model.name, s.data.name, s.model.encoder_weights) == ("resnet34", "synthetic", None)
-    assert s.federation.local_norm == "affine"  # FedBN: README "Federated vs centralized"
+    assert s.federation.local_norm == "affine"  # FedBN: docs/PERFORMANCE.md "Federated vs centralized"
 
 
 def test_unknown_spec_key_names_it_and_the_valid_ones() -> None:

@@ -1,6 +1,6 @@
 """Pick a backbone from measurements: pure logic, no torch, so it is tested on hand-made numbers.
 
-Rules (the README and ``conf/hardware/*.yaml`` repeat them; budgets: :mod:`fedseg.search.hardware`):
+Rules (docs/GUIDE.md and ``conf/hardware/*.yaml`` repeat them; budgets: :mod:`fedseg.search.hardware`):
 
 * A candidate **fits** a budget when every limit the budget sets is met by a *measured* value:
   p95 latency <= ``latency_ms`` (a per-frame deadline: 19 frames in 20 must meet it, the median

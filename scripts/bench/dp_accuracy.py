@@ -30,7 +30,7 @@ from pathlib import Path
 FLEET = ["experiment=dp_bench"]
 # DP-SGD's levers: 128-frame expected batches (2 noised steps a round instead of 32: sampling rate 1/2)
 # and a 12x larger lr (fewer steps, each averaging 16x more clipped gradients against noise that grows
-# far less), decoder only (default). Chosen by epsilon-8 pilots on this fleet (README "Privacy").
+# far less), decoder only (default). Chosen by epsilon-8 pilots on this fleet (docs/PERFORMANCE.md "DP-SGD").
 DP = ["privacy=dpsgd", "privacy.expected_batch_size=128", "federation.lr=0.006"]
 SETTINGS = {
     "no DP": [],
