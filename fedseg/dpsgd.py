@@ -14,7 +14,7 @@ import tempfile
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -29,14 +29,37 @@ from torch.utils.data import DataLoader
 
 from fedseg._dp_compat import PerSampleSegmentationLoss, unwrap_model
 from fedseg.models import set_trainable
-from fedseg.privacy import DPSpec, RoundOutcome, default_delta, steps_per_epoch
-from fedseg.training import TrainResult, train
+from fedseg.training import RoundOutcome, TrainResult, steps_per_epoch, train
 
 History = list[tuple[float, float, int]]
 
 # Opacus hooks the image-facing first conv, whose input never requires grad; PyTorch then warns on
 # every backward. Expected here, and it would bury real warnings in every client's log.
 warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed")
+
+
+class DPSGDSettings(Protocol):
+    """What this module reads of a DP-SGD spec, :class:`fedseg.privacy.DPSpec`. A protocol, not an
+    import: the privacy registry imports this module (and Opacus) only where DP-SGD is configured."""
+
+    @property
+    def noise_multiplier(self) -> float | None: ...
+    @property
+    def target_epsilon(self) -> float | None: ...
+    @property
+    def max_grad_norm(self) -> float: ...
+    @property
+    def accountant(self) -> str: ...
+    @property
+    def grad_sample_mode(self) -> str: ...
+    @property
+    def trainable(self) -> str: ...
+    @property
+    def max_epsilon(self) -> float | None: ...
+    @property
+    def secure_rng(self) -> bool: ...
+    def logical_batch(self, batch_size: int) -> int: ...
+    def delta_for(self, num_examples: int) -> float: ...
 
 
 @functools.lru_cache(maxsize=64)  # a pure function of its arguments, and seconds of accounting a call
@@ -87,7 +110,7 @@ class ClientPrivacy:
     mid-round restarts counting them as spent: the reported epsilon can be too high, never too low.
     """
 
-    def __init__(self, spec: DPSpec, *, num_examples: int, batch_size: int, planned_steps: int,
+    def __init__(self, spec: DPSGDSettings, *, num_examples: int, batch_size: int, planned_steps: int,
                  state_path: str | os.PathLike[str] | None = None) -> None:
         """``batch_size``: frames per forward pass (the loader's); a DP-SGD step samples
         ``spec.expected_batch_size`` frames in expectation if set (virtual steps), else ``batch_size``.
@@ -98,7 +121,7 @@ class ClientPrivacy:
         self.logical_batch = spec.logical_batch(batch_size)
         self.steps_per_epoch = steps_per_epoch(num_examples, self.logical_batch)
         self.sample_rate = 1.0 / self.steps_per_epoch  # what Opacus' DPDataLoader samples at
-        self.delta = spec.delta if spec.delta is not None else default_delta(num_examples)
+        self.delta = spec.delta_for(num_examples)
         self.state_path = Path(state_path) if state_path is not None else None
         # What target_epsilon was calibrated for; kept in the state, so a vehicle whose every round is
         # a fresh process (Flower's Deployment Engine) searches once per run, not once per round.

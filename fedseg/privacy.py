@@ -14,10 +14,9 @@ wrapper and a client mod, composed in ``fedseg/server/compose.py`` and ``clients
 
 from __future__ import annotations
 
-import math
 import typing
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Protocol
 
@@ -26,7 +25,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from fedseg.config import TrainablePart, bounded, parse_choice
-from fedseg.training import TrainResult, train
+from fedseg.training import RoundOutcome, steps_per_epoch, train
 
 # Measured on UNet-ResNet34 (scripts/bench/dp_step.py --json, quiet machine; numbers in
 # conf/privacy/dpsgd.yaml): hooks is the fastest mode both for the default decoder-only training
@@ -47,14 +46,6 @@ class LocalTrainer(Protocol):
 
     def state(self) -> bytes | None:
         """What must survive the process (an accountant), or ``None`` if nothing."""
-
-
-@dataclass(frozen=True)
-class RoundOutcome:
-    """A vehicle's round: the training result (``None``: it did not train) and what to report."""
-
-    result: TrainResult | None
-    metrics: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -138,6 +129,10 @@ class DPSpec:
         """Expected frames per DP-SGD step: ``expected_batch_size``, else the physical ``batch_size``."""
         return self.expected_batch_size or batch_size
 
+    def delta_for(self, num_examples: int) -> float:
+        """``delta``, else :func:`default_delta` of a vehicle with ``num_examples`` frames."""
+        return self.delta if self.delta is not None else default_delta(num_examples)
+
     def check_fleet(self, partition_sizes: Sequence[int], *, batch_size: int, rounds: int,
                     local_epochs: int) -> None:
         """Fail before training, in one line, where a vehicle's accountant would refuse these settings."""
@@ -146,7 +141,7 @@ class DPSpec:
             if batch_size > n:
                 raise ValueError(f"privacy.expected_batch_size={batch_size} exceeds the {n} frames of a vehicle: "
                                  f"at most {n}")
-            delta = self.delta if self.delta is not None else default_delta(n)
+            delta = self.delta_for(n)
             if delta >= 1.0 / n:
                 raise ValueError(f"privacy.delta={delta:g} must be below 1/N = {1 / n:.3g} for a vehicle with "
                                  f"{n} frames (a mechanism leaking one frame outright would pass)")
@@ -209,11 +204,6 @@ PRIVACY: dict[str, type[PrivacySpec]] = {"none": NoPrivacy, "dpsgd": DPSpec, "ce
 def parse_privacy(block: Mapping[str, Any] | None) -> PrivacySpec:
     """The ``privacy`` block as its registry spec (``name`` picks it; errors name key and choices)."""
     return parse_choice(PRIVACY, block, key="privacy", default="none")
-
-
-def steps_per_epoch(num_examples: int, batch_size: int) -> int:
-    """Batches a (``drop_last=False``) loader yields; Opacus samples at ``1 / steps_per_epoch``."""
-    return math.ceil(num_examples / batch_size)
 
 
 def default_delta(num_examples: int) -> float:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -32,6 +32,14 @@ class TrainResult:
 
 
 @dataclass(frozen=True)
+class RoundOutcome:
+    """A vehicle's round: the training result (``None``: it did not train) and what to report."""
+
+    result: TrainResult | None
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class EvalResult:
     loss: float  # mean per-sample loss (NaN if no example)
     num_examples: int
@@ -50,6 +58,11 @@ def make_loader(dataset: Dataset, *, batch_size: int, shuffle: bool, seed: int) 
     """A loader whose shuffling is reproducible from ``seed`` (no worker processes: tiny frames)."""
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator)
+
+
+def steps_per_epoch(num_examples: int, batch_size: int) -> int:
+    """Batches a (``drop_last=False``) loader yields; Opacus samples at ``1 / steps_per_epoch``."""
+    return math.ceil(num_examples / batch_size)
 
 
 def scheduled_lr(lr: float, schedule: str, *, round_: int, rounds: int, final: float) -> float:
@@ -148,7 +161,8 @@ def norm_state_keys(model: nn.Module, *, affine: bool) -> list[str]:
 def statistics_mask(model: nn.Module) -> list[str]:
     """Per state-dict entry (:func:`fedseg.models.get_weights` order): "" for a trained parameter, else
     what the buffer is (``running_mean``, ``running_var``, or ``buffer``: counters and the like), which
-    the server combines as statistics (``server.strategy.StatisticsMean``) and no server optimizer steps."""
+    the server combines as statistics (``fedseg.server.statistics_mean.StatisticsMean``) and no server
+    optimizer steps."""
     params = {name for name, _ in model.named_parameters()}
     kinds = []
     for key in model.state_dict():
