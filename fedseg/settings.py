@@ -26,9 +26,14 @@ from fedseg.config import (
     from_run_config,
     parse_spec,
 )
+from fedseg.data import get_data_source
+from fedseg.data.partition import PARTITIONS
+from fedseg.labels import build_label_map
+from fedseg.models import get_backbone
 from fedseg.privacy import NoPrivacy, PrivacySpec, parse_privacy
 from fedseg.secagg import NoSecAgg, SecAggSpec, parse_secagg
 from fedseg.tracking import NoTracking, TrackingSpec, parse_tracking
+from fedseg.training import OPTIMIZERS
 
 
 @dataclass(frozen=True)
@@ -105,12 +110,6 @@ def settings_of(run_config: Mapping[str, Any]) -> RunSettings:
 def check_choices(settings: RunSettings) -> None:
     """Check every name the registries must know, and what the model needs of the data, before a run
     starts (a ValueError naming the key, the value and the valid choices)."""
-    from fedseg.data import get_data_source
-    from fedseg.data.partition import PARTITIONS
-    from fedseg.labels import build_label_map
-    from fedseg.models import get_backbone
-    from fedseg.training import OPTIMIZERS
-
     backbone = get_backbone(settings.model.name)
     get_data_source(settings.data.name)
     build_label_map(settings.data.tagset, settings.data.task)

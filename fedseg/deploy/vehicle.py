@@ -29,6 +29,7 @@ from fedseg.data import DataError, FleetData, FleetFrames, fleet_frames, get_dat
 from fedseg.data.carla import HELDOUT_NAMES, SegmentationDataset, discover, validate
 from fedseg.data.frames import Frame
 from fedseg.labels import build_label_map
+from fedseg.search.hardware import HARDWARE_PROFILES
 from fedseg.settings import RunSettings
 
 
@@ -57,11 +58,8 @@ class NodeSpec:
                 raise ValueError(f"node config {key}={value!r}: expected an integer >= 0")
             values[names[key]] = value if numeric else str(value)
         spec = cls(**values)
-        if spec.hardware is not None:
-            from fedseg.search.hardware import HARDWARE_PROFILES
-
-            if spec.hardware not in HARDWARE_PROFILES:
-                raise ValueError(f"node config hardware={spec.hardware}: valid: {list(HARDWARE_PROFILES)}")
+        if spec.hardware is not None and spec.hardware not in HARDWARE_PROFILES:
+            raise ValueError(f"node config hardware={spec.hardware}: valid: {list(HARDWARE_PROFILES)}")
         return spec
 
     def vehicle_id(self, fallback: int) -> int:
@@ -73,8 +71,6 @@ class NodeSpec:
         if self.threads:
             return self.threads
         if self.hardware is not None:
-            from fedseg.search.hardware import HARDWARE_PROFILES
-
             return HARDWARE_PROFILES[self.hardware].threads
         return max(1, default)
 

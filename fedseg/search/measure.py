@@ -19,9 +19,12 @@ from torch.utils.data import ConcatDataset, Subset
 from fedseg.data import FleetData
 from fedseg.export import deployable
 from fedseg.measurement import calibration_images, interleaved_latency, round_robin_indices
+from fedseg.metrics import scores
+from fedseg.models import BACKBONES, build_model
 from fedseg.search.hardware import HardwareBudget
 from fedseg.search.profile import Profile, profile_model
 from fedseg.search.select import Candidate
+from fedseg.training import evaluate, make_loader, make_optimizer, steps_per_epoch, train
 
 PRECISIONS = ("fp32", "int8")
 
@@ -82,8 +85,6 @@ class BackboneResult:
 
 def resolve_backbones(names: Sequence[str] | None) -> list[str]:
     """The backbones to search, in order; ``None``: every registry entry but the test-only ones."""
-    from fedseg.models import BACKBONES
-
     if names is None:
         return [name for name, backbone in BACKBONES.items() if not backbone.test_only]
     unknown = [name for name in names if name not in BACKBONES]
@@ -98,17 +99,17 @@ def prepare_data(fleet: FleetData, spec: SearchSpec, *, train_image_size: Sequen
                  deploy_image_size: Sequence[int]) -> SearchData:
     """Pool the vehicles' frames (each vehicle represented), cut the held-out set, take calibration frames."""
     order = round_robin_indices([len(d) for d in fleet.clients], spec.train_frames)
-    train: Subset[Any] = Subset(ConcatDataset(fleet.clients), order)
+    pooled: Subset[Any] = Subset(ConcatDataset(fleet.clients), order)
     count = len(fleet.heldout) if spec.eval_frames is None else min(spec.eval_frames, len(fleet.heldout))
     heldout: Subset[Any] = Subset(fleet.heldout, list(range(count)))
-    if len(heldout) == 0 or len(train) == 0:
-        raise ValueError(f"search needs training and held-out frames; got {len(train)} and "
+    if len(heldout) == 0 or len(pooled) == 0:
+        raise ValueError(f"search needs training and held-out frames; got {len(pooled)} and "
                          f"{len(fleet.heldout)}")
     # Calibration frames are the first training frames (same round-robin order), as in fedseg-export:
     # held-out frames stay unseen.
-    calibration = calibration_images(fleet.clients, min(spec.calibration_frames, len(train)),
+    calibration = calibration_images(fleet.clients, min(spec.calibration_frames, len(pooled)),
                                      deploy_image_size)
-    return SearchData(train, heldout, fleet.label_map.num_classes, tuple(fleet.label_map.class_names),
+    return SearchData(pooled, heldout, fleet.label_map.num_classes, tuple(fleet.label_map.class_names),
                       (int(train_image_size[0]), int(train_image_size[1])), calibration)
 
 
@@ -119,15 +120,11 @@ def train_and_score(model: torch.nn.Module, data: SearchData, spec: SearchSpec, 
     ``dp``: a :class:`fedseg.privacy.DPSpec` to train under DP-SGD as the run would (a DP-compatible
     copy of ``model`` is trained; with ``target_epsilon`` the noise is calibrated to this short budget).
     """
-    from fedseg.metrics import scores
-    from fedseg.training import evaluate, make_loader, make_optimizer, train
-
     loader = make_loader(data.train, batch_size=spec.batch_size, shuffle=True, seed=seed)
     criterion, privacy = None, None
-    if dp is not None:
+    if dp is not None:  # Opacus only where the search trains under DP-SGD
         from fedseg._dp_compat import make_dp_compatible
         from fedseg.dpsgd import ClientPrivacy
-        from fedseg.privacy import steps_per_epoch
 
         model = make_dp_compatible(model)
         steps = spec.train_epochs * steps_per_epoch(len(data.train), spec.batch_size)
@@ -155,8 +152,6 @@ def measure_backbone(name: str, data: SearchData, spec: SearchSpec, budget: Hard
 
     The DP-SGD step's memory is always measured; ``dp`` (a ``DPSpec``) also trains under DP.
     """
-    from fedseg.models import BACKBONES, build_model
-
     torch.manual_seed(seed)  # every candidate starts from the same seed
     model = build_model(name, data.num_classes)
     profile = profile_model(
@@ -170,8 +165,6 @@ def measure_backbone(name: str, data: SearchData, spec: SearchSpec, budget: Hard
 def retime_interleaved(results: Sequence[BackboneResult], num_classes: int, budget: HardwareBudget, *,
                        threads: int, repeats: int) -> list[BackboneResult]:
     """``results`` with PyTorch fp32 latency re-measured by :func:`interleaved_latency` (same run)."""
-    from fedseg.models import build_model
-
     models = {r.name: deployable(build_model(r.name, num_classes)) for r in results}  # weights don't matter
     latency = interleaved_latency(models, budget.image_size, threads=threads, repeats=repeats)
     return [dataclasses.replace(r, profile=dataclasses.replace(

@@ -52,6 +52,7 @@ from fedseg.measurement import (
     torch_latency,
     torch_threads,
 )
+from fedseg.privacy import DEFAULT_GRAD_SAMPLE_MODE
 
 
 @dataclass(frozen=True)
@@ -87,11 +88,10 @@ def count_macs(model: nn.Module, x: torch.Tensor) -> int:
 def dp_step_memory_mb(model: nn.Module, *, batch_size: int, image_size: Sequence[int],
                       num_classes: int) -> tuple[float | None, str]:
     """Peak memory of one DP-SGD step of a DP-compatible copy of ``model``, or (None, reason)."""
-    try:
+    try:  # Opacus (and timm, through _dp_compat) only where a DP step is measured
         from opacus import PrivacyEngine
 
         from fedseg._dp_compat import PerSampleSegmentationLoss, make_dp_compatible
-        from fedseg.privacy import DEFAULT_GRAD_SAMPLE_MODE
     except ImportError as err:  # DP is an optional feature of the search
         return None, f"DP not available: {err}"
     try:
