@@ -13,16 +13,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from fedseg.data import FleetData
+from fedseg.data.normalize import denormalize
 from fedseg.labels import class_colors
 from fedseg.metrics import scores
 from fedseg.models import count_parameters
 from fedseg.plots import plot_curves, plot_examples
 from fedseg.runlog import RunLog, format_row
-from fedseg.tracking import Tracker
+from fedseg.tracking import Predictions, Tracker
 
 log = logging.getLogger("fedseg")
 from fedseg.training import evaluate, make_loader, predict
@@ -60,31 +62,44 @@ class RunReporter:
         """Write one round everywhere it belongs, and checkpoint the model that produced it."""
         row = self.log.log_round(row)
         log.info(format_row(row, self.total_rounds))  # the console and the run's job log alike
+        examples = self._heldout_examples() if self.tracker.logs_predictions else None
+        if examples is not None:  # before the row, which commits the round's step (W&B)
+            batch, labels, preds = examples
+            self.tracker.log_predictions(Predictions(np.stack([denormalize(x) for x in batch]), labels.numpy(),
+                                                     preds.numpy(), self.data.label_map.class_names),
+                                         step=int(row["round"]))
         self.tracker.log_round(row)
         state = self.checkpoint_state() if self.checkpoint_state is not None else {}
         self.log.save_checkpoint(self.model, {**self.meta, "round": row["round"], "resume": state})
 
     def finish(self, extra: dict[str, Any]) -> dict[str, Any]:
-        """Plots, the example sheet, ``summary.json`` and the tracker's summary."""
+        """Plots, the example sheet, ``summary.json``, and the tracker's summary and final model."""
         plots = self.log.out_dir / "plots"
         plot_curves(self.log.rows, plots, title=str(self.meta.get("backbone", "")))
-        sheet = self._example_sheet(self.data.heldout, plots / "examples.png")
-        if sheet is not None and self.log.rows:
-            self.tracker.log_images("examples", sheet, step=int(self.log.rows[-1]["round"]))
+        examples = self._heldout_examples()
+        if examples is not None:
+            batch, labels, preds = examples
+            plot_examples(batch.numpy(), labels.numpy(), preds.numpy(), class_colors(self.data.label_map),
+                          plots / "examples.png")
         summary = self.log.write_summary({
             **self.meta,
             "parameters": count_parameters(self.model),
             **extra,
         })
+        checkpoint = self.log.out_dir / "checkpoints" / "global.pt"
+        if checkpoint.is_file():  # the model of the last recorded round, described without the run's config
+            final = summary.get("final") or {}
+            self.tracker.log_model(checkpoint, {k: v for k, v in self.meta.items() if k != "config"} | {
+                "round": final.get("round"), "miou": final.get("miou"), "best_miou": summary.get("best_miou")})
         self.tracker.finish(summary.get("final", {}) | {"best_miou": summary.get("best_miou")})
         return summary
 
-    def _example_sheet(self, dataset: Dataset, path: Path) -> Path | None:
+    def _heldout_examples(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """The first ``example_images`` held-out frames (normalized), their labels and the model's prediction."""
+        dataset: Dataset = self.data.heldout
         n = min(self.example_images, len(dataset))  # type: ignore[arg-type]
         if n == 0:
             return None
         images, labels = zip(*(dataset[i] for i in range(n)))
         batch = torch.stack(images)
-        preds = predict(self.model, batch.to(self.device)).cpu()
-        return plot_examples(batch.numpy(), torch.stack(labels).numpy(), preds.numpy(),
-                             class_colors(self.data.label_map), path)
+        return batch, torch.stack(labels), predict(self.model, batch.to(self.device)).cpu()

@@ -1,5 +1,10 @@
 """Experiment tracking: one registry of trackers (``TRACKERS``); ``tracking=wandb`` logs to Weights & Biases.
 
+What a W&B user expects of a run: every metrics row as a step; a few held-out frames each round as
+segmentation overlays (prediction and ground truth masks, one toggle per class name); the final
+checkpoint as a ``model`` artifact carrying its backbone, classes and mIoU; and the runs of one
+Hydra multirun (``-m``) in one group (the entry point sets ``tracking.group`` to the sweep).
+
 W&B works with no account and no network in offline mode (``WANDB_MODE=offline``); the run is
 stored under ``<run_dir>/wandb`` and can be uploaded later with ``wandb sync``.
 """
@@ -11,14 +16,29 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Protocol
 
+import numpy as np
+
 from fedseg.config import parse_choice
+from fedseg.labels import IGNORE_INDEX
+
+
+@dataclass(frozen=True)
+class Predictions:
+    """A few held-out frames of one round: what a segmentation overlay shows."""
+
+    images: np.ndarray  # (N, H, W, 3) uint8 camera frames
+    labels: np.ndarray  # (N, H, W) uint8 ground truth class ids, IGNORE_INDEX where unlabelled
+    preds: np.ndarray  # (N, H, W) the model's class ids
+    class_names: tuple[str, ...]  # class id -> name
 
 
 class Tracker(Protocol):
     run_id: str | None  # what a resumed run passes back to continue the same tracked run
+    logs_predictions: bool  # whether log_predictions wants frames (the reporter predicts them only then)
 
     def log_round(self, row: dict[str, Any]) -> None: ...
-    def log_images(self, name: str, path: Path, step: int) -> None: ...
+    def log_predictions(self, predictions: Predictions, step: int) -> None: ...
+    def log_model(self, path: Path, metadata: dict[str, Any]) -> None: ...
     def finish(self, summary: dict[str, Any]) -> None: ...
 
 
@@ -26,11 +46,15 @@ class NullTracker:
     """Tracking off: the run directory's files are the record."""
 
     run_id: str | None = None
+    logs_predictions = False
 
     def log_round(self, row: dict[str, Any]) -> None:
         pass
 
-    def log_images(self, name: str, path: Path, step: int) -> None:
+    def log_predictions(self, predictions: Predictions, step: int) -> None:
+        pass
+
+    def log_model(self, path: Path, metadata: dict[str, Any]) -> None:
         pass
 
     def finish(self, summary: dict[str, Any]) -> None:
@@ -38,17 +62,19 @@ class NullTracker:
 
 
 class WandbTracker:
-    """Logs every metrics row (per-class IoU flattened) and example sheets to one W&B run."""
+    """Logs every metrics row (per-class IoU flattened), held-out overlays and the final model to one W&B run."""
 
     def __init__(self, *, run_dir: Path, config: dict[str, Any], name: str, project: str = "fedseg",
                  entity: str | None = None, mode: Literal["online", "offline", "disabled"] | None = None,
-                 tags: list[str] | None = None, log_images: bool = True, resume_id: str | None = None) -> None:
+                 group: str | None = None, tags: list[str] | None = None, log_images: bool = True,
+                 log_model: bool = True, resume_id: str | None = None) -> None:
         import wandb
 
         self._wandb = wandb
-        self._images = log_images
+        self.logs_predictions = log_images
+        self._log_model = log_model
         self.run = wandb.init(project=project, entity=entity, mode=mode, dir=str(run_dir), name=name,
-                              config=config, tags=list(tags or []), reinit="finish_previous",
+                              group=group, config=config, tags=list(tags or []), reinit="finish_previous",
                               id=resume_id, resume="allow" if resume_id else None)
         self.run_id: str | None = self.run.id
 
@@ -60,12 +86,24 @@ class WandbTracker:
                     flat[f"{group}/{name}"] = value
         self.run.log(flat, step=int(row["round"]), commit=True)  # a round is complete: flush it now
 
-    def log_images(self, name: str, path: Path, step: int) -> None:
-        if self._images:
-            # Rounds are committed as they end, so images go into the run's summary and its next step.
-            image = self._wandb.Image(str(path), caption=f"round {step}")
-            self.run.summary[name] = image
-            self.run.log({name: image})
+    def log_predictions(self, predictions: Predictions, step: int) -> None:
+        """Each frame with its prediction and ground truth as W&B masks, so the UI toggles them per class.
+
+        Logged uncommitted at ``step``: the round's row (:meth:`log_round`) commits the step with it.
+        """
+        classes = dict(enumerate(predictions.class_names))
+        images = [self._wandb.Image(image, caption=f"held-out frame {i}, round {step}", masks={
+            "prediction": {"mask_data": pred, "class_labels": classes},
+            "ground_truth": {"mask_data": label, "class_labels": classes | {IGNORE_INDEX: "unlabelled"}},
+        }) for i, (image, label, pred) in enumerate(zip(predictions.images, predictions.labels, predictions.preds))]
+        self.run.log({"predictions": images}, step=step, commit=False)
+
+    def log_model(self, path: Path, metadata: dict[str, Any]) -> None:
+        """The checkpoint at ``path`` as the run's ``model`` artifact (a resumed run adds a version)."""
+        if self._log_model:
+            artifact = self._wandb.Artifact(f"model-{self.run.id}", type="model", metadata=metadata)
+            artifact.add_file(str(path), name=path.name)
+            self.run.log_artifact(artifact, aliases=["latest"])
 
     def finish(self, summary: dict[str, Any]) -> None:
         for key, value in summary.items():
@@ -93,14 +131,16 @@ class WandbSpec:
     project: str = "fedseg"
     entity: str | None = None
     mode: Literal["online", "offline", "disabled"] | None = None  # None: W&B's own default / WANDB_MODE
+    group: str | None = None  # None: a run of its own; a Hydra multirun's entry point sets its sweep
     tags: tuple[str, ...] = ()
-    log_images: bool = True
+    log_images: bool = True  # held-out overlays each round
+    log_model: bool = True  # the final checkpoint as a model artifact
 
     def build(self, *, run_dir: Path, config: dict[str, Any], name: str, resume_id: str | None = None) -> Tracker:
         """The tracker; ``resume_id`` continues that W&B run (a resumed fedseg run)."""
         return WandbTracker(run_dir=run_dir, config=config, name=name, project=self.project,
-                            entity=self.entity, mode=self.mode, tags=list(self.tags),
-                            log_images=self.log_images, resume_id=resume_id)
+                            entity=self.entity, mode=self.mode, group=self.group, tags=list(self.tags),
+                            log_images=self.log_images, log_model=self.log_model, resume_id=resume_id)
 
 
 TrackingSpec = NoTracking | WandbSpec

@@ -7,11 +7,13 @@ import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
 from fedseg.checkpoints import load_checkpoint, read_checkpoint
 from fedseg.runlog import ROW_KEYS, RunLog, format_row, metrics_row
+from fedseg.tracking import Predictions
 
 
 def test_metrics_row_splits_per_class_iou_and_keeps_extra_fields() -> None:
@@ -65,16 +67,23 @@ def test_console_line_by_hand() -> None:
 
 
 class RecordingTracker:
+    logs_predictions = True
+
     def __init__(self) -> None:
         self.rows: list[dict[str, Any]] = []
-        self.images: list[Path] = []
+        self.predictions: dict[int, Predictions] = {}
+        self.models: list[tuple[Path, dict[str, Any]]] = []
         self.summary: dict[str, Any] | None = None
 
     def log_round(self, row: dict[str, Any]) -> None:
         self.rows.append(row)
 
-    def log_images(self, name: str, path: Path, step: int) -> None:
-        self.images.append(path)
+    def log_predictions(self, predictions: Predictions, step: int) -> None:
+        assert step not in self.predictions and all(r["round"] != step for r in self.rows)  # before its row
+        self.predictions[step] = predictions
+
+    def log_model(self, path: Path, metadata: dict[str, Any]) -> None:
+        self.models.append((path, metadata))
 
     def finish(self, summary: dict[str, Any]) -> None:
         self.summary = summary
@@ -114,5 +123,13 @@ def test_reporter_records_evaluates_checkpoints_and_summarises(tmp_path: Path, f
     restored, _ = load_checkpoint(tmp_path / "checkpoints" / "global.pt")
     assert torch.equal(next(restored.parameters()), next(model.parameters()).cpu())
     assert summary["parameters"] == count_parameters(model) and summary["experiment"] == "unit"
-    assert tracker.summary is not None and tracker.images == [tmp_path / "plots" / "examples.png"]
+    assert tracker.summary is not None
+    assert sorted(tracker.predictions) == [0, 1]  # every round: 2 held-out frames, labels and prediction
+    shown = tracker.predictions[1]
+    assert shown.images.dtype == np.uint8 and shown.images.shape == (2, 32, 32, 3)
+    assert shown.labels.shape == shown.preds.shape == (2, 32, 32)
+    assert shown.class_names == fleet.label_map.class_names
+    assert tracker.models == [(tmp_path / "checkpoints" / "global.pt",
+                               {"backbone": "tiny", "num_classes": fleet.label_map.num_classes, "round": 1,
+                                "miou": metrics["miou"], "best_miou": summary["best_miou"]})]
     assert {"loss.png", "miou.png", "examples.png"} <= {p.name for p in (tmp_path / "plots").iterdir()}

@@ -20,13 +20,20 @@ CONF_DIR = str(conf_dir())
 
 
 def resolve(cfg: DictConfig) -> dict[str, Any]:
-    """The resolved config as plain containers, with the Hydra run directory as ``output_dir``."""
+    """The resolved config as plain containers, with the Hydra run directory as ``output_dir``; under a
+    multirun (``-m``), a tracker's unset ``group`` is the sweep directory, so its runs are one group."""
     from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
 
     container = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     assert isinstance(container, dict)
     resolved = {str(key): value for key, value in container.items()}
-    resolved["output_dir"] = HydraConfig.get().runtime.output_dir
+    hydra = HydraConfig.get()
+    resolved["output_dir"] = hydra.runtime.output_dir
+    tracking = resolved.get("tracking")
+    if hydra.mode == RunMode.MULTIRUN and isinstance(tracking, dict) and "group" in tracking \
+            and not tracking["group"]:
+        tracking["group"] = str(hydra.sweep.dir)
     return resolved
 
 
