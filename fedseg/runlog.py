@@ -35,10 +35,6 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-class RunFailed(RuntimeError):
-    """The run cannot go on (e.g. too few vehicles answered a round); entry points print it as one line."""
-
-
 def split_metrics(metrics: dict[str, float]) -> tuple[dict[str, float], dict[str, float | None]]:
     """Flower-style flat metrics -> (scalars, per-class IoU with None for classes absent everywhere)."""
     per_class = {k[4:]: (None if math.isnan(v) else v) for k, v in metrics.items() if k.startswith("iou/")}

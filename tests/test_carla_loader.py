@@ -11,8 +11,9 @@ from PIL import Image
 
 from fedseg.config import DataSpec
 from fedseg.data import fleet_frames, load_data
-from fedseg.data.carla import DataError, Frame, SegmentationDataset, discover, validate
+from fedseg.data.carla import Frame, SegmentationDataset, discover, validate
 from fedseg.data.normalize import IMAGENET_MEAN, IMAGENET_STD, denormalize
+from fedseg.errors import DataError
 from fedseg.labels import IGNORE_INDEX, build_label_map
 
 SAMPLE = Path(__file__).parent / "data" / "carla_sample"

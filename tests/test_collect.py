@@ -16,9 +16,10 @@ import pytest
 from carla_double import FakeCarla, FakeServer
 from PIL import Image
 
-from fedseg.collect import CollectError, CollectSpec, collect
+from fedseg.collect import CollectSpec, collect
 from fedseg.config import DataSpec
 from fedseg.data import load_data
+from fedseg.errors import CollectError
 from fedseg.labels import TAGSETS
 
 H, W = 12, 40  # small frames; W > 29 so every tag id appears in every row

@@ -25,11 +25,11 @@ from cryptography.hazmat.primitives.serialization import (
 from deploy_fleet import PROJECT, LocalFleet
 
 from fedseg.config import to_run_config
-from fedseg.data import DataError
 from fedseg.deploy.certs import make_credentials, vehicle_names
 from fedseg.deploy.launch import VehicleLaunch, check_vehicle, supernode_command
 from fedseg.deploy.runconfig import compose_overrides, expand_run_config
 from fedseg.deploy.vehicle import NodeSpec, load_heldout, load_vehicle, own_frames
+from fedseg.errors import DataError
 from fedseg.server.fleet import FleetClientManager, FleetError, wait_for_vehicles
 from fedseg.settings import settings_of
 from fedseg.sim.deploy import vehicle_main

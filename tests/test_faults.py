@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from toy_fleet import START, Fleet, toy_updates
 
-from fedseg.runlog import RunFailed
+from fedseg.errors import RunFailed
 
 PLAIN = {"name": "none"}
 

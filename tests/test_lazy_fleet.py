@@ -14,10 +14,11 @@ import numpy as np
 import pytest
 
 from fedseg.config import DataSpec, FederationSpec
-from fedseg.data import DataError, describe_sizes, fleet_frames, load_data
+from fedseg.data import describe_sizes, fleet_frames, load_data
 from fedseg.data.synthetic import fleet as synthetic_fleet
 from fedseg.data.synthetic import generate_fleet
 from fedseg.deploy.vehicle import NodeSpec, load_heldout, load_vehicle
+from fedseg.errors import DataError
 from fedseg.settings import RunSettings
 
 TINY = (24, 32)

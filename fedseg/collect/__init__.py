@@ -7,6 +7,6 @@ imported only when a collection starts, so ``fedseg`` imports without it.
 """
 
 from fedseg.collect.collector import CollectResult, collect, episodes
-from fedseg.collect.spec import CollectError, CollectSpec
+from fedseg.collect.spec import CollectSpec
 
-__all__ = ["CollectError", "CollectResult", "CollectSpec", "collect", "episodes"]
+__all__ = ["CollectResult", "CollectSpec", "collect", "episodes"]

@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 
 from fedseg.collect.server import Server, VehiclePlan, first_line, server_error
-from fedseg.collect.spec import CollectError
 from fedseg.collect.store import VehicleFolder, bgra_to_rgb, raw_seg_to_rgb
+from fedseg.errors import CollectError
 
 log = logging.getLogger(__name__)
 RGB_CAMERA = "sensor.camera.rgb"

@@ -11,9 +11,10 @@ from pathlib import Path
 from typing import Any
 
 from fedseg.collect.server import Server, VehiclePlan
-from fedseg.collect.spec import CollectError, CollectSpec
+from fedseg.collect.spec import CollectSpec
 from fedseg.collect.store import MANIFEST, VehicleFolder, camera_manifest, read_json, write_json
 from fedseg.data.carla import RGB_DIR, SEG_DIR
+from fedseg.errors import CollectError
 
 LAYOUT = (f"<vehicle>/{RGB_DIR}/<frame>.png + <vehicle>/{SEG_DIR}/<frame>.png; "
           f"{SEG_DIR}: CARLA raw semantic image, tag id in the red channel")

@@ -14,7 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from fedseg.collect.spec import CollectError, CollectSpec, vehicle_name
+from fedseg.collect.spec import CollectSpec, vehicle_name
+from fedseg.errors import CollectError
 from fedseg.labels import TAGSETS
 
 FIRST_29_TAG_VERSION = (0, 9, 14)  # CARLA 0.9.14 moved to the 29 CityScapes-aligned tags

@@ -1,4 +1,4 @@
-"""What a collection is: the typed settings of ``fedseg-collect`` and its one error type."""
+"""What a collection is: the typed settings of ``fedseg-collect`` (its error, ``CollectError``, is in fedseg.errors)."""
 
 from __future__ import annotations
 
@@ -6,14 +6,8 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from fedseg.errors import CollectError
 from fedseg.labels import TAGSETS
-
-
-class CollectError(ValueError):
-    """A collection problem a user can act on (no server, wrong version, unknown town, lost server).
-
-    ``str(e)`` is one line. A ``ValueError``, so the entry points print it without a traceback.
-    """
 
 
 @dataclass(frozen=True)

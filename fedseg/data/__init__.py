@@ -18,13 +18,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedseg.config import DataSpec
-from fedseg.data.carla import DataError, SegmentationDataset, load_fleet, validate
+from fedseg.data.carla import SegmentationDataset, load_fleet, validate
 from fedseg.data.fleets import FleetFrames, LazySyntheticFleet, ListedFleet
 from fedseg.data.frames import Frame
 from fedseg.data.synthetic import FORMAT_VERSION, SyntheticFleet
+from fedseg.errors import DataError
 from fedseg.labels import LabelMap, build_label_map
 
-__all__ = ["DATA_SOURCES", "DataError", "DataSource", "FleetData", "FleetFrames", "describe_sizes",
+__all__ = ["DATA_SOURCES", "DataSource", "FleetData", "FleetFrames", "describe_sizes",
            "fleet_frames", "get_data_source", "load_data", "make_dataset"]
 
 

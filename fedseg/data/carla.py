@@ -24,16 +24,13 @@ from tqdm import tqdm
 from fedseg.data.frames import Frame
 from fedseg.data.normalize import normalize
 from fedseg.data.partition import partition_frames
+from fedseg.errors import DataError
 from fedseg.labels import TAGSETS, LabelMap, TagSet, get_tagset
 
 RGB_DIR = "CameraRGB"
 SEG_DIR = "CameraSeg"
 HELDOUT_NAMES = ("heldout", "val", "test")  # in priority order when several exist
 INPUT_VARIANTS = ("rgb", "seg")
-
-
-class DataError(ValueError):
-    """Bad input data. ``str(e)`` is one line naming the file (path) and what is wrong."""
 
 
 def _is_camera_folder(folder: Path) -> bool:

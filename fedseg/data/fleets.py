@@ -19,10 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from fedseg.data.carla import DataError, Fleet
+from fedseg.data.carla import Fleet
 from fedseg.data.frames import Frame
 from fedseg.data.partition import partition_frames
 from fedseg.data.synthetic import SyntheticFleet, vehicle_folder
+from fedseg.errors import DataError
 
 
 class FleetFrames(Protocol):

@@ -15,6 +15,7 @@ from typing import Any
 import tomli_w
 
 from fedseg.config import RunConfig
+from fedseg.errors import RunFailed
 
 JOB_LOG = "server.log"
 
@@ -54,8 +55,6 @@ class _StopWithoutTraceback(logging.Filter):
     (``RunFailed``: too few vehicles) has already said why in one line, so only Flower's line stays."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        from fedseg.runlog import RunFailed
-
         if record.exc_info and isinstance(record.exc_info[1], RunFailed):
             record.exc_info, record.exc_text = None, None
         return True

@@ -25,9 +25,10 @@ from pathlib import Path
 from typing import Any
 
 from fedseg.config import DataSpec
-from fedseg.data import DataError, FleetData, FleetFrames, fleet_frames, get_data_source, make_dataset
+from fedseg.data import FleetData, FleetFrames, fleet_frames, get_data_source, make_dataset
 from fedseg.data.carla import HELDOUT_NAMES, SegmentationDataset, discover, validate
 from fedseg.data.frames import Frame
+from fedseg.errors import DataError
 from fedseg.labels import build_label_map
 from fedseg.search.hardware import HARDWARE_PROFILES
 from fedseg.settings import RunSettings

@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from fedseg.errors import NoBackboneFits
 from fedseg.search.hardware import HardwareBudget
 
 MIOU_DECIMALS = 3  # ties: equal mIoU as printed in search.md
@@ -51,10 +52,6 @@ class Choice:
     selected: Candidate
     ranked: list[Candidate]
     rejected: dict[str, list[str]] = field(default_factory=dict)
-
-
-class NoBackboneFits(ValueError):
-    """No candidate meets the budget; the message names the closest ones and what they miss."""
 
 
 def overshoot(candidate: Candidate, budget: HardwareBudget) -> dict[str, float]:

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from flwr.server import Grid
 from flwr.server.client_manager import SimpleClientManager
 
-from fedseg.runlog import RunFailed
+from fedseg.errors import RunFailed
 
 log = logging.getLogger("fedseg")
 

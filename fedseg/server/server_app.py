@@ -23,9 +23,9 @@ from fedseg.data import FleetData
 from fedseg.deploy.outputs import drop_stop_tracebacks, log_to_console, log_to_file, prepare_run_dir
 from fedseg.deploy.runconfig import deploy_spec, expand_run_config
 from fedseg.deploy.vehicle import load_heldout
+from fedseg.errors import RunFailed
 from fedseg.models import build_run_model, get_weights, set_weights
 from fedseg.reporting import RunReporter
-from fedseg.runlog import RunFailed
 from fedseg.server.compose import compose_server
 from fedseg.server.fleet import FleetClientManager, wait_for_vehicles
 from fedseg.server.resume import ResumePoint, restore, resume_state

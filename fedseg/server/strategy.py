@@ -32,7 +32,8 @@ from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import FedAdam, FedAvg, FedAvgM, FedMedian, FedProx, FedTrimmedAvg, Krum, Strategy
 from flwr.server.strategy.aggregate import aggregate_inplace
 
-from fedseg.runlog import RunFailed, metrics_row
+from fedseg.errors import RunFailed
+from fedseg.runlog import metrics_row
 
 log = logging.getLogger("fedseg")
 

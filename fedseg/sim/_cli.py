@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fedseg.checkpoints import check_start_checkpoint
 from fedseg.config import conf_dir
+from fedseg.errors import DataError, RunFailed
 from fedseg.labels import build_label_map
 from fedseg.settings import RunSettings
 
@@ -58,9 +59,6 @@ def user_errors(prog: str) -> Callable:
     Programming errors still raise with their traceback: only errors a user can act on are caught.
     """
     from omegaconf.errors import MissingMandatoryValue
-
-    from fedseg.data import DataError
-    from fedseg.runlog import RunFailed
 
     def wrap(fn: Callable) -> Callable:
         @functools.wraps(fn)

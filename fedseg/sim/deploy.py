@@ -18,10 +18,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from fedseg.data import DataError
 from fedseg.deploy.certs import make_credentials, vehicle_names
 from fedseg.deploy.launch import VehicleLaunch, check_vehicle, supernode_command
 from fedseg.deploy.processes import with_this_environment_on_path
+from fedseg.errors import DataError
 
 
 def _fail(prog: str, err: BaseException) -> None:

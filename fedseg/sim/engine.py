@@ -32,7 +32,7 @@ from fedseg.deploy.processes import (
     wait_for_port,
     with_this_environment_on_path,
 )
-from fedseg.runlog import RunFailed
+from fedseg.errors import RunFailed
 
 log = logging.getLogger("fedseg")
 BIN = Path(sys.executable).parent

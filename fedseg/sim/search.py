@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from fedseg.config import parse_spec, resolve_device
 from fedseg.data import load_data
+from fedseg.errors import NoBackboneFits
 from fedseg.measurement import usable_threads
 from fedseg.privacy import DPSpec
 from fedseg.search.hardware import HardwareBudget
@@ -37,7 +38,7 @@ from fedseg.search.measure import (
     to_candidate,
 )
 from fedseg.search.report import plot_search, table_rows, write_csv, write_markdown, write_model_config
-from fedseg.search.select import Choice, NoBackboneFits, pareto_front, select_backbone
+from fedseg.search.select import Choice, pareto_front, select_backbone
 from fedseg.settings import RunSettings
 from fedseg.sim._cli import CONF_DIR, resolve, user_errors
 
