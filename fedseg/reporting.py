@@ -9,7 +9,6 @@ can be compared key for key.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,8 +38,6 @@ class RunReporter:
         self.model = model.to(device)
         self.data = data
         self.log = RunLog(out_dir, resume_after=resume_after)
-        # What a checkpoint holds besides weights and metadata, so a killed run can continue (fedseg/server/resume.py).
-        self.checkpoint_state: Callable[[], dict[str, Any]] | None = None
         self.tracker = tracker
         self.meta = meta
         self.total_rounds = total_rounds
@@ -58,8 +55,10 @@ class RunReporter:
             metrics[f"iou/{name}"] = float("nan") if iou is None else iou
         return result.loss, metrics
 
-    def record(self, row: dict[str, Any]) -> None:
-        """Write one round everywhere it belongs, and checkpoint the model that produced it."""
+    def record(self, row: dict[str, Any], resume: dict[str, Any] | None = None) -> None:
+        """Write one round everywhere it belongs, and checkpoint the model that produced it; ``resume`` is
+        what the checkpoint holds besides weights and metadata so a killed run can continue
+        (``fedseg/server/resume.py``; the federated server's round recorder hands it over with the row)."""
         row = self.log.log_round(row)
         log.info(format_row(row, self.total_rounds))  # the console and the run's job log alike
         examples = self._heldout_examples() if self.tracker.logs_predictions else None
@@ -69,7 +68,7 @@ class RunReporter:
                                                      preds.numpy(), self.data.label_map.class_names),
                                          step=int(row["round"]))
         self.tracker.log_round(row)
-        state = self.checkpoint_state() if self.checkpoint_state is not None else {}
+        state = {**resume, "tracker_id": self.tracker.run_id} if resume is not None else {}
         self.log.save_checkpoint(self.model, {**self.meta, "round": row["round"], "resume": state})
 
     def finish(self, extra: dict[str, Any]) -> dict[str, Any]:

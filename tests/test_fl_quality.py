@@ -26,8 +26,11 @@ from fedseg.clients.client_app import NORM_KEY, VehicleClient
 from fedseg.config import to_run_config
 from fedseg.models import build_run_model, get_weights
 from fedseg.server.compose import compose_server
+from fedseg.server.notes import RoundNotes
+from fedseg.server.recorder import RoundRecorder
 from fedseg.server.resume import restore, resume_state
-from fedseg.server.strategy import RoundRecorder, StatisticsMean, build_strategy
+from fedseg.server.statistics_mean import StatisticsMean
+from fedseg.server.strategies import build_strategy
 from fedseg.settings import RunSettings, settings_of
 from fedseg.training import AugmentedDataset, epoch_round, norm_state_keys, scheduled_lr, statistics_mask
 
@@ -49,7 +52,7 @@ def run_settings(tmp_path: Path | None = None, **federation: Any) -> RunSettings
 ])
 def test_server_sends_each_rounds_lr_in_the_fit_config(schedule: str, expected: list[float]) -> None:
     s = run_settings(lr=1e-3, lr_schedule=schedule, lr_final=0.1)
-    parts = compose_server(s, on_round=lambda row: None,
+    parts = compose_server(s, on_round=lambda row, resume: None,
                            initial_parameters=ndarrays_to_parameters([np.zeros(1, np.float32)]))
 
     sent = [parts.base.on_fit_config_fn(r)["lr"] for r in (1, 2, 3)]  # type: ignore[attr-defined]
@@ -151,9 +154,9 @@ def test_fedavgm_velocity_survives_a_resume() -> None:
 
     first = server()
     first.aggregate_fit(1, results(2.0), [])  # velocity -2, weights 2
-    state = resume_state(first, RoundRecorder(first, on_round=lambda row: None), None)
+    state = resume_state(first, RoundRecorder(first, RoundNotes(), on_round=lambda row, resume: None))
     second = server()
-    restore(state, second, RoundRecorder(second, on_round=lambda row: None))
+    restore(state, second, RoundRecorder(second, RoundNotes(), on_round=lambda row, resume: None))
 
     # Execute: round 2, the vehicle sends 4 (2 above the global).
     params, _ = second.aggregate_fit(2, results(4.0), [])

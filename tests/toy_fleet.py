@@ -69,6 +69,12 @@ class Fleet:
         self.updates, self.examples, self.rounds, self.n = updates, examples, rounds, n
         self.globals: list[list[np.ndarray]] = []  # round 0 (initial), 1, 2, ...
         self.rows: list[dict[str, Any]] = []
+        self.resume: dict[str, Any] = {}  # what the last round's checkpoint would hold to continue
+
+    def record(self, row: dict[str, Any], resume: dict[str, Any]) -> None:
+        """The round recorder's output, as the reporter gets it."""
+        self.rows.append(row)
+        self.resume = resume
 
     def run(self, *, start_round: int = 0, initial: list[np.ndarray] | None = None,
             state: dict[str, Any] | None = None) -> Fleet:
@@ -78,7 +84,7 @@ class Fleet:
             return 0.0, {}
 
         start = initial if initial is not None else [np.full_like(u, START) for u in self.updates[0]]
-        self.parts = compose_server(self.settings, on_round=self.rows.append, evaluate_fn=evaluate_fn,
+        self.parts = compose_server(self.settings, on_round=self.record, evaluate_fn=evaluate_fn,
                                     initial_parameters=ndarrays_to_parameters(start),
                                     partition_sizes=list(self.examples), start_round=start_round)
         if state is not None:

@@ -70,7 +70,7 @@ def make_fleet(vehicles: int, weights: list[np.ndarray], secagg: dict[str, Any],
                     mods=[run_mods])
     contexts = {100 + i: Context(run_id=1, node_id=100 + i, node_config={"partition-id": i},
                                  state=RecordDict(), run_config=run_config) for i in range(vehicles)}
-    parts = compose_server(settings, on_round=lambda row: None,
+    parts = compose_server(settings, on_round=lambda row, resume: None,
                            initial_parameters=ndarrays_to_parameters(weights), partition_sizes=[8] * vehicles)
     return {"grid": LoopbackGrid(app, contexts), "strategy": parts.strategy, "fit": parts.fit_workflow,
             "run_config": run_config}
