@@ -22,7 +22,7 @@ from fedseg.models import BACKBONES
 from fedseg.privacy import PRIVACY, parse_privacy
 from fedseg.search.hardware import HARDWARE_PROFILES
 from fedseg.secagg import SECAGG, parse_secagg
-from fedseg.server.strategy import STRATEGIES, build_strategy
+from fedseg.server.strategies import STRATEGIES, build_strategy
 from fedseg.tracking import TRACKERS, parse_tracking
 
 CONF = Path(__file__).resolve().parents[1] / "conf"

@@ -21,7 +21,6 @@ from toy_fleet import Fleet, toy_updates
 from fedseg.checkpoints import read_checkpoint, save_checkpoint
 from fedseg.deploy.processes import tagged_pids
 from fedseg.runlog import RunLog
-from fedseg.server.resume import resume_state
 
 PLAIN = {"name": "none"}
 
@@ -29,10 +28,10 @@ PLAIN = {"name": "none"}
 @pytest.mark.parametrize("strategy", ["fedavg", "fedadam"])
 def test_resumed_run_matches_the_uninterrupted_one(strategy: str, tmp_path: Path) -> None:
     # Prepare: the uninterrupted 3-round run, and the same run stopped after round 1 with its state saved
-    # the way the reporter saves it (a weights-only checkpoint).
+    # the way the reporter saves what the round recorder hands it (a weights-only checkpoint).
     full = Fleet(toy_updates(), [1, 2, 3], PLAIN, strategy=strategy, rounds=3).run()
     first = Fleet(toy_updates(), [1, 2, 3], PLAIN, strategy=strategy, rounds=1).run()
-    state = resume_state(first.parts.base, first.parts.recorder, tracker_id=None)
+    state = first.resume
     save_checkpoint(tmp_path / "global.pt", torch.nn.Linear(1, 1), {"backbone": "x", "num_classes": 1,
                                                                      "round": 1, "resume": state})
     saved = read_checkpoint(tmp_path / "global.pt")
@@ -128,6 +127,40 @@ def test_sim_killed_after_round_2_resumes_to_round_4_with_each_row_once(tmp_path
     assert saved.experiment_name == "smoke" and saved.federation.rounds == 4 and saved.resume is None
     after = _client_epsilon(run_dir)
     assert set(before) == set(after) and all(after[v] >= before[v] for v in before), (before, after)
+
+
+@pytest.mark.e2e
+def test_secaggplus_run_killed_after_round_2_resumes_with_each_round_once(tmp_path: Path) -> None:
+    # Under SecAgg+ the fit workflow is SecAggPlusFit and the outermost strategy, once resumed, is the
+    # round offset: the workflow must still find the round's outcome (it once looked for the secure
+    # sum by type on the strategy Flower hands it, and a resumed run stopped with a TypeError).
+    # Prepare: a 6-round SecAgg+ smoke run, killed (SIGKILL, the whole tree) once round 2's checkpoint exists
+    # (smoke rounds are short: another may end before the kill lands, so 6, not 3).
+    run_dir, mark = tmp_path / "run", uuid.uuid4().hex
+    exe = Path(sys.executable).with_name("fedseg-sim")
+    env = {**os.environ, "FEDSEG_DATA_CACHE": str(tmp_path / "cache"), "FEDSEG_TEST_MARK": mark}
+    args = [str(exe), "experiment=smoke", "federation.rounds=6", "secagg=secaggplus", "run.progress=false"]
+    proc = subprocess.Popen([*args, f"hydra.run.dir={run_dir}"], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while _checkpoint_round(run_dir) < 2 and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        killed_at = _checkpoint_round(run_dir)
+    finally:
+        _kill_all(mark)
+        proc.wait(timeout=30)
+    assert 2 <= killed_at < 6, f"the run was not caught mid-way (checkpoint round {killed_at})"
+
+    # Execute
+    resumed = subprocess.run([str(exe), f"resume={run_dir}"], env={**env, "FEDSEG_TEST_MARK": uuid.uuid4().hex},
+                             capture_output=True, text=True, timeout=600, check=False)
+
+    # Assert: rounds 0..6 exactly once, round 3 aggregated by SecAgg+ (its row carries the protocol's entry).
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1, 2, 3, 4, 5, 6]
+    assert rows[-1]["secagg"]["survivors"] == 3 and not rows[-1]["secagg"]["failed"]
 
 
 @pytest.mark.e2e

@@ -108,6 +108,17 @@ def test_vehicle_lost_during_unmasking_still_counts() -> None:
     assert fleet.rows[-1]["secagg"]["stages"]["unmask"]["replied"] == 2
 
 
+def test_resumed_run_aggregates_securely_and_records_the_protocol() -> None:
+    # A resumed run's outermost strategy is the round offset, not the secure sum; the SecAgg+ fit round
+    # reads the round's outcome from the shared notes (it once looked for the secure sum by type on the
+    # strategy Flower hands it, and raised TypeError).
+    fleet = Fleet(toy_updates(), list(EXAMPLES), SECAGG, rounds=2).run(start_round=1)
+
+    np.testing.assert_allclose(fleet.globals[-1][0], START + MEAN, atol=bound(EXAMPLES, peak=4.0))
+    assert [row["round"] for row in fleet.rows] == [2]
+    assert fleet.rows[0]["secagg"]["survivors"] == 3 and fleet.rows[0]["secagg"]["failed"] is False
+
+
 def test_round_below_threshold_keeps_the_global_model_and_the_run_goes_on() -> None:
     fleet = Fleet(toy_updates(), list(EXAMPLES), SECAGG, rounds=2)
     fleet.grid.vanish(101, 1, "collect_masked_vectors")
@@ -274,7 +285,7 @@ def test_possible_configurations_pass_and_plain_runs_are_left_alone() -> None:
     check_composition(fraction)  # no error
     assert resolve_shares(SecAggSpec(num_shares=0.5, reconstruction_threshold=0.6), 10) == (5, 3)
     plain = RunSettings.from_config({"secagg": {"name": "none"}, "strategy": {"name": "fedmedian"}})
-    parts = compose_server(plain, on_round=lambda row: None)
+    parts = compose_server(plain, on_round=lambda row, resume: None)
     assert parts.fit_workflow is None and parts.strategy is parts.recorder
 
 

@@ -9,7 +9,11 @@ import pytest
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.server.strategy import FedAvgM
 
-from fedseg.server.strategy import RoundRecorder, StatisticsMean, build_strategy, parameters_bytes
+from fedseg.server.arrays import parameters_bytes, parameters_view
+from fedseg.server.notes import RoundNotes
+from fedseg.server.recorder import RoundRecorder
+from fedseg.server.statistics_mean import StatisticsMean
+from fedseg.server.strategies import build_strategy
 
 
 def fit_res(arrays: list[np.ndarray], n: int, **metrics: float) -> FitRes:
@@ -25,7 +29,7 @@ def proxy(cid: str) -> MagicMock:
 def test_fedavg_weights_updates_by_examples_hand_computed() -> None:
     # Prepare: vehicle A (1 frame) sends 1s, vehicle B (2 frames) sends 4s.
     rows: list[dict] = []
-    strategy = RoundRecorder(build_strategy("fedavg", {}), on_round=rows.append)
+    strategy = RoundRecorder(build_strategy("fedavg", {}), RoundNotes(), on_round=lambda row, resume: rows.append(row))
     a, b = [np.full((2, 2), 1.0, np.float32)], [np.full((2, 2), 4.0, np.float32)]
     results = [(proxy("a"), fit_res(a, 1, loss=0.9)), (proxy("b"), fit_res(b, 2, loss=0.6))]
 
@@ -50,7 +54,7 @@ def test_fedavg_result_does_not_depend_on_the_order_replies_arrive_in() -> None:
     # Execute
     outcomes = []
     for order in orders:
-        strategy = RoundRecorder(build_strategy("fedavg", {}), on_round=lambda row: None)
+        strategy = RoundRecorder(build_strategy("fedavg", {}), RoundNotes(), on_round=lambda row, resume: None)
         params, _ = strategy.aggregate_fit(1, [replies[i] for i in order], [])
         outcomes.append(parameters_to_ndarrays(params)[0].tobytes())
 
@@ -59,7 +63,7 @@ def test_fedavg_result_does_not_depend_on_the_order_replies_arrive_in() -> None:
 
 
 def test_skipped_vehicle_is_left_out_of_the_average_and_counted() -> None:
-    strategy = RoundRecorder(build_strategy("fedavg", {}), on_round=lambda row: None)
+    strategy = RoundRecorder(build_strategy("fedavg", {}), RoundNotes(), on_round=lambda row, resume: None)
     results = [
         (proxy("a"), fit_res([np.full(3, 2.0, np.float32)], 5, loss=1.0, partition_id=0)),
         (proxy("b"), fit_res([np.full(3, 99.0, np.float32)], 5, skipped=True, partition_id=1, epsilon=3.0)),
@@ -76,7 +80,7 @@ def test_evaluate_emits_a_contract_row() -> None:
     rows: list[dict] = []
     inner = build_strategy("fedavg", {}, evaluate_fn=lambda r, a, c: (0.5, {"miou": 0.25, "iou/road": 0.5,
                                                                            "iou/sky": float("nan")}))
-    strategy = RoundRecorder(inner, on_round=rows.append)
+    strategy = RoundRecorder(inner, RoundNotes(), on_round=lambda row, resume: rows.append(row))
 
     strategy.evaluate(0, ndarrays_to_parameters([np.zeros(1, np.float32)]))
 
@@ -173,13 +177,13 @@ def test_fedadam_global_model_keeps_float32_so_the_next_round_is_not_rejected() 
     settings = settings_of(to_run_config({"strategy": {"name": "fedadam"}, "federation": {
         "num_clients": 2, "min_fit_clients": 2, "rounds": 2}}))
     start = [np.zeros((2, 3), np.float32), np.ones(3, np.float32)]
-    parts = compose_server(settings, on_round=rows.append, initial_parameters=ndarrays_to_parameters(start),
+    parts = compose_server(settings, on_round=lambda row, resume: rows.append(row),
+                           initial_parameters=ndarrays_to_parameters(start),
                            evaluate_fn=lambda r, arrays, config: (0.0, {}))
     manager = SimpleClientManager()
     for cid in ("a", "b"):
         manager.register(proxy(cid))
     params, rejected = ndarrays_to_parameters(start), []
-    parts.recorder.annotate = lambda r, fields: rejected.extend(fields.get("rejected", []))  # type: ignore
 
     # Execute: two rounds, each vehicle moving every weight by +0.1 / -0.05 from what it was sent and
     # replying in float32, as a torch model does
@@ -189,6 +193,7 @@ def test_fedadam_global_model_keeps_float32_so_the_next_round_is_not_rejected() 
                                     partition_id=i))
                    for i, ((client, ins), step) in enumerate(zip(sent, (0.1, -0.05), strict=True))]
         params, _ = parts.strategy.aggregate_fit(server_round, replies, [])
+        rejected += parts.recorder.notes.rejected(server_round)
 
     # Assert: no update was rejected, and the global model that goes out is still float32 and moved
     assert rejected == []
@@ -197,8 +202,6 @@ def test_fedadam_global_model_keeps_float32_so_the_next_round_is_not_rejected() 
 
 
 def test_parameters_view_reads_what_flower_decodes_without_copying() -> None:
-    from fedseg.server.strategy import parameters_view
-
     arrays = [np.arange(6, dtype=np.float32).reshape(2, 3), np.asfortranarray(np.arange(6.0).reshape(2, 3)),
               np.array(7, np.int64), np.zeros((0, 4), np.float32)]
     params = ndarrays_to_parameters(arrays)

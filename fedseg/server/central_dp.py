@@ -39,7 +39,7 @@ from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 
 from fedseg.config import FederationSpec
 from fedseg.privacy import CentralDPSpec, default_delta
-from fedseg.server.strategy import StrategyWrapper
+from fedseg.server.wrapper import StrategyWrapper
 
 log = logging.getLogger("fedseg")
 
@@ -51,6 +51,9 @@ class EqualWeights(StrategyWrapper):
     def __init__(self, inner: Strategy, sampled: int) -> None:
         super().__init__(inner)
         self.sampled = sampled
+
+    def settings(self) -> dict[str, Any]:
+        return {"sampled": self.sampled}
 
     def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]],
                       failures: list[Any]) -> tuple[Parameters | None, dict[str, Scalar]]:

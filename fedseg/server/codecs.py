@@ -1,9 +1,9 @@
 """The server's half of update compression: each vehicle's encoded update back into weights.
 
-:class:`DecodingStrategy` sits inside the :class:`~server.strategy.RoundRecorder` (which therefore
+:class:`DecodingStrategy` sits inside the :class:`~fedseg.server.recorder.RoundRecorder` (which therefore
 counts the encoded bytes, as they travelled) and outside the update guard, the central-DP wrapper and
 the strategy, which all see plain weights. Under SecAgg+ there is no per-vehicle reply to decode:
-:class:`~server.secagg.SecureSumStrategy` decodes the one unmasked sum with the same
+:class:`~fedseg.server.secagg.SecureSumStrategy` decodes the one unmasked sum with the same
 :func:`weights_from` (SecAgg+ admits only codecs that decode linearly, so decoding the mean of the
 encodings is the mean of the decoded updates).
 """
@@ -11,7 +11,7 @@ encodings is the mean of the decoded updates).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -22,7 +22,8 @@ from flwr.server.strategy import Strategy
 
 from fedseg.compression import Codec, clip_update, round_seed
 from fedseg.secagg import decode_delta
-from fedseg.server.strategy import StrategyWrapper
+from fedseg.server.notes import RoundNotes
+from fedseg.server.wrapper import StrategyWrapper
 
 log = logging.getLogger("fedseg")
 
@@ -43,17 +44,20 @@ class DecodingStrategy(StrategyWrapper):
 
     ``run_seed`` gives each round's shared seed (:func:`~fedseg.compression.round_seed`, what the
     fit config sent); ``clipping_norm`` is central DP's. A reply that does not decode is left out and
-    reported through ``on_reject(round, fields)`` (the recorder's row), as the update guard does.
+    noted in ``notes`` (the round's row), as the update guard does.
     """
 
-    def __init__(self, inner: Strategy, codec: Codec, *, run_seed: int, clipping_norm: float | None,
-                 on_reject: Callable[[int, dict[str, Any]], None]) -> None:
+    def __init__(self, inner: Strategy, notes: RoundNotes, codec: Codec, *, run_seed: int,
+                 clipping_norm: float | None) -> None:
         super().__init__(inner)
+        self.notes = notes
         self.codec = codec
         self.run_seed = run_seed
         self.clipping_norm = clipping_norm
-        self.on_reject = on_reject
         self._global: list[np.ndarray] = []
+
+    def settings(self) -> dict[str, Any]:
+        return {"codec": self.codec.name, **({"clipping_norm": self.clipping_norm} if self.clipping_norm is not None else {})}
 
     def configure_fit(self, server_round: int, parameters: Parameters, client_manager: ClientManager
                       ) -> list[tuple[ClientProxy, FitIns]]:
@@ -76,7 +80,7 @@ class DecodingStrategy(StrategyWrapper):
             decoded.append((proxy, FitRes(res.status, ndarrays_to_parameters(weights), res.num_examples,
                                           res.metrics)))
         if rejected:
-            self.on_reject(server_round, {"rejected": rejected, "clients": len(decoded)})
+            self.notes.reject(server_round, rejected, kept=len(decoded))
         if not decoded:
             return None, {}
         return self.inner.aggregate_fit(server_round, decoded, failures)

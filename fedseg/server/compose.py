@@ -1,33 +1,42 @@
 """The server side of a run, composed in one place and one order. The server app, tests and benchmarks
 all build it here.
 
-From the inside out:
+The strategy chain, from the inside out (``repr`` of the composed strategy lists the same layers,
+outermost first; ``tests/test_compose.py`` checks this list and docs/ARCHITECTURE.md against it):
 
-1. Flower's strategy from the registry (FedAvg, FedProx, FedAvgM, FedAdam, FedMedian,
-   FedTrimmedAvg, Krum), evaluating server-side, inside :class:`~server.strategy.StatisticsMean`
-   (BatchNorm statistics leave each round as the statistics of all the vehicles' frames together,
-   the variance that of the mixture; no server optimizer steps them, and Flower's in-place mean no
-   longer zeroes integer counters);
-2. ``privacy=central``: Flower's ``DifferentialPrivacyClientSideFixedClipping`` around it (noise on
-   the aggregate of updates the vehicles clipped with ``fixedclipping_mod``);
-3. without SecAgg+: :class:`~server.guard.UpdateGuard`, which drops non-finite, misshapen and
+1. ``FedAvg``, or the run's other strategy from :data:`~fedseg.server.strategies.STRATEGIES` (FedProx,
+   FedAvgM, FedAdam, FedMedian, FedTrimmedAvg, Krum): Flower's aggregation, evaluating server-side;
+2. :class:`~fedseg.server.statistics_mean.StatisticsMean`: BatchNorm statistics leave each round as
+   the statistics of all the vehicles' frames together (the variance that of the mixture); no server
+   optimizer steps them, and Flower's in-place mean no longer zeroes integer counters;
+3. :class:`~fedseg.server.central_dp.EqualWeights` (``privacy=central``): every vehicle weighs the
+   same, and a round missing a sampled vehicle is discarded;
+4. ``DifferentialPrivacyClientSideFixedClipping`` (``privacy=central``): Flower's wrapper, noise on
+   the mean of the updates the vehicles clipped with ``fixedclipping_mod``;
+5. :class:`~fedseg.server.guard.UpdateGuard` (without SecAgg+): drops non-finite, misshapen and
    outsized updates before anything averages them;
-4. without SecAgg+, ``compression`` other than ``none``: :class:`~server.codecs.DecodingStrategy`,
-   which turns each vehicle's encoded update into weights (under central DP clipped again to the
+6. :class:`~fedseg.server.codecs.DecodingStrategy` (without SecAgg+, ``compression`` other than
+   ``none``): each vehicle's encoded update back into weights (under central DP clipped again to the
    clipping norm) before the guard, the DP wrapper and the strategy see it;
-5. :class:`~server.strategy.RoundRecorder`: the run-output contract (one row per round); it stops
-   the run when fewer than ``min_fit_clients`` vehicles answer a round; outside the decoder, so its
-   ``bytes_up`` are the encoded bytes as they travelled;
-6. ``secagg=secaggplus``: :class:`~server.secagg.SecureSumStrategy`, outermost (but for the round
-   offset of a resumed run, ``fedseg/server/resume.py``), because the vehicles' masked deltas must become
-   weights again before anything inside sees them: it decodes the one unmasked sum with the run's
-   codec (SecAgg+ admits only codecs that decode linearly) and annotates the recorder's rows with
-   what the protocol really carried.
+7. :class:`~fedseg.server.recorder.RoundRecorder`: the run-output contract (one row per round, with
+   what a checkpoint needs to resume); stops the run when fewer than ``min_fit_clients`` vehicles
+   answer a round or every update is rejected; outside the decoder, so its ``bytes_up`` are the
+   encoded bytes as they travelled;
+8. :class:`~fedseg.server.secagg.SecureSumStrategy` (``secagg=secaggplus``): the vehicles' masked
+   deltas become weights again before anything inside sees them: it decodes the one unmasked sum
+   with the run's codec (SecAgg+ admits only codecs that decode linearly) and adds the global weights;
+9. :class:`~fedseg.server.resume.RoundOffset` (``resume=``): Flower counts rounds from 1 again in a
+   resumed process; everything inside sees the run's own round numbers.
 
-The fit config carries the round's client lr (``federation.lr_schedule``) and the round's shared codec seed (``randk``: the server picks it, so positions
-never travel). The fit workflow is Flower's default, or :class:`~server.secagg.SecAggPlusFit` under
-SecAgg+ (masked vectors packed to the modulus' width on the wire). Why the legacy
-``LegacyContext``/``DefaultWorkflow`` path: Flower 1.42's SecAgg+ exists only there.
+One :class:`~fedseg.server.notes.RoundNotes` is made first and handed to every part that reports on
+a round: the guard and the decoder note rejected updates, the secure sum what it decoded, the SecAgg+
+fit round the bytes the protocol carried; the recorder merges the notes into the round's row.
+
+The fit config carries the round's client lr (``federation.lr_schedule``) and the round's shared
+codec seed (``randk``: the server picks it, so positions never travel). The fit workflow is Flower's
+default, or :class:`~fedseg.server.secagg.SecAggPlusFit` under SecAgg+ (masked vectors packed to the
+modulus' width on the wire). Why the legacy ``LegacyContext``/``DefaultWorkflow`` path: Flower
+1.42's SecAgg+ exists only there.
 """
 
 from __future__ import annotations
@@ -49,16 +58,12 @@ from fedseg.server.central_dp import central_accounting, sampled_vehicles, wrap_
 from fedseg.server.codecs import DecodingStrategy
 from fedseg.server.grids import TimeoutGrid
 from fedseg.server.guard import UpdateGuard
+from fedseg.server.notes import RoundNotes
+from fedseg.server.recorder import OnRound, RoundRecorder, mean_train_loss
 from fedseg.server.resume import RoundOffset
 from fedseg.server.secagg import SecAggPlusFit, SecureSumStrategy
-from fedseg.server.strategy import (
-    STRATEGIES,
-    RoundRecorder,
-    StatisticsMean,
-    build_strategy,
-    mean_train_loss,
-    strategy_entry,
-)
+from fedseg.server.statistics_mean import StatisticsMean
+from fedseg.server.strategies import STRATEGIES, build_strategy, strategy_entry
 from fedseg.settings import RunSettings
 from fedseg.training import scheduled_lr
 
@@ -115,12 +120,12 @@ def check_composition(settings: RunSettings, partition_sizes: Sequence[int] | No
     validate_secagg(settings.secagg, sampled=fed.vehicles_per_round, partition_sizes=partition_sizes)
 
 
-def compose_server(settings: RunSettings, *, on_round: Callable[[dict[str, Any]], None],
+def compose_server(settings: RunSettings, *, on_round: OnRound,
                    evaluate_fn: EvaluateFn | None = None, initial_parameters: Parameters | None = None,
                    partition_sizes: Sequence[int] | None = None, start_round: int = 0,
                    statistics: Sequence[bool | str] | None = None) -> ServerParts:
-    """Strategy -> central DP -> guard -> codec decoder -> recorder -> secure-sum decoding, and the
-    matching fit workflow.
+    """The strategy chain of the module docstring and the matching fit workflow; ``on_round(row, resume)``
+    gets each round's row and what its checkpoint needs to continue the run.
 
     ``start_round`` > 0 continues a run after that round (``fedseg/server/resume.py``): Flower's rounds are
     shifted so everything inside sees the run's own numbers. ``statistics`` tags the arrays that
@@ -129,13 +134,7 @@ def compose_server(settings: RunSettings, *, on_round: Callable[[dict[str, Any]]
     check_composition(settings, partition_sizes)
     fed = settings.federation
     codec = settings.compression
-    recorder_ref: list[RoundRecorder] = []  # the guard and the decoder report to the recorder around them
-    rejected: dict[int, list[dict[str, Any]]] = {}
-
-    def on_reject(server_round: int, fields: dict[str, Any]) -> None:  # both report: keep both lists
-        merged = rejected.setdefault(server_round, [])
-        merged += fields["rejected"]
-        recorder_ref[0].annotate(server_round, {**fields, "rejected": list(merged)})
+    notes = RoundNotes()  # what the wrappers learn about a round, for its row
 
     def fit_config(server_round: int) -> dict[str, Any]:
         config: dict[str, Any] = {"server_round": server_round, "local_epochs": fed.local_epochs,
@@ -158,27 +157,27 @@ def compose_server(settings: RunSettings, *, on_round: Callable[[dict[str, Any]]
         strategy = wrap_central_dp(strategy, central, fed)
     secagg = settings.secagg if isinstance(settings.secagg, SecAggSpec) else None
     if secagg is None:  # under SecAgg+ single updates are masked: the vehicles check their own range
-        strategy = UpdateGuard(strategy, max_norm_ratio=fed.max_norm_ratio, on_reject=on_reject)
+        strategy = UpdateGuard(strategy, notes, max_norm_ratio=fed.max_norm_ratio)
         if codec.sends_update:
-            strategy = DecodingStrategy(strategy, codec, run_seed=settings.seed, on_reject=on_reject,
+            strategy = DecodingStrategy(strategy, notes, codec, run_seed=settings.seed,
                                         clipping_norm=central.clipping_norm if central else None)
-    recorder = RoundRecorder(strategy, on_round=on_round, min_replies=fed.min_fit_clients,
+    recorder = RoundRecorder(strategy, notes, on_round=on_round, min_replies=fed.min_fit_clients,
                              central_dp=central_accounting(central, fed) if central else None)
-    recorder_ref.append(recorder)
     outer: Strategy = recorder
     fit = None
     if secagg is not None:
-        outer = SecureSumStrategy(recorder, recorder, all_or_nothing=central is not None, codec=codec,
+        outer = SecureSumStrategy(recorder, notes, all_or_nothing=central is not None, codec=codec,
                                   run_seed=settings.seed)
-        fit = _secagg_fit(secagg, settings, partition_sizes, start_round)
+        fit = _secagg_fit(secagg, settings, notes, partition_sizes, start_round)
     if start_round:
         outer = RoundOffset(outer, start_round)
     return ServerParts(outer, recorder, fit, base, fed.round_timeout)
 
 
-def _secagg_fit(spec: SecAggSpec, settings: RunSettings, partition_sizes: Sequence[int] | None,
-                round_offset: int) -> SecAggPlusFit:
+def _secagg_fit(spec: SecAggSpec, settings: RunSettings, notes: RoundNotes,
+                partition_sizes: Sequence[int] | None, round_offset: int) -> SecAggPlusFit:
     sampled = settings.federation.vehicles_per_round
     max_weight = resolve_max_weight(spec, partition_sizes)
     grid_levels = spec.quantization_range or auto_quantization_range(sampled, spec.modulus_range)
-    return SecAggPlusFit(spec, max_weight=max_weight, quantization_range=grid_levels, round_offset=round_offset)
+    return SecAggPlusFit(spec, notes, max_weight=max_weight, quantization_range=grid_levels,
+                         round_offset=round_offset)

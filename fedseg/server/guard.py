@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -13,21 +12,25 @@ from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy
 
 from fedseg.robust import screen_updates
-from fedseg.server.strategy import StrategyWrapper, parameters_view
+from fedseg.server.arrays import parameters_view
+from fedseg.server.notes import RoundNotes
+from fedseg.server.wrapper import StrategyWrapper
 
 log = logging.getLogger("fedseg")
 
 
 class UpdateGuard(StrategyWrapper):
     """Drops non-finite, misshapen and outsized updates (``fedseg.robust``), logs each with its vehicle,
-    and reports them through ``on_reject(round, rejected)`` (the recorder's row)."""
+    and notes them in ``notes`` (the round's row)."""
 
-    def __init__(self, inner: Strategy, *, max_norm_ratio: float | None,
-                 on_reject: Callable[[int, dict[str, Any]], None]) -> None:
+    def __init__(self, inner: Strategy, notes: RoundNotes, *, max_norm_ratio: float | None) -> None:
         super().__init__(inner)
+        self.notes = notes
         self.max_norm_ratio = max_norm_ratio
-        self.on_reject = on_reject
         self._global: list[np.ndarray] = []
+
+    def settings(self) -> dict[str, Any]:
+        return {"max_norm_ratio": self.max_norm_ratio}
 
     def configure_fit(self, server_round: int, parameters: Parameters, client_manager: ClientManager
                       ) -> list[tuple[ClientProxy, FitIns]]:
@@ -46,7 +49,7 @@ class UpdateGuard(StrategyWrapper):
                 rejected.append({"vehicle": vehicle, "reason": reason})
         kept = [pair for pair, reason in zip(results, reasons, strict=True) if reason is None]
         if rejected:
-            self.on_reject(server_round, {"rejected": rejected, "clients": len(kept)})
+            self.notes.reject(server_round, rejected, kept=len(kept))
         if not kept:
             return None, {}
         return self.inner.aggregate_fit(server_round, kept, failures)

@@ -1,9 +1,10 @@
 """Resuming a run after its last completed round: what a checkpoint must hold, and Flower's round count.
 
 Each round's checkpoint (``checkpoints/global.pt``, written by the reporter) carries, besides the
-global weights, :func:`resume_state`: the round, the server strategy's own state (FedAdam/FedYogi/
-FedAdagrad moments and weights), the RNG states that decide which vehicles are sampled, the
-vehicles' reported privacy spend, and the tracker's run id. The vehicles' accountants live on their
+global weights and the round, :func:`resume_state`, which the round recorder hands the reporter with
+the round's row: the server strategy's own state (FedAdam/FedYogi/FedAdagrad moments and weights),
+the RNG states that decide which vehicles are sampled and the vehicles' reported privacy spend; the
+reporter adds the tracker's run id. The vehicles' accountants live on their
 side (``<run dir>/privacy/`` or the edge box's disk, and ``context.state``), so epsilon after a
 resume is never lower than before the kill.
 
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -23,7 +24,7 @@ from flwr.common import Parameters, Scalar, ndarrays_to_parameters, parameters_t
 from flwr.server.client_manager import ClientManager
 from flwr.server.strategy import FedAvgM, FedOpt, Strategy
 
-from fedseg.server.strategy import RoundRecorder, StrategyWrapper
+from fedseg.server.wrapper import StrategyWrapper
 
 
 class RoundOffset(StrategyWrapper):
@@ -33,6 +34,9 @@ class RoundOffset(StrategyWrapper):
     def __init__(self, inner: Strategy, offset: int) -> None:
         super().__init__(inner)
         self.offset = offset
+
+    def settings(self) -> dict[str, Any]:
+        return {"offset": self.offset}
 
     def configure_fit(self, server_round: int, parameters: Parameters, client_manager: ClientManager) -> list:
         return self.inner.configure_fit(server_round + self.offset, parameters, client_manager)
@@ -55,13 +59,11 @@ class RoundOffset(StrategyWrapper):
         return self.inner.evaluate(server_round + self.offset, parameters)
 
 
-def innermost(strategy: Strategy) -> Strategy:
-    """The Flower strategy at the bottom of a wrapper chain (fedseg's wrappers and Flower's DP one)."""
-    while True:
-        inner = getattr(strategy, "inner", None) or getattr(strategy, "strategy", None)
-        if not isinstance(inner, Strategy):
-            return strategy
-        strategy = inner
+class VehicleSpend(Protocol):
+    """The vehicles' reported privacy spend (the round recorder keeps it), latest per vehicle."""
+
+    client_epsilon: dict[str, float]
+    client_delta: dict[str, float]
 
 
 def _tensors(arrays: list[np.ndarray] | None) -> list[torch.Tensor] | None:
@@ -72,14 +74,14 @@ def _arrays(tensors: list[torch.Tensor] | None) -> list[np.ndarray] | None:
     return None if tensors is None else [t.numpy() for t in tensors]
 
 
-def resume_state(base: Strategy, recorder: RoundRecorder, tracker_id: str | None) -> dict[str, Any]:
-    """What continuing needs besides the weights (tensors and plain data only: loads weights-only)."""
+def resume_state(base: Strategy, spend: VehicleSpend) -> dict[str, Any]:
+    """What continuing needs besides the weights and the tracker's run id (tensors and plain data only:
+    loads weights-only)."""
     state: dict[str, Any] = {
         "python_rng": random.getstate(),  # Flower's client manager samples vehicles with `random`
         "torch_rng": torch.get_rng_state(),
-        "client_epsilon": dict(recorder.client_epsilon),
-        "client_delta": dict(recorder.client_delta),
-        "tracker_id": tracker_id,
+        "client_epsilon": dict(spend.client_epsilon),
+        "client_delta": dict(spend.client_delta),
     }
     if isinstance(base, FedOpt):  # server optimizer: weights it steps from and its moments
         state["strategy"] = {"current_weights": _tensors(base.current_weights), "m_t": _tensors(base.m_t),
@@ -90,12 +92,12 @@ def resume_state(base: Strategy, recorder: RoundRecorder, tracker_id: str | None
     return state
 
 
-def restore(state: dict[str, Any], base: Strategy, recorder: RoundRecorder) -> None:
+def restore(state: dict[str, Any], base: Strategy, spend: VehicleSpend) -> None:
     """Put :func:`resume_state` back into a freshly composed server."""
     random.setstate(_as_rng_state(state["python_rng"]))
     torch.set_rng_state(state["torch_rng"])
-    recorder.client_epsilon.update(state.get("client_epsilon") or {})
-    recorder.client_delta.update(state.get("client_delta") or {})
+    spend.client_epsilon.update(state.get("client_epsilon") or {})
+    spend.client_delta.update(state.get("client_delta") or {})
     saved = state.get("strategy")
     if isinstance(base, FedOpt) and saved:
         base.current_weights = _arrays(saved["current_weights"]) or base.current_weights

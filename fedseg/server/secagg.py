@@ -58,7 +58,8 @@ from fedseg.secagg import (
 )
 from fedseg.server.codecs import weights_from
 from fedseg.server.grids import GridWrapper, MeteredGrid
-from fedseg.server.strategy import RoundRecorder, StrategyWrapper
+from fedseg.server.notes import RoundNotes, SecureSum
+from fedseg.server.wrapper import StrategyWrapper
 
 log = logging.getLogger("fedseg.secagg")
 
@@ -71,55 +72,62 @@ class SecureSumStrategy(StrategyWrapper):
     """Decodes the unmasked mean update and adds the global weights back before ``inner`` aggregates it.
 
     ``codec`` is the run's (SecAgg+-compatible) codec, ``run_seed`` gives its rounds' shared seeds.
-    ``inner`` is the run's strategy chain up to and including the ``RoundRecorder`` (``recorder``),
-    whose rows get the protocol's measured bytes and a ``secagg`` entry through its ``annotate`` API.
+    ``inner`` is the run's strategy chain up to and including the round recorder. What each round's
+    sum held and whether it became a model goes into ``notes``, where :class:`SecAggPlusFit` reads it.
     ``all_or_nothing`` (``privacy=central``) discards a round that lost any vehicle: Flower's DP
     wrapper calibrates its noise to the sampled count and rejects rounds with error replies itself,
     but a vehicle that vanished silently (no reply) would slip through with too little noise.
     """
 
-    def __init__(self, inner: Strategy, recorder: RoundRecorder, *, all_or_nothing: bool = False,
+    def __init__(self, inner: Strategy, notes: RoundNotes, *, all_or_nothing: bool = False,
                  codec: Codec | None = None, run_seed: int = 0) -> None:
         super().__init__(inner)
-        self.recorder = recorder
+        self.notes = notes
         self.all_or_nothing = all_or_nothing
         self.codec = codec or NoCompression()
         self.run_seed = run_seed
         self._sampled: dict[int, int] = {}
         self._global: list[np.ndarray] = []
-        self.aggregated: dict[int, bool] = {}
-        self.examples: dict[int, list[int]] = {}
+
+    def settings(self) -> dict[str, Any]:
+        return {"codec": self.codec.name, **({"all_or_nothing": True} if self.all_or_nothing else {})}
 
     def configure_fit(self, server_round: int, parameters: Parameters, client_manager: ClientManager
                       ) -> list[tuple[ClientProxy, FitIns]]:
         self._global = parameters_to_ndarrays(parameters)  # what the vehicles' deltas are relative to
-        self.aggregated[server_round] = False
+        self.notes.note_secure_sum(server_round, None)
         instructions = self.inner.configure_fit(server_round, parameters, client_manager)
         self._sampled[server_round] = len(instructions)
         return instructions
 
     def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]],
                       failures: list[Any]) -> tuple[Parameters | None, dict[str, Scalar]]:
-        self.examples[server_round] = [r.num_examples for _, r in results]
+        examples = [r.num_examples for _, r in results]
+        self.notes.note_secure_sum(server_round, SecureSum(examples, aggregated=False))
         if self.all_or_nothing and (failures or len(results) < self._sampled.get(server_round, 0)):
             return None, {}
-        if results and sum(self.examples[server_round]) > 0:
+        if results and sum(examples) > 0:
             # Flower writes the one unmasked aggregate into every result; decode it once.
             mean = parameters_to_ndarrays(results[0][1].parameters)
             seed = round_seed(self.run_seed, server_round) if self.codec.needs_seed else None
             decoded = ndarrays_to_parameters(weights_from(self.codec, mean, self._global, seed=seed))
             results = [(p, FitRes(r.status, decoded, r.num_examples, r.metrics)) for p, r in results]
         parameters, metrics = self.inner.aggregate_fit(server_round, results, failures)
-        self.aggregated[server_round] = parameters is not None
+        self.notes.note_secure_sum(server_round, SecureSum(examples, aggregated=parameters is not None))
         return parameters, metrics
 
 
 class SecAggPlusFit:
-    """One SecAgg+ fit round: Flower's workflow on a metered grid, then the round's verdict."""
+    """One SecAgg+ fit round: Flower's workflow on a metered grid, then the round's verdict.
 
-    def __init__(self, spec: SecAggSpec, *, max_weight: float, quantization_range: int,
+    The :class:`SecureSumStrategy` in the chain notes each round's outcome in ``notes``; this reads it
+    there and adds the protocol's bytes and a ``secagg`` entry to the round's row.
+    """
+
+    def __init__(self, spec: SecAggSpec, notes: RoundNotes, *, max_weight: float, quantization_range: int,
                  round_offset: int = 0) -> None:
         self.spec = spec
+        self.notes = notes
         self.round_offset = round_offset  # a resumed run: Flower's round r is the run's r + offset
         self.max_weight = max_weight
         self.quantization_range = quantization_range
@@ -135,9 +143,6 @@ class SecAggPlusFit:
 
     def __call__(self, grid: Any, context: Context) -> None:
         legacy = cast(LegacyContext, context)
-        strategy = legacy.strategy
-        if not isinstance(strategy, SecureSumStrategy):
-            raise TypeError("SecAgg+ vehicles send deltas: compose the server with server.compose")
         flower_round = int(cast(int, legacy.state.config_records[MAIN_CONFIGS_RECORD][Key.CURRENT_ROUND]))
         server_round = flower_round + self.round_offset
         metered = MeteredGrid(grid)
@@ -147,11 +152,12 @@ class SecAggPlusFit:
         range_errors = [e for e in metered.errors() if "SecAggRangeError" in e or "secagg.max_weight" in e]
         if range_errors:  # a configuration problem: every later round would drop vehicles the same way
             raise SecAggRangeError(range_errors[0][range_errors[0].find("secagg:"):].rstrip("'>"))
-        ok = strategy.aggregated.get(server_round, False)
-        strategy.recorder.annotate(server_round, self._round_fields(metered, strategy.examples.get(server_round, []), ok,
-                                                       elapsed))
+        outcome = self.notes.secure_sum(server_round)
+        ok = outcome is not None and outcome.aggregated
+        examples = outcome.examples if outcome is not None else None
+        self.notes.annotate(server_round, self._round_fields(metered, examples or [], ok, elapsed))
         if not ok:
-            self._fail(server_round, metered, strategy.examples.get(server_round))
+            self._fail(server_round, metered, examples)
 
     def _round_fields(self, metered: MeteredGrid, examples: list[int], ok: bool, elapsed: float
                       ) -> dict[str, Any]:

@@ -28,7 +28,7 @@ from fedseg.models import build_run_model, get_weights, set_weights
 from fedseg.reporting import RunReporter
 from fedseg.server.compose import compose_server
 from fedseg.server.fleet import FleetClientManager, wait_for_vehicles
-from fedseg.server.resume import ResumePoint, restore, resume_state
+from fedseg.server.resume import ResumePoint, restore
 from fedseg.settings import RunSettings
 from fedseg.training import statistics_mask
 
@@ -102,7 +102,6 @@ def main(grid: Grid, context: Context) -> None:
         if point is not None:
             log.info(f"fedseg: resuming after round {start} of {fed.rounds}")
             restore(point.state, parts.base, parts.recorder)
-        reporter.checkpoint_state = lambda: resume_state(parts.base, parts.recorder, reporter.tracker.run_id)
         parts.run(grid, context, fed.rounds - start,
                   client_manager=FleetClientManager(minimum=fed.min_fit_clients, timeout=deploy.join_timeout))
     except (RunFailed, ValueError) as err:  # too few vehicles joined or answered; an impossible combination
