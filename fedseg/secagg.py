@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 
@@ -56,16 +56,18 @@ class SecAggSpec:
     num_shares: int | float = 3  # int: vehicles holding a share (self included); float: fraction of round
     reconstruction_threshold: int | float = 2  # int: shares that rebuild a secret; float: of num_shares
     clipping_range: float = bounded(64.0, gt=0)
-    quantization_range: int | None = None  # None: auto_quantization_range(vehicles)
-    max_weight: float | None = None  # None: the largest vehicle partition (frames)
-    modulus_range: int = 2**32
-    timeout: float | None = None  # seconds per protocol stage (stage 2 includes training); None: no limit
-    on_failure: str = "skip"  # round below the threshold: "skip" keeps the global model, "stop" ends the run
+    # None: auto_quantization_range(vehicles); at most what Flower's int32 rounding holds
+    quantization_range: int | None = bounded(None, ge=2, le=MAX_QUANTIZATION_RANGE)
+    max_weight: float | None = bounded(None, gt=0)  # None: the largest vehicle partition (frames)
+    modulus_range: int = bounded(2**32, gt=0, le=2**32)  # and a power of 2 (validate_secagg)
+    # seconds per protocol stage (stage 2 includes training); None: no limit
+    timeout: float | None = bounded(None, gt=0)
+    # A round below the threshold: "skip" keeps the global model, "stop" ends the run.
+    on_failure: Literal["skip", "stop"] = "skip"
 
 
 # The secure-aggregation registry, mirrored one to one by conf/secagg/*.yaml.
 SECAGG: dict[str, type[NoSecAgg | SecAggSpec]] = {"none": NoSecAgg, "secaggplus": SecAggSpec}
-ON_FAILURE = ("skip", "stop")
 
 
 def parse_secagg(block: Mapping[str, Any] | None) -> NoSecAgg | SecAggSpec:
@@ -180,6 +182,9 @@ def aggregate_error_bound(examples: Sequence[int], *, clipping_range: float, qua
 def validate_secagg(spec: SecAggSpec, *, sampled: int, partition_sizes: Sequence[int] | None = None) -> None:
     """Raise a ValueError naming the setting for any configuration SecAgg+ cannot run (before training).
 
+    Only what :func:`fedseg.config.parse_spec` cannot check is checked here: the settings against the
+    fleet (vehicles per round, partition sizes) and one another, a float share count's range, the
+    modulus being a power of 2. Each value's type and range are the spec's own (``bounded`` fields).
     Which strategies can consume a sum is the strategy registry's business (``fedseg/server/compose.py``).
     """
     if sampled < 3:
@@ -191,12 +196,6 @@ def validate_secagg(spec: SecAggSpec, *, sampled: int, partition_sizes: Sequence
     if spec.max_weight is not None and partition_sizes and spec.max_weight < max(partition_sizes):
         raise ValueError(f"secagg.max_weight={spec.max_weight:g} is below the {max(partition_sizes)} frames "
                          "of the largest vehicle (weights above it overflow); set it higher or to null")
-    if spec.max_weight is not None and spec.max_weight <= 0:
-        raise ValueError(f"secagg.max_weight={spec.max_weight} must be > 0 (or null: automatic)")
-    if spec.timeout is not None and spec.timeout <= 0:
-        raise ValueError(f"secagg.timeout={spec.timeout} must be > 0 seconds (or null: no limit)")
-    if spec.on_failure not in ON_FAILURE:
-        raise ValueError(f"secagg.on_failure={spec.on_failure!r}; valid: {list(ON_FAILURE)}")
 
 
 def _check_shares(spec: SecAggSpec, sampled: int) -> None:
@@ -224,18 +223,12 @@ def _check_shares(spec: SecAggSpec, sampled: int) -> None:
 
 
 def _check_fixed_point(spec: SecAggSpec, sampled: int) -> None:
-    """Range, grid and modulus: the sum of ``sampled`` quantized vectors must not wrap around."""
-    if not spec.clipping_range > 0:
-        raise ValueError(f"secagg.clipping_range={spec.clipping_range} must be > 0")
+    """Grid and modulus: the sum of ``sampled`` quantized vectors must not wrap around."""
     modulus = spec.modulus_range
-    if not isinstance(modulus, int) or modulus <= 0 or modulus & (modulus - 1) or modulus > 2**32:
+    if modulus & (modulus - 1):
         raise ValueError(f"secagg.modulus_range={modulus} must be a power of 2, at most 2**32")
     qr = spec.quantization_range
-    if qr is None:
-        return
-    if not isinstance(qr, int) or not 2 <= qr <= MAX_QUANTIZATION_RANGE:
-        raise ValueError(f"secagg.quantization_range={qr} must be an int in [2, 2**30] (or null: automatic)")
-    if sampled * qr >= modulus:
+    if qr is not None and sampled * qr >= modulus:
         raise ValueError(f"secagg.quantization_range={qr} overflows: {sampled} vehicles x {qr} >= "
                          f"modulus_range={modulus}; use at most {auto_quantization_range(sampled, modulus)} "
                          "or null")

@@ -8,7 +8,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from fedseg.config import DataSpec, from_run_config, spec_from, to_run_config
+from fedseg.config import DataSpec, from_run_config, parse_spec, to_run_config
 from fedseg.settings import RunSettings
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
@@ -60,7 +60,7 @@ def test_default_run_is_unet_resnet34_on_synthetic_data() -> None:
 
 def test_unknown_spec_key_names_it_and_the_valid_ones() -> None:
     with pytest.raises(ValueError, match=r"unknown DataSpec keys \['imgsize'\].*image_size"):
-        spec_from(DataSpec, {"imgsize": [1, 2]})
+        parse_spec(DataSpec, {"imgsize": [1, 2]})
 
 
 def test_prefix_lookalike_strings_survive() -> None:
