@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flwr.common import Context, RecordDict
 
-from fedseg.clients.client_app import STATE_KEY, VehicleClient
+from fedseg.clients.client_app import STATE_KEY, VEHICLE_MODS, VehicleClient
 from fedseg.config import to_run_config
 from fedseg.dpsgd import epsilon_of
 from fedseg.privacy import NoPrivacy
@@ -87,3 +87,10 @@ def test_plain_vehicle_keeps_no_privacy_state(tmp_path: Path) -> None:
 
     assert n == 4 and "epsilon" not in metrics and STATE_KEY not in state
     assert any(not np.array_equal(a, b) for a, b in zip(returned, weights, strict=True))
+
+
+def test_architecture_names_the_vehicle_mods_in_the_order_flower_chains_them() -> None:
+    # The chain docs/ARCHITECTURE.md shows is the list the ClientApp hands Flower, outermost first.
+    chain = " -> ".join(mod.__name__ for mod in VEHICLE_MODS) + " -> client"
+    architecture = (Path(__file__).parents[1] / "docs" / "ARCHITECTURE.md").read_text()
+    assert f"`{chain}`" in architecture

@@ -14,7 +14,7 @@ from flwr.app import Context, RecordDict
 from flwr.client import ClientApp, NumPyClient
 from flwr.common import ndarrays_to_parameters
 
-from fedseg.clients.mods import run_mods
+from fedseg.clients.client_app import VEHICLE_MODS
 from fedseg.config import to_run_config
 from fedseg.server.compose import compose_server
 from fedseg.server.resume import restore
@@ -62,7 +62,7 @@ class Fleet:
                         {"loss": float(self.i), "partition_id": self.i})
 
         app = ClientApp(client_fn=lambda c: Toy(int(c.node_config["partition-id"])).to_client(),
-                        mods=[run_mods])
+                        mods=VEHICLE_MODS)
         contexts = {100 + i: Context(run_id=1, node_id=100 + i, node_config={"partition-id": i},
                                      state=RecordDict(), run_config=run_config) for i in range(n)}
         self.grid = LoopbackGrid(app, contexts)

@@ -5,8 +5,9 @@ only itself: ``context.node_config`` names its data (``data-root=DIR`` on an edg
 ``partition-id``/``num-partitions``; :mod:`fedseg.deploy.vehicle`), and it loads only those frames.
 Its settings come from ``context.run_config`` (the flattened Hydra config, or the Hydra ``overrides``
 that :func:`expand_settings` composes into it first, parsed once per run). How it trains (plainly,
-or under DP-SGD) is the privacy spec's :class:`~fedseg.privacy.LocalTrainer`; the mods around it
-(SecAgg+, the update codec, update clipping) are chosen once per run in ``fedseg/clients/mods.py``.
+or under DP-SGD) is the privacy spec's :class:`~fedseg.privacy.LocalTrainer`. The mods around it are
+:data:`VEHICLE_MODS`, one Flower mod list that Flower's ``ClientApp`` chains; each applies only in the
+runs it is for (``fedseg/clients/mods.py``).
 """
 
 from __future__ import annotations
@@ -18,13 +19,21 @@ from typing import Any
 import torch
 from flwr.app import Message
 from flwr.client import Client, ClientApp, NumPyClient
-from flwr.clientapp.typing import ClientAppCallable
+from flwr.client.mod import fixedclipping_mod
+from flwr.clientapp.typing import ClientAppCallable, Mod
 from flwr.common import ArrayRecord, ConfigRecord, Context
 
-from fedseg.clients.mods import run_mods
+from fedseg.clients.mods import (
+    encode_update_mod,
+    secure_aggregation_mod,
+    sends_encoded_update,
+    uses_central_dp,
+    uses_secagg,
+    when,
+)
 from fedseg.config import resolve_device
 from fedseg.deploy.runconfig import expand_run_config
-from fedseg.deploy.vehicle import NodeSpec, load_vehicle
+from fedseg.deploy.vehicle import NodeSpec, load_vehicle, vehicle_id
 from fedseg.models import get_weights, model_with_weights
 from fedseg.privacy import LocalTrainer, VehicleBudget
 from fedseg.settings import RunSettings, settings_of
@@ -107,8 +116,7 @@ def client_fn(context: Context) -> Client:
     # Ray gives each virtual vehicle `client_cpus` cores: match torch's threads so that actors
     # sharing a machine don't oversubscribe it (an edge box: its node config's threads or hardware).
     torch.set_num_threads(node.torch_threads(settings.federation.client_cpus))
-    # Without a partition-id (an edge box with its own data-root) Flower's node id numbers the vehicle.
-    return VehicleClient(settings, node.vehicle_id(context.node_id % 2**31), context).to_client()
+    return VehicleClient(settings, vehicle_id(context), context).to_client()
 
 
 def expand_settings(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
@@ -117,4 +125,13 @@ def expand_settings(msg: Message, context: Context, call_next: ClientAppCallable
     return call_next(msg, context)
 
 
-app = ClientApp(client_fn=client_fn, mods=[expand_settings, run_mods])
+# The vehicle's mods, outermost first; Flower chains them. A mod whose condition the run's settings do not
+# meet passes every message through (fedseg/clients/mods.py), so each is chosen by the run's settings alone.
+VEHICLE_MODS: list[Mod] = [
+    expand_settings,  # first: every mod after it reads the full run config
+    when(uses_secagg, secure_aggregation_mod),  # Flower's secaggplus_mod; the masked vector packed
+    when(sends_encoded_update, encode_update_mod),  # weights -> the codec's encoded update (+ SecAgg+ range)
+    when(uses_central_dp, fixedclipping_mod),  # Flower's clipping to the server's norm (central DP)
+]
+
+app = ClientApp(client_fn=client_fn, mods=VEHICLE_MODS)

@@ -1,8 +1,8 @@
 """The vehicle's half of update compression: encode its reply with the run's codec, keep its residual.
 
-:func:`compression_mod` (no SecAgg+) and the SecAgg+ delta mod (``fedseg/clients/mods.py``) both call
-:func:`encode_reply`, which turns the vehicle's final weights into the codec's encoding of its update
-``weights - global``. It sits outside the client and outside ``fixedclipping_mod``:
+:func:`encode_reply` turns the vehicle's final weights into the codec's encoding of its update
+``weights - global``; the one mod that calls it is ``encode_update_mod`` (``fedseg/clients/mods.py``),
+with or without SecAgg+. It sits outside the client and outside ``fixedclipping_mod``:
 
 * under DP-SGD the noise is inside training, so the codec only post-processes a private output (the
   guarantee holds, and so does it for the residual, which is derived from private outputs alone);
@@ -23,34 +23,16 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from flwr.app import ArrayRecord, Context, Message
-from flwr.app.message_type import MessageType
-from flwr.clientapp.typing import ClientAppCallable
-from flwr.common import FitIns, FitRes, ndarrays_to_parameters, parameters_to_ndarrays
-from flwr.compat.common import recorddict_compat as compat
+from flwr.app import ArrayRecord, Context
+from flwr.common import FitIns, FitRes, parameters_to_ndarrays
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from fedseg.compression import SEED_KEY, Arrays, clip_encoded
-from fedseg.deploy.vehicle import NodeSpec
+from fedseg.deploy.vehicle import vehicle_id
 from fedseg.secagg import encode_delta
-from fedseg.settings import RunSettings, settings_of
+from fedseg.settings import RunSettings
 
 RESIDUAL_RECORD = "compression.residual"  # context.state key of the error-feedback residual
-
-
-def compression_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
-    """Replace the vehicle's weights by the run's codec encoding of its update (runs without SecAgg+)."""
-    if msg.metadata.message_type != MessageType.TRAIN:
-        return call_next(msg, ctxt)
-    fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
-    out = call_next(msg, ctxt)
-    if out.has_error():
-        return out
-    fitres = compat.recorddict_to_fitres(out.content, keep_input=True)
-    encoded = encode_reply(settings_of(ctxt.run_config), ctxt, fitins, fitres)
-    fitres.parameters = ndarrays_to_parameters(encoded)
-    out.content = compat.fitres_to_recorddict(fitres, keep_input=True)
-    return out
 
 
 def encode_reply(settings: RunSettings, ctxt: Context, fitins: FitIns, fitres: FitRes) -> Arrays:
@@ -82,11 +64,6 @@ def encode_reply(settings: RunSettings, ctxt: Context, fitins: FitIns, fitres: F
         sent = codec.decode(encoded, global_, seed=seed)
         store.save([np.asarray(u - s, np.float32) for u, s in zip(update, sent, strict=True)])
     return encoded
-
-
-def vehicle_id(ctxt: Context) -> int:
-    """The vehicle's number, as the client app derives it (partition id, else Flower's node id)."""
-    return NodeSpec.from_node_config(ctxt.node_config).vehicle_id(ctxt.node_id % 2**31)
 
 
 class ResidualStore:

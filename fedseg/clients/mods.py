@@ -1,14 +1,16 @@
-"""Client mods: Flower's SecAgg+, update compression and central-DP clipping, chosen once per run.
+"""The vehicle's mods: Flower's SecAgg+ (its masked vector packed for the wire), the update encoding, and
+Flower's central-DP clipping.
 
-The ``ClientApp`` is a module-level object, but whether a run uses SecAgg+, a codec or client-level
-DP is only known from ``context.run_config``; :func:`run_mods` looks up the run's parsed settings
-(cached per run, ``fedseg.settings.settings_of``) and the mod chain built for them (:func:`mods_for`,
-cached too), which for a training message is the chain of Flower's ``fl-dp-sa`` example plus the
-update codec:
+``fedseg/clients/client_app.py`` lists them once, outermost first, in ``VEHICLE_MODS``, and Flower's
+``ClientApp`` chains them. The ClientApp is a module-level object, but whether a run uses SecAgg+, a
+codec or central DP is only known from ``context.run_config``: each mod is listed as
+``when(applies, mod)``, where ``applies`` asks the run's settings (parsed once per run,
+``fedseg.settings.settings_of``); in a run it does not apply to, the mod passes every message through.
+For a training message that is the chain of Flower's ``fl-dp-sa`` example plus the update encoding:
 
-* SecAgg+: ``secaggplus_mod (packed on the wire) -> delta + codec + range check -> fixedclipping_mod
-  -> client``;
-* otherwise: ``compression_mod -> fixedclipping_mod -> client`` (no ``compression_mod`` for ``none``).
+* SecAgg+: ``secure_aggregation_mod (secaggplus_mod, packed on the wire) -> encode_update_mod (delta +
+  codec + range check) -> fixedclipping_mod -> client``;
+* otherwise: ``encode_update_mod (codec) -> fixedclipping_mod -> client`` (no encoding for ``none``).
 
 Clipping sees the weights it expects (it computes the update itself); the codec then turns the
 clipped weights into the encoded update (``fedseg/clients/codecs.py``: why after clipping, and how the
@@ -21,69 +23,62 @@ wire, and ``fedseg/server/secagg.py`` unpacks them before Flower's workflow read
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import cast
 
 from flwr.app import ArrayRecord, Context, Message
 from flwr.app.message_type import MessageType
-from flwr.client.mod import fixedclipping_mod, secaggplus_mod
-from flwr.clientapp.typing import ClientAppCallable
-from flwr.common import bytes_to_ndarray, ndarrays_to_parameters
+from flwr.client.mod import secaggplus_mod
+from flwr.clientapp.typing import ClientAppCallable, Mod
+from flwr.common import FitRes, bytes_to_ndarray, ndarrays_to_parameters
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE, Key
 from flwr.compat.common import recorddict_compat as compat
 
-from fedseg.clients.codecs import compression_mod, encode_reply
+from fedseg.clients.codecs import encode_reply
+from fedseg.compression import Arrays
 from fedseg.privacy import CentralDPSpec
 from fedseg.secagg import PACKED_RECORD, PACKED_SHAPES, SecAggSpec, check_secagg_range, pack_masked
 from fedseg.settings import RunSettings, settings_of
 
-Mod = Callable[[Message, Context, ClientAppCallable], Message]
+
+def when(applies: Callable[[RunSettings], bool], mod: Mod) -> Mod:
+    """``mod`` in the runs whose settings ``applies`` to; in any other run, a pass-through."""
+
+    @functools.wraps(mod)
+    def chosen(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
+        if applies(settings_of(ctxt.run_config)):
+            return mod(msg, ctxt, call_next)
+        return call_next(msg, ctxt)
+
+    return chosen
 
 
-@functools.lru_cache(maxsize=8)
-def mods_for(settings: RunSettings) -> tuple[Mod, ...]:
-    """The run's mods, outermost first: SecAgg+ (with the codec inside) or the codec, then clipping."""
-    mods: list[Mod] = []
-    if isinstance(settings.secagg, SecAggSpec):
-        mods.append(secure_aggregation_mod)
-    elif settings.compression.sends_update:
-        mods.append(compression_mod)
-    if isinstance(settings.privacy, CentralDPSpec):
-        # The clipping norm comes from the server's DifferentialPrivacyClientSideFixedClipping wrapper.
-        mods.append(fixedclipping_mod)
-    return tuple(mods)
+def uses_secagg(settings: RunSettings) -> bool:
+    """SecAgg+ runs: the vehicles answer Flower's four SecAgg+ stages."""
+    return isinstance(settings.secagg, SecAggSpec)
 
 
-def chain(mods: Sequence[Mod], call_next: ClientAppCallable) -> ClientAppCallable:
-    """``call_next`` wrapped by ``mods`` (the first one outermost), as Flower's ClientApp chains them."""
-    for mod in reversed(mods):
-        call_next = functools.partial(_call_mod, mod, call_next)
-    return call_next
+def sends_encoded_update(settings: RunSettings) -> bool:
+    """Runs whose vehicles send an encoded update, not their weights: SecAgg+ (whose sum is of deltas) or
+    a codec that encodes."""
+    return uses_secagg(settings) or settings.compression.sends_update
 
 
-def _call_mod(mod: Mod, call_next: ClientAppCallable, msg: Message, ctxt: Context) -> Message:
-    return mod(msg, ctxt, call_next)
-
-
-def run_mods(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
-    """The one mod the ClientApp lists: the chain :func:`mods_for` built for this run."""
-    return chain(mods_for(settings_of(ctxt.run_config)), call_next)(msg, ctxt)
+def uses_central_dp(settings: RunSettings) -> bool:
+    """Central-DP runs: the server's DifferentialPrivacyClientSideFixedClipping sends the clipping norm."""
+    return isinstance(settings.privacy, CentralDPSpec)
 
 
 def secure_aggregation_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
-    """Answer the four SecAgg+ stages with Flower's ``secaggplus_mod``, the delta codec inside it.
+    """Answer the four SecAgg+ stages with Flower's ``secaggplus_mod``.
 
-    Only the masked stage-2 vector carries the update; it is the codec's output, checked against the
-    fixed-point range first, and travels packed (:func:`pack_masked_vector`). Non-training messages
-    pass through.
+    Only stage 2 calls the mods inside it (the encoded update, checked against the fixed-point range
+    first: :func:`encode_update_mod`); its masked vector travels packed (:func:`pack_masked_vector`).
+    Non-training messages pass through.
     """
     if msg.metadata.message_type != MessageType.TRAIN:
         return call_next(msg, ctxt)
-
-    def encode_then_next(inner_msg: Message, inner_ctxt: Context) -> Message:
-        return delta_encoding_mod(inner_msg, inner_ctxt, call_next)
-
-    return pack_masked_vector(secaggplus_mod(msg, ctxt, encode_then_next), ctxt)
+    return pack_masked_vector(secaggplus_mod(msg, ctxt, call_next), ctxt)
 
 
 def pack_masked_vector(reply: Message, ctxt: Context) -> Message:
@@ -102,29 +97,42 @@ def pack_masked_vector(reply: Message, ctxt: Context) -> Message:
     return reply
 
 
-def delta_encoding_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
-    """Replace the vehicle's weights by the codec's encoding of ``weights - global`` (the update itself
-    for ``none``) and refuse values SecAgg+ would clip.
+def encode_update_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
+    """Replace the vehicle's weights by the run's codec encoding of its update ``weights - global``
+    (:func:`fedseg.clients.codecs.encode_reply`; the update itself for ``none`` under SecAgg+).
 
-    Runs inside ``secaggplus_mod`` (stage 2), whose state in ``ctxt.state`` holds this round's
-    ``clipping_range`` and ``max_weight`` as the server sent them in stage 0. A vehicle that skipped
-    training (privacy budget spent) joins with weight 0, so the secure sum equals the plain average
-    over the vehicles that trained (the server's recorder leaves skipped vehicles out the same way).
+    Under SecAgg+ it runs inside ``secaggplus_mod`` (stage 2) and the encoding joins the secure sum
+    (:func:`join_secure_sum`).
     """
+    if msg.metadata.message_type != MessageType.TRAIN:
+        return call_next(msg, ctxt)
     fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
     out = call_next(msg, ctxt)
     if out.has_error():
         return out
     fitres = compat.recorddict_to_fitres(out.content, keep_input=True)
+    settings = settings_of(ctxt.run_config)
+    encoded = encode_reply(settings, ctxt, fitins, fitres)
+    if uses_secagg(settings):
+        join_secure_sum(ctxt, fitres, encoded)
+    fitres.parameters = ndarrays_to_parameters(encoded)
+    out.content = compat.fitres_to_recorddict(fitres, keep_input=True)
+    return out
+
+
+def join_secure_sum(ctxt: Context, fitres: FitRes, encoded: Arrays) -> None:
+    """Refuse values SecAgg+ would clip; a vehicle that skipped training joins with weight 0.
+
+    ``secaggplus_mod``'s state in ``ctxt.state`` holds this round's ``clipping_range`` and ``max_weight``
+    as the server sent them in stage 0. With weight 0 for a vehicle whose privacy budget is spent,
+    the secure sum equals the plain average over the vehicles that trained (the server's recorder
+    leaves skipped vehicles out the same way).
+    """
     if fitres.metrics.get("skipped"):
         fitres.num_examples = 0
-    delta = encode_reply(settings_of(ctxt.run_config), ctxt, fitins, fitres)
     # secaggplus_mod's saved state (field names of Flower's SecAggPlusState): what stage 0 configured.
     protocol = ctxt.state.config_records[RECORD_KEY_STATE]
     max_weight = float(cast(float, protocol["max_weight"]))
     clipping_range = float(cast(float, protocol["clipping_range"]))
-    check_secagg_range(delta, examples=fitres.num_examples, max_weight=max_weight,
+    check_secagg_range(encoded, examples=fitres.num_examples, max_weight=max_weight,
                        clipping_range=clipping_range)
-    fitres.parameters = ndarrays_to_parameters(delta)
-    out.content = compat.fitres_to_recorddict(fitres, keep_input=True)
-    return out

@@ -22,7 +22,7 @@ import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fedseg.config import DataSpec
 from fedseg.data import FleetData, FleetFrames, fleet_frames, get_data_source, make_dataset
@@ -32,6 +32,9 @@ from fedseg.errors import DataError
 from fedseg.labels import build_label_map
 from fedseg.search.hardware import HARDWARE_PROFILES
 from fedseg.settings import RunSettings
+
+if TYPE_CHECKING:
+    from flwr.app import Context
 
 
 @dataclass(frozen=True)
@@ -74,6 +77,12 @@ class NodeSpec:
         if self.hardware is not None:
             return HARDWARE_PROFILES[self.hardware].threads
         return max(1, default)
+
+
+def vehicle_id(context: Context) -> int:
+    """The vehicle's number (its seeds, its privacy and residual files): its node config's
+    ``partition-id``, else Flower's node id folded into 31 bits (an edge box with its own data-root)."""
+    return NodeSpec.from_node_config(context.node_config).vehicle_id(context.node_id % 2**31)
 
 
 @dataclass(frozen=True)

@@ -45,7 +45,7 @@ def make_fleet(vehicles: int, weights: list[np.ndarray], secagg: dict[str, Any],
     from flwr.client import ClientApp, NumPyClient
     from flwr.common import ndarrays_to_parameters
 
-    from fedseg.clients.mods import run_mods
+    from fedseg.clients.client_app import VEHICLE_MODS
     from fedseg.config import to_run_config
     from fedseg.server.compose import compose_server
     from fedseg.settings import RunSettings
@@ -67,7 +67,7 @@ def make_fleet(vehicles: int, weights: list[np.ndarray], secagg: dict[str, Any],
             return moved, 8, {}
 
     app = ClientApp(client_fn=lambda c: Vehicle(int(c.node_config["partition-id"])).to_client(),
-                    mods=[run_mods])
+                    mods=VEHICLE_MODS)
     contexts = {100 + i: Context(run_id=1, node_id=100 + i, node_config={"partition-id": i},
                                  state=RecordDict(), run_config=run_config) for i in range(vehicles)}
     parts = compose_server(settings, on_round=lambda row, resume: None,
