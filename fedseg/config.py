@@ -293,7 +293,7 @@ class StrategySpec:
     """Server aggregation (conf/strategy/*.yaml); ``options`` go to the Flower strategy as they are."""
 
     name: str = "fedavg"
-    options: dict[str, Any] = field(default_factory=dict, hash=False)  # settings stay hashable (caches)
+    options: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_block(cls, block: Mapping[str, Any] | None) -> StrategySpec:

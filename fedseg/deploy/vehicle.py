@@ -127,21 +127,25 @@ def _partition(spec: DataSpec, num_clients: int, seed: int, partition_id: int) -
     return frames
 
 
-@functools.lru_cache(maxsize=4)
 def load_vehicle(settings: RunSettings, node: NodeSpec, default_partition: int = 0) -> VehicleData:
     """This vehicle's frames only (once per process): its own folder, or its share of the run's data.
 
     Files are checked once here when they come from a user's folder (``data-root``, or ``data=carla``):
     a bad one stops the vehicle with the file's name before it trains.
     """
-    spec, fed = settings.data, settings.federation
+    return _load_vehicle(settings.data, settings.federation.num_clients, settings.seed, node, default_partition)
+
+
+@functools.lru_cache(maxsize=4)  # keyed on what it reads of the settings (a Ray actor builds many vehicles)
+def _load_vehicle(spec: DataSpec, num_clients: int, seed: int, node: NodeSpec,
+                  default_partition: int) -> VehicleData:
     if node.data_root is not None:
         frames, check = own_frames(Path(node.data_root).expanduser(), node.vehicle), True
     else:
-        if node.num_partitions is not None and node.num_partitions != fed.num_clients:
+        if node.num_partitions is not None and node.num_partitions != num_clients:
             raise ValueError(f"node config num-partitions={node.num_partitions} but the run has "
-                             f"federation.num_clients={fed.num_clients}; they must agree")
-        frames = _partition(spec, fed.num_clients, settings.seed, node.vehicle_id(default_partition))
+                             f"federation.num_clients={num_clients}; they must agree")
+        frames = _partition(spec, num_clients, seed, node.vehicle_id(default_partition))
         check = get_data_source(spec.name).check_files
     if check:
         validate(frames, spec.tagset)
