@@ -24,6 +24,7 @@ from flwr.common import Parameters, Scalar, ndarrays_to_parameters, parameters_t
 from flwr.server.client_manager import ClientManager
 from flwr.server.strategy import FedAvgM, FedOpt, Strategy
 
+from fedseg.checkpoints import read_checkpoint
 from fedseg.server.wrapper import StrategyWrapper
 
 
@@ -118,8 +119,6 @@ class ResumePoint:
     """The last completed round of a run directory: its weights and :func:`resume_state`."""
 
     def __init__(self, run_dir: Path) -> None:
-        from fedseg.checkpoints import read_checkpoint
-
         content = read_checkpoint(run_dir / "checkpoints" / "global.pt")
         self.round: int = int(content["round"])
         self.state: dict[str, Any] = dict(content.get("resume") or {})
