@@ -251,7 +251,7 @@ def test_continuing_with_other_settings_is_refused(tmp_path: Path) -> None:
 
 
 def test_fedseg_imports_without_the_carla_package() -> None:
-    code = "import sys, fedseg.collect, sim.collect; print('carla' in sys.modules)"
+    code = "import sys, fedseg.collect, fedseg.sim.collect; print('carla' in sys.modules)"
     proc = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
     assert proc.stdout.strip() == "False"
 

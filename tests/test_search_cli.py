@@ -27,7 +27,7 @@ def test_search_writes_table_plot_and_model_config(tmp_path: Path) -> None:
     # parameters); mobilenet_v2's UNet is ~6.6 M parameters, ~25 MB: over the limit, whatever its mIoU.
     out = tmp_path / "search"
     # Execute
-    done = _run("sim.search", "experiment=smoke", "search.backbones=[mobilenet_v2,tiny]",
+    done = _run("fedseg.sim.search", "experiment=smoke", "search.backbones=[mobilenet_v2,tiny]",
                 "hardware.model_mb=5", "run.progress=false", f"hydra.run.dir={out}", cache=tmp_path / "cache")
     # Assert
     assert done.returncode == 0, done.stderr[-2000:]
@@ -46,7 +46,7 @@ def test_search_writes_table_plot_and_model_config(tmp_path: Path) -> None:
 
 
 def test_search_over_budget_exits_2_naming_the_limit(tmp_path: Path) -> None:
-    done = _run("sim.search", "experiment=smoke", "search.backbones=[tiny]", "search.int8=false",
+    done = _run("fedseg.sim.search", "experiment=smoke", "search.backbones=[tiny]", "search.int8=false",
                 "hardware.model_mb=0.01", "run.progress=false", f"hydra.run.dir={tmp_path / 'o'}",
                 cache=tmp_path / "cache")
     assert done.returncode == 2
@@ -64,7 +64,7 @@ def test_export_writes_fp32_and_int8_with_parity(tmp_path: Path) -> None:
     torch.save({"model_state": model.state_dict(), "backbone": "tiny", "num_classes": 13,
                 "decoder_channels": None, "image_size": [64, 64], "round": 0}, checkpoint)
     out = tmp_path / "export"
-    done = _run("sim.export", "experiment=smoke", f"checkpoint={checkpoint}", "export.repeats=2",
+    done = _run("fedseg.sim.export", "experiment=smoke", f"checkpoint={checkpoint}", "export.repeats=2",
                 f"hydra.run.dir={out}", cache=tmp_path / "cache")
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads((out / "export.json").read_text())

@@ -1,5 +1,5 @@
 """A toy fleet driven end to end in-process (LoopbackGrid) through the real client mods and the real
-server composition (``server.compose``): vehicle i adds ``updates[i]`` to the global arrays.
+server composition (``fedseg.server.compose``): vehicle i adds ``updates[i]`` to the global arrays.
 
 Shared by the SecAgg+ tests and the fault and hostile-update tests; golden numbers by hand.
 """

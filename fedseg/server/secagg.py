@@ -192,7 +192,7 @@ class SecAggPlusFit:
 
 
 class PackedVectorsGrid(GridWrapper):
-    """Restores each vehicle's packed masked vector (``clients.mods.pack_masked_vector``) to the list of
+    """Restores each vehicle's packed masked vector (``fedseg.clients.mods.pack_masked_vector``) to the list of
     ``.npy`` bytes under ``masked_parameters`` that Flower's SecAgg+ workflow reads."""
 
     def send_and_receive(self, messages: Iterable[Message], *,

@@ -8,7 +8,7 @@ SecAgg+ on the full update; masked vectors travel packed to the modulus' 32 bits
 
 Both modes run in one process, in one run, through the real apps' pieces: the client mods (delta codec,
 Flower's ``secaggplus_mod``), Flower's ``DefaultWorkflow`` with its default fit workflow or fedseg's
-``SecAggPlusFit``, and the same strategy. Vehicles are served in-process (``sim.loopback.LoopbackGrid``:
+``SecAggPlusFit``, and the same strategy. Vehicles are served in-process (``fedseg.sim.loopback.LoopbackGrid``:
 every message copied through protobuf as on the wire; no Ray, whose start-up would swamp the rounds),
 one after another. So the round time is the whole fleet's work done serially: ``vehicle s`` is the
 time inside the vehicles' ClientApps divided by their number (what one vehicle spends, in parallel

@@ -4,7 +4,7 @@ Three measurements in one run, on the default experiment unless Hydra overrides 
 extra argument is an override, as ``fedseg-sim`` takes it):
 
 * **vehicle vs plain**: vehicle 0's local training through the real client path
-  (``clients.client_app.VehicleClient``, built per round as Flower builds it, then ``fit``: model
+  (``fedseg.clients.client_app.VehicleClient``, built per round as Flower builds it, then ``fit``: model
   rebuild, ``set_weights``, loader, optimizer, the privacy spec's ``LocalTrainer``, ``get_weights``)
   against a hand-written PyTorch loop (model and ``torch.optim.Adam`` built once, a ``DataLoader``
   over the same dataset object, ``F.cross_entropy``), same model, frames, batch size, epochs and
