@@ -68,7 +68,7 @@ def main(grid: Grid, context: Context) -> None:
     """Run ``federation.rounds`` rounds and write the run-output contract."""
     drop_stop_tracebacks()
     log_to_console()
-    try:  # settings and held-out data: a mistake in either stops the run in one line, naming it
+    try:  # settings, held-out data, start file: a mistake in any stops the run in one line, naming it
         run_config = expand_run_config(context.run_config, context.run_id)
         raw = from_run_config(run_config)
         if raw.get("resume"):  # continue that run in its own directory (fedseg/server/resume.py)
@@ -82,9 +82,10 @@ def main(grid: Grid, context: Context) -> None:
                  f"rounds, {fed.num_clients} vehicles -> {out.resolve()}")
         data, sizes = load_heldout(settings)
         point = ResumePoint(out) if raw.get("resume") else None
+        # Under flwr run no entry point checked model.init first: a bad file is one line here too.
+        reporter = make_reporter(settings, raw, data, point)
     except (ValueError, FileNotFoundError) as err:
         raise _stop(err) from None
-    reporter = make_reporter(settings, raw, data, point)
     start = point.round if point else 0
 
     def evaluate_fn(server_round: int, arrays: list, config: dict) -> tuple[float, dict]:
