@@ -94,14 +94,14 @@ def _client_epsilon(run_dir: Path) -> dict[str, float]:
     return rows[-1].get("client_epsilon") or {}
 
 
-@pytest.mark.e2e
-def test_sim_killed_after_round_2_resumes_to_round_4_with_each_row_once(tmp_path: Path) -> None:
-    # Under DP-SGD: the plain run's resume, plus the vehicles' accountants continuing from disk.
-    # Prepare: a 4-round smoke run, killed (SIGKILL, the whole tree) once round 2's checkpoint exists.
-    run_dir, mark = tmp_path / "run", uuid.uuid4().hex
+def _kill_after_round_2_and_resume(run_dir: Path, cache: Path, rounds: int, *overrides: str
+                                   ) -> tuple[dict[str, float], subprocess.CompletedProcess]:
+    """A smoke run of ``rounds`` rounds, killed (SIGKILL, the whole tree) once round 2's checkpoint exists,
+    then ``fedseg-sim resume=RUN_DIR``: (the vehicles' epsilons at the kill, the resume call)."""
+    mark = uuid.uuid4().hex
     exe = Path(sys.executable).with_name("fedseg-sim")
-    env = {**os.environ, "FEDSEG_DATA_CACHE": str(tmp_path / "cache"), "FEDSEG_TEST_MARK": mark}
-    args = [str(exe), "experiment=smoke", "federation.rounds=4", "privacy=dpsgd", "run.progress=false"]
+    env = {**os.environ, "FEDSEG_DATA_CACHE": str(cache), "FEDSEG_TEST_MARK": mark}
+    args = [str(exe), "experiment=smoke", f"federation.rounds={rounds}", *overrides, "run.progress=false"]
     proc = subprocess.Popen([*args, f"hydra.run.dir={run_dir}"], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     try:
@@ -113,13 +113,20 @@ def test_sim_killed_after_round_2_resumes_to_round_4_with_each_row_once(tmp_path
     finally:
         _kill_all(mark)
         proc.wait(timeout=30)
-    assert 2 <= killed_at < 4, f"the run was not caught mid-way (checkpoint round {killed_at})"
-
-    # Execute
+    assert 2 <= killed_at < rounds, f"the run was not caught mid-way (checkpoint round {killed_at})"
     resumed = subprocess.run([str(exe), f"resume={run_dir}"], env={**env, "FEDSEG_TEST_MARK": uuid.uuid4().hex},
                              capture_output=True, text=True, timeout=600, check=False)
+    return before, resumed
 
-    # Assert: rounds 0..4 exactly once; the run's own config kept; epsilon never went down.
+
+@pytest.mark.e2e
+def test_sim_killed_after_round_2_resumes_to_round_4_with_each_row_once(tmp_path: Path) -> None:
+    # Under DP-SGD: the plain run's resume, plus the vehicles' accountants continuing from disk.
+    run_dir = tmp_path / "run"
+
+    before, resumed = _kill_after_round_2_and_resume(run_dir, tmp_path / "cache", 4, "privacy=dpsgd")
+
+    # Rounds 0..4 exactly once; the run's own config kept; epsilon never went down.
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     rounds = [json.loads(x)["round"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert rounds == [0, 1, 2, 3, 4]
@@ -134,29 +141,12 @@ def test_secaggplus_run_killed_after_round_2_resumes_with_each_round_once(tmp_pa
     # Under SecAgg+ the fit workflow is SecAggPlusFit and the outermost strategy, once resumed, is the
     # round offset: the workflow must still find the round's outcome (it once looked for the secure
     # sum by type on the strategy Flower hands it, and a resumed run stopped with a TypeError).
-    # Prepare: a 6-round SecAgg+ smoke run, killed (SIGKILL, the whole tree) once round 2's checkpoint exists
-    # (smoke rounds are short: another may end before the kill lands, so 6, not 3).
-    run_dir, mark = tmp_path / "run", uuid.uuid4().hex
-    exe = Path(sys.executable).with_name("fedseg-sim")
-    env = {**os.environ, "FEDSEG_DATA_CACHE": str(tmp_path / "cache"), "FEDSEG_TEST_MARK": mark}
-    args = [str(exe), "experiment=smoke", "federation.rounds=6", "secagg=secaggplus", "run.progress=false"]
-    proc = subprocess.Popen([*args, f"hydra.run.dir={run_dir}"], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 300
-        while _checkpoint_round(run_dir) < 2 and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.2)
-        killed_at = _checkpoint_round(run_dir)
-    finally:
-        _kill_all(mark)
-        proc.wait(timeout=30)
-    assert 2 <= killed_at < 6, f"the run was not caught mid-way (checkpoint round {killed_at})"
+    # Smoke rounds are short: another may end before the kill lands, so 6 rounds, not 3.
+    run_dir = tmp_path / "run"
 
-    # Execute
-    resumed = subprocess.run([str(exe), f"resume={run_dir}"], env={**env, "FEDSEG_TEST_MARK": uuid.uuid4().hex},
-                             capture_output=True, text=True, timeout=600, check=False)
+    _, resumed = _kill_after_round_2_and_resume(run_dir, tmp_path / "cache", 6, "secagg=secaggplus")
 
-    # Assert: rounds 0..6 exactly once, round 3 aggregated by SecAgg+ (its row carries the protocol's entry).
+    # Rounds 0..6 exactly once, the last aggregated by SecAgg+ (its row carries the protocol's entry).
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [0, 1, 2, 3, 4, 5, 6]
