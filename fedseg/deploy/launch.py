@@ -2,12 +2,14 @@
 
 Everything that can be wrong on the box is found here, before the SuperNode connects, with one line
 naming the file: a data folder ``data=carla`` would refuse (same checks, :mod:`fedseg.data.carla`), a
-key that is not an OpenSSH EC private key (what ``fedseg-certs`` writes), a CA file that holds no
-certificate, or a node config that the ClientApp would refuse (:class:`~fedseg.deploy.vehicle.NodeSpec`).
+key that is not an OpenSSH EC private key (what ``fedseg-vehicle keygen`` writes), a CA file that holds no
+certificate, a node config that the ClientApp would refuse (:class:`~fedseg.deploy.vehicle.NodeSpec`), or
+``--insecure`` (no TLS) towards a SuperLink that is not on this machine.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import shutil
 import stat
@@ -18,6 +20,7 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key
+from flwr.supercore.address import parse_address
 
 from fedseg.data.carla import validate
 from fedseg.deploy.vehicle import NodeSpec, own_frames
@@ -59,7 +62,7 @@ def _node_config_text(config: dict[str, str | int]) -> str:
 def check_key(path: Path) -> str:
     """The key's curve name; ``ValueError`` if it is not an OpenSSH EC private key Flower can load."""
     if not path.is_file():
-        raise ValueError(f"{path}: no such key file (fedseg-certs writes vehicles/<name>.key)")
+        raise ValueError(f"{path}: no such key file (fedseg-vehicle keygen writes <name>.key)")
     try:
         key = load_ssh_private_key(path.read_bytes(), None)
     except (ValueError, TypeError) as err:
@@ -82,6 +85,22 @@ def check_ca(path: Path) -> int:
     return len(certs)
 
 
+def is_loopback(superlink: str) -> bool:
+    """Whether ``HOST:PORT`` (parsed as Flower parses it) names this machine: 127.0.0.0/8, ::1 or localhost."""
+    parsed = parse_address(superlink)
+    if parsed is None:
+        return False
+    host = parsed[0]
+    if host.lower() == "localhost":
+        return True
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return False  # any other name could resolve anywhere
+    mapped = ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) else None
+    return ip.is_loopback or bool(mapped and mapped.is_loopback)
+
+
 def check_vehicle(launch: VehicleLaunch) -> str:
     """Check data, credentials and node config; return one line saying what will run."""
     config = launch.node_config()
@@ -90,6 +109,9 @@ def check_vehicle(launch: VehicleLaunch) -> str:
                          "--partition-id I --num-partitions N (its share of the run's data)")
     if launch.insecure == (launch.root_certificates is not None):
         raise ValueError("choose one: --root-certificates CA.crt (TLS) or --insecure (no TLS, tests only)")
+    if launch.insecure and not is_loopback(launch.superlink):
+        raise ValueError(f"--insecure (no TLS) is for a SuperLink on this machine only (127.0.0.0/8, ::1, "
+                         f"localhost), not {launch.superlink}; use --root-certificates CA.crt")
     parts = [f"SuperLink {launch.superlink} ({'insecure' if launch.insecure else 'TLS'})"]
     if launch.root_certificates is not None:
         check_ca(launch.root_certificates)
@@ -113,8 +135,14 @@ def supernode_executable() -> str:
     return found
 
 
+TRANSPORT_FLAGS = ("--superlink", "--insecure", "--root-certificates", "--auth-supernode-private-key")
+
+
 def supernode_command(launch: VehicleLaunch, extra: list[str] | None = None) -> list[str]:
     """The ``flower-supernode`` command line for ``launch`` (checked separately by :func:`check_vehicle`)."""
+    owned = sorted({a.split("=", 1)[0] for a in extra or []} & set(TRANSPORT_FLAGS))
+    if owned:  # after --, these would undo the TLS choice check_vehicle made (--insecure to a remote host)
+        raise ValueError(f"{owned[0]} after --: set the SuperLink and TLS with fedseg-vehicle's own options")
     cmd = [supernode_executable(), "--superlink", launch.superlink, "--port", str(launch.port),
            "--node-config", _node_config_text(launch.node_config())]
     if launch.insecure:
