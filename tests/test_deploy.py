@@ -252,7 +252,7 @@ def test_the_launcher_checks_data_and_keys_then_builds_flowers_command(tmp_path:
     assert "4 frames checked" in summary and "key car.key (secp384r1)" in summary
     assert cmd[1:] == ["--superlink", "link:9092", "--port", "9101", "--node-config",
                        f'data-root="{box.resolve()}" partition-id=0 hardware="edge_cpu_2core"',
-                       "--root-certificates", str(made.ca_cert), "--auth-supernode-private-key",
+                       "--isolation", "process", "--root-certificates", str(made.ca_cert), "--auth-supernode-private-key",
                        str(made.vehicle_keys["car"])]
 
 
@@ -399,11 +399,11 @@ def test_a_vehicle_killed_mid_run_leaves_a_finished_run_never_a_hang(tls_fleet: 
     for i in range(3):  # all up (also when this test runs alone)
         if tls_fleet.procs.get(f"vehicle_{i}") is None or tls_fleet.procs[f"vehicle_{i}"].poll() is not None:
             _start_vehicle(tls_fleet, i)
-    started = tls_fleet.log("vehicle_2").count("Start `flwr-clientapp` process")
+    started = tls_fleet.log("vehicle_2").count("fedseg-clientapp: run ")
     run = tls_fleet.start_run("experiment=smoke federation.num_clients=3 federation.rounds=1 "
                               "federation.min_fit_clients=2 federation.round_timeout=40 deploy.join_timeout=5")
     deadline = time.monotonic() + 120
-    while tls_fleet.log("vehicle_2").count("Start `flwr-clientapp` process") == started:
+    while tls_fleet.log("vehicle_2").count("fedseg-clientapp: run ") == started:
         assert time.monotonic() < deadline and run.poll() is None, "vehicle_2 never got its round-1 message"
         time.sleep(0.5)
 

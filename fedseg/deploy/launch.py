@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 from flwr.supercore.address import parse_address
 
 from fedseg.data.carla import validate
+from fedseg.deploy.approval import AppPolicy
 from fedseg.deploy.vehicle import NodeSpec, own_frames
 
 
@@ -42,6 +43,9 @@ class VehicleLaunch:
     insecure: bool = False
     port: int = 9094  # the SuperNode's local port for its ClientApp processes
     tagset: str = "carla29"  # tag set the data folder's labels are checked against
+    allow_apps: tuple[str, ...] = ()  # approved app bundle hashes (fedseg.deploy.approval); none: installed fedseg
+    allow_app_files: tuple[Path, ...] = ()  # files of approved hashes, one a line
+    external_superexec: bool = False  # the owner runs fedseg-superexec (as another user) instead
 
     def node_config(self) -> dict[str, str | int]:
         """The ``--node-config`` entries (Flower's keys: dashes), checked as the ClientApp will check them."""
@@ -123,6 +127,10 @@ def check_vehicle(launch: VehicleLaunch) -> str:
         parts.append(f"{len(frames)} frames checked in {launch.data_root}")
     else:
         parts.append(f"partition {launch.partition_id} of {launch.num_partitions}")
+    if launch.external_superexec:
+        parts.append("apps: the owner's own fedseg-superexec runs them")
+    else:
+        parts.append("apps: " + AppPolicy.from_args(launch.allow_apps, launch.allow_app_files).describe())
     return "; ".join(parts) + f"; node config: {_node_config_text(config)}"
 
 
@@ -143,8 +151,12 @@ def supernode_command(launch: VehicleLaunch, extra: list[str] | None = None) -> 
     owned = sorted({a.split("=", 1)[0] for a in extra or []} & set(TRANSPORT_FLAGS))
     if owned:  # after --, these would undo the TLS choice check_vehicle made (--insecure to a remote host)
         raise ValueError(f"{owned[0]} after --: set the SuperLink and TLS with fedseg-vehicle's own options")
+    # --isolation process: the SuperNode starts no SuperExec of its own (that one would start Flower's
+    # flwr-clientapp, which runs the bundle's code); fedseg-superexec (superexec_command) runs the tasks.
+    if reopened := sorted({a.split("=", 1)[0] for a in extra or []} & {"--isolation", "--trusted-entities"}):
+        raise ValueError(f"{reopened[0]} after --: a vehicle runs only approved code (--allow-app)")
     cmd = [supernode_executable(), "--superlink", launch.superlink, "--port", str(launch.port),
-           "--node-config", _node_config_text(launch.node_config())]
+           "--node-config", _node_config_text(launch.node_config()), "--isolation", "process"]
     if launch.insecure:
         cmd.append("--insecure")
     else:
@@ -152,3 +164,20 @@ def supernode_command(launch: VehicleLaunch, extra: list[str] | None = None) -> 
     if launch.key is not None:
         cmd += ["--auth-supernode-private-key", str(launch.key)]
     return cmd + list(extra or [])
+
+
+def superexec_command(launch: VehicleLaunch, supernode_pid: int) -> list[str]:
+    """The ``fedseg-superexec`` command that runs this vehicle's tasks: only the code its owner approved
+    (:mod:`fedseg.deploy.approval`), over the SuperNode's Runtime API on loopback; it exits with the
+    SuperNode (``supernode_pid``)."""
+    beside = Path(sys.executable).with_name("fedseg-superexec")
+    found = str(beside) if beside.exists() else shutil.which("fedseg-superexec")
+    if not found:
+        raise FileNotFoundError("fedseg-superexec not found; install fedseg (pip install -e .) in this environment")
+    cmd = [found, "--runtime-api-address", f"127.0.0.1:{launch.port}", "--insecure", "--parent-pid",
+           str(supernode_pid)]
+    for sha in launch.allow_apps:
+        cmd += ["--allow-app", sha]
+    for path in launch.allow_app_files:
+        cmd += ["--allow-apps", str(path.expanduser().resolve())]
+    return cmd

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import getpass
 import os
+import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,7 +29,7 @@ from fedseg.deploy.certs import (
     needs_ca_key,
     vehicle_names,
 )
-from fedseg.deploy.launch import VehicleLaunch, check_vehicle, supernode_command
+from fedseg.deploy.launch import VehicleLaunch, check_vehicle, superexec_command, supernode_command
 from fedseg.deploy.processes import with_this_environment_on_path
 from fedseg.errors import DataError
 
@@ -146,6 +147,13 @@ def vehicle_main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--insecure", action="store_true", help="no TLS (a SuperLink on this machine only)")
     parser.add_argument("--port", type=int, default=9094, help="local port for the ClientApp (default 9094)")
     parser.add_argument("--tagset", default="carla29", help="tag set the labels are checked against")
+    parser.add_argument("--allow-app", action="append", default=[], metavar="SHA256",
+                        help="run app bundles with this sha256 (repeat; flwr build names the .fab after it); "
+                             "none: run this vehicle's installed fedseg whatever a run ships")
+    parser.add_argument("--allow-apps", action="append", default=[], type=Path, metavar="FILE",
+                        help="file of approved app bundle hashes, one a line")
+    parser.add_argument("--external-superexec", action="store_true",
+                        help="start no SuperExec: the owner runs fedseg-superexec as another user (docs/GUIDE.md)")
     parser.add_argument("--check-only", action="store_true", help="check, print the command, do not start")
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["keygen"]:  # a subcommand; every other invocation is the run interface, unchanged
@@ -156,17 +164,25 @@ def vehicle_main(argv: Sequence[str] | None = None) -> None:
     launch = VehicleLaunch(
         superlink=args.superlink, data_root=args.data_root, vehicle=args.vehicle, partition_id=args.partition_id,
         num_partitions=args.num_partitions, hardware=args.hardware, threads=args.threads, key=args.key,
-        root_certificates=args.root_certificates, insecure=args.insecure, port=args.port, tagset=args.tagset)
+        root_certificates=args.root_certificates, insecure=args.insecure, port=args.port, tagset=args.tagset,
+        allow_apps=tuple(args.allow_app), allow_app_files=tuple(args.allow_apps),
+        external_superexec=args.external_superexec)
     try:
         summary = check_vehicle(launch)
         cmd = supernode_command(launch, extra)
+        superexec = None if launch.external_superexec else superexec_command(launch, os.getpid())
     except (DataError, ValueError, KeyError, FileNotFoundError) as err:
         _fail(parser.prog, err)
     print(f"fedseg-vehicle: {summary}", flush=True)
     if args.check_only:
-        print(" ".join(cmd))
+        print(" ".join(cmd) + ("" if superexec is None else "\n" + " ".join(superexec)))
         return
-    os.execve(cmd[0], cmd, with_this_environment_on_path(dict(os.environ)))  # it starts flwr-clientapp by name
+    env = with_this_environment_on_path(dict(os.environ))
+    if superexec is not None:
+        # Started before this process becomes the SuperNode (same pid: --parent-pid ends it with the
+        # SuperNode); it runs each task through fedseg-clientapp, which runs only approved code.
+        subprocess.Popen(superexec, env=env)
+    os.execve(cmd[0], cmd, env)
 
 
 if __name__ == "__main__":
