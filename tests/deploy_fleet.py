@@ -95,20 +95,34 @@ class LocalFleet:
         return subprocess.run([str(BIN / "flwr"), *args], capture_output=True, text=True, env=self.env,
                               cwd=self.root, timeout=timeout, check=False)
 
-    def register(self, public_key: Path) -> None:
-        proc = self.flwr("supernode", "register", str(public_key), "fleet")
+    def register(self, public_key: Path) -> int:
+        """``flwr supernode register``: the node id the SuperLink gave this key."""
+        proc = self.flwr("supernode", "register", str(public_key), "fleet", "--format", "json")
         if proc.returncode != 0:
             raise RuntimeError(f"flwr supernode register failed: {proc.stdout[-2000:]} {proc.stderr[-2000:]}")
+        return int(json.loads(proc.stdout)["node-id"])
 
-    def start_vehicle(self, name: str, *args: str) -> subprocess.Popen:
-        """``fedseg-vehicle ARGS`` (checks, then becomes ``flower-supernode``) on a free local port."""
+    def unregister(self, node_id: int) -> None:
+        """``flwr supernode unregister``: revoke the node (its key can never be registered again)."""
+        proc = self.flwr("supernode", "unregister", str(node_id), "fleet")
+        if proc.returncode != 0:
+            raise RuntimeError(f"flwr supernode unregister failed: {proc.stdout[-2000:]} {proc.stderr[-2000:]}")
+
+    def nodes(self) -> dict[int, str]:
+        """Every node the SuperLink knows, unregistered ones too: node id -> status (``flwr supernode ls``)."""
+        proc = self.flwr("supernode", "ls", "fleet", "--format", "json", "--verbose")
+        return {int(n["node-id"]): n["status"] for n in json.loads(proc.stdout)["nodes"]}
+
+    def start_vehicle(self, name: str, *args: str, key: Path | None = None) -> subprocess.Popen:
+        """``fedseg-vehicle ARGS`` (checks, then becomes ``flower-supernode``) on a free local port, with
+        ``key`` (default: ``certs/vehicles/<name>.key``) under TLS."""
         cmd = [str(BIN / "fedseg-vehicle"), "--superlink", f"127.0.0.1:{self.port}", "--port", str(free_port()),
                *args]
         if self.certs is None:
             cmd.append("--insecure")
         else:
             cmd += ["--root-certificates", str(self.certs / "ca.crt"),
-                    "--key", str(self.certs / "vehicles" / f"{name}.key")]
+                    "--key", str(key or self.certs / "vehicles" / f"{name}.key")]
         return self._spawn(name, cmd)
 
     def start_run(self, overrides: str, *, app: Path = PROJECT) -> subprocess.Popen:

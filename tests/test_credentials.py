@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import datetime as dt
 import io
+import json
 import socket
 import ssl
 import stat
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -23,8 +25,9 @@ from cryptography.hazmat.primitives.serialization import (
     load_ssh_public_key,
 )
 from cryptography.x509.oid import ExtendedKeyUsageOID
+from deploy_fleet import LocalFleet
 
-from fedseg.deploy.certs import make_credentials
+from fedseg.deploy.certs import make_credentials, make_vehicle_key
 from fedseg.deploy.launch import VehicleLaunch, check_vehicle, is_loopback, supernode_command
 from fedseg.sim.deploy import certs_main, vehicle_main
 
@@ -219,3 +222,60 @@ def test_transport_flags_after_the_separator_cannot_undo_tls(tmp_path: Path) -> 
     for extra in (["--insecure"], ["--superlink=10.0.0.9:1"]):
         with pytest.raises(ValueError, match="after --: set the SuperLink and TLS with fedseg-vehicle's own"):
             supernode_command(launch, extra)
+
+
+# ---- rotation and revocation on a real SuperLink (loopback, TLS, node authentication) -------------
+
+def _wait(condition, what: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"no {what} within {timeout} s"
+        time.sleep(1)
+
+
+@pytest.mark.deploy
+def test_a_revoked_vehicle_is_refused_and_a_rotated_one_trains(tmp_path: Path) -> None:
+    make_credentials(tmp_path / "certs", vehicles=[])
+    keys = {name: make_vehicle_key(tmp_path / f"box_{name}", name) for name in ("a", "b", "b2")}  # each on its box
+    fleet = LocalFleet(tmp_path, certs=tmp_path / "certs", env_extra={"FEDSEG_DATA_CACHE": str(tmp_path / "cache"),
+                                                                       "WANDB_MODE": "offline"})
+    share = {"a": ["--partition-id", "0", "--num-partitions", "2"], "b": ["--partition-id", "1", "--num-partitions",
+                                                                          "2"]}
+    try:
+        (tmp_path / "server").mkdir()
+        fleet.start_superlink("--disable-runtime-dependency-installation", cwd=tmp_path / "server")
+        ids = {name: fleet.register(key.with_suffix(".pub")) for name, key in keys.items() if name != "b2"}
+        vehicle_a = fleet.start_vehicle("a", *share["a"], key=keys["a"])
+        old_b = fleet.start_vehicle("b", *share["b"], key=keys["b"])
+        _wait(lambda: {fleet.nodes().get(i) for i in ids.values()} == {"online"}, "two vehicles online", 120)
+
+        # Revoke a: the SuperLink answers its next request 401 and its SuperNode stops by itself (status 0,
+        # so systemd's Restart=on-failure leaves it down); started again, it is refused at once.
+        fleet.unregister(ids["a"])
+        assert vehicle_a.wait(timeout=90) == 0
+        assert fleet.nodes()[ids["a"]] == "unregistered"
+        assert '"POST /v1/fleet/pull-messages HTTP/1.1" 401' in fleet.log("superlink")
+        reused = fleet.flwr("supernode", "register", str(keys["a"].with_suffix(".pub")), "fleet")
+        assert reused.returncode != 0 and "Public key already in use" in reused.stdout + reused.stderr
+        restarted = fleet.start_vehicle("a", *share["a"], key=keys["a"])
+        assert restarted.wait(timeout=90) != 0
+        assert "Failed to activate SuperNode" in fleet.log("a")
+
+        # Rotate b: a new key made on its box, registered; the old one unregistered (its SuperNode stops);
+        # b comes back with the new key.
+        ids["b2"] = fleet.register(keys["b2"].with_suffix(".pub"))
+        fleet.unregister(ids["b"])
+        assert old_b.wait(timeout=90) == 0
+        fleet.start_vehicle("b", *share["b"], key=keys["b2"])
+        _wait(lambda: fleet.nodes().get(ids["b2"]) == "online", "b online with its new key", 120)
+
+        result = fleet.run("experiment=smoke federation.num_clients=2 federation.min_fit_clients=1 "
+                           "federation.rounds=1 deploy.join_timeout=15", timeout=420)
+    finally:
+        fleet.stop()
+
+    assert result.status == "finished:completed", result.output[-3000:]
+    assert "fedseg: 1 of 2 vehicles joined" in result.output and "round   1/1" in result.output
+    rows = [json.loads(line) for line in (tmp_path / "server" / "outputs" / "deploy" / str(result.run_id) /
+                                          "metrics.jsonl").read_text().splitlines()]
+    assert [r["clients"] for r in rows[1:]] == [1]
