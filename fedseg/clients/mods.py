@@ -26,6 +26,7 @@ import functools
 from collections.abc import Callable
 from typing import cast
 
+import numpy as np
 from flwr.app import ArrayRecord, Context, Message
 from flwr.app.message_type import MessageType
 from flwr.client.mod import secaggplus_mod
@@ -114,6 +115,9 @@ def encode_update_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable)
     settings = settings_of(ctxt.run_config)
     encoded = encode_reply(settings, ctxt, fitins, fitres)
     if uses_secagg(settings):
+        # Flower quantizes a 0-d array to an int32 scalar and its sum comes out wrong (a BatchNorm step
+        # counter moving by 1 unmasked as 130): 0-d arrays join as 1-element ones; the server reshapes.
+        encoded = [np.atleast_1d(a) for a in encoded]
         join_secure_sum(ctxt, fitres, encoded)
     fitres.parameters = ndarrays_to_parameters(encoded)
     out.content = compat.fitres_to_recorddict(fitres, keep_input=True)
