@@ -271,6 +271,9 @@ class FederationSpec:
     round_timeout: float | None = bounded(None, gt=0)
     # An update whose norm exceeds this many times the round's lower median is rejected (None: off).
     max_norm_ratio: float | None = bounded(10.0, gt=1)
+    # The most frames one vehicle's reply may weigh (its self-reported count is clipped to it); None:
+    # the largest partition the server knows, else every vehicle weighs the same (fedseg/server/replies.py).
+    max_examples: int | None = bounded(None, ge=1)
     # The vehicles' lr across rounds (fedseg.training.scheduled_lr; fedseg-train follows it by epoch):
     # constant, cosine from lr down to lr * lr_final, or step (lr * lr_final for the last third).
     lr_schedule: Literal["constant", "cosine", "step"] = "constant"

@@ -5,12 +5,17 @@ model's shapes and dtypes, or when its update (``local - global``, floating arra
 norm more than ``max_norm_ratio`` times the round's lower median. The lower median (not the mean, and
 not the upper median) so that with two vehicles the smaller update is the yardstick: one hostile
 vehicle cannot drag the reference up to its own size.
+
+What a vehicle says about its update (its example count and metrics) is checked too
+(:func:`reply_problem`): a malformed value is a rejected reply, never an exception in the server.
 """
 
 from __future__ import annotations
 
+import math
 import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -55,3 +60,49 @@ def screen_updates(updates: Sequence[Sequence[np.ndarray]], global_: Sequence[np
             reasons[i] = (f"update norm {norm:.4g} is {norm / reference:.1f}x the round's median "
                           f"{reference:.4g} (federation.max_norm_ratio={max_norm_ratio:g})")
     return reasons
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _non_negative(value: Any) -> bool:
+    return (isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+            and value >= 0)
+
+
+# The metrics the server reads from a reply, and what each must be. Other keys only pass through to
+# Flower's logs, so any scalar Flower carries may stand there (a skipped vehicle's ``reason`` text).
+REPLY_METRICS: Mapping[str, tuple[Callable[[Any], bool], str]] = {
+    "loss": (_non_negative, "a finite number >= 0"),
+    "epsilon": (_non_negative, "a finite number >= 0"),
+    "delta": (lambda v: _non_negative(v) and v <= 1, "a number in [0, 1]"),
+    "noise_multiplier": (_non_negative, "a finite number >= 0"),
+    "train_s": (_non_negative, "a finite number >= 0"),
+    "steps": (_count, "an integer >= 0"),
+    "partition_id": (_count, "an integer >= 0"),
+    "skipped": (lambda v: isinstance(v, bool), "true or false"),
+}
+
+
+def reply_problem(num_examples: Any, metrics: Mapping[str, Any]) -> str | None:
+    """Why a vehicle's example count or metrics cannot be believed (wrong type, out of range, not
+    finite), or None. A reply that trained (not ``skipped``) must claim at least one example: FedAvg
+    divides by the claims' sum."""
+    if not _count(num_examples):
+        return f"num_examples={_shown(num_examples)} is not an integer >= 0"
+    for key, (valid, what) in REPLY_METRICS.items():
+        if key in metrics and not valid(metrics[key]):
+            return f"metric {key}={_shown(metrics[key])} is not {what}"
+    for key, value in metrics.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            return f"metric {key}={value} is not finite"
+    if num_examples == 0 and metrics.get("skipped") is not True:
+        return "num_examples=0 in a reply not marked skipped"
+    return None
+
+
+def _shown(value: Any) -> str:
+    """A vehicle's value for a log line: its repr, cut short (it chose the value, and its length)."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."

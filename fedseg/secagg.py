@@ -179,6 +179,49 @@ def aggregate_error_bound(examples: Sequence[int], *, clipping_range: float, qua
     return rounding + weighting
 
 
+@dataclass(frozen=True)
+class FixedPoint:
+    """One run's SecAgg+ fixed point, and what it lets the server check of the one sum it sees.
+
+    Flower's ``secaggplus_mod`` computes, on the vehicle, ``q = round(examples / max_weight *
+    quantization_range)`` and sends ``q`` beside ``update * q / quantization_range`` clipped to
+    ``±clipping_range`` and quantized; the server divides the unmasked sum of the values by the sum of
+    the ``q``. So vehicles running that code cannot make an element of the mean larger than
+    :meth:`sum_bound`; a vehicle that changed its own mod can send any integers (a weight slot that
+    cancels the others' amplifies the sum; one that cancels it to 0 makes it infinite), and only
+    :meth:`sum_problem` on the server sees that, in the sum.
+    """
+
+    clipping_range: float
+    quantization_range: int
+    max_weight: float
+
+    def sum_bound(self, examples: Sequence[int]) -> float:
+        """The largest element of the unmasked mean that vehicles with these (claimed) example counts
+        can produce when each stays in ``±clipping_range``: ``(k * C + S * step) / sum(q_i / Q)``, with
+        k vehicles that trained, S survivors (each adds < one rounding ``step``) and Flower's rounded
+        weights ``q_i``."""
+        levels = self.quantization_range
+        weights = [round(n / self.max_weight * levels) / levels for n in examples if n > 0]
+        if not weights or sum(weights) <= 0:
+            return math.inf
+        step = 2.0 * self.clipping_range / levels
+        return (len(weights) * self.clipping_range + len(examples) * step) / sum(weights) * (1 + 1e-9)
+
+    def sum_problem(self, mean: Sequence[np.ndarray], examples: Sequence[int]) -> str | None:
+        """Why the unmasked mean ``mean`` cannot come from in-range vehicles with these example counts
+        (not finite, or an element beyond :meth:`sum_bound`), or None."""
+        for index, array in enumerate(mean):
+            if not np.all(np.isfinite(array)):
+                return f"array #{index} of the unmasked sum is not finite"
+        peak = max((float(np.abs(a).max()) for a in mean if np.size(a)), default=0.0)
+        limit = self.sum_bound(examples)
+        if peak > limit:
+            return (f"the unmasked mean reaches {peak:.4g}, beyond the {limit:.4g} that {len(examples)} "
+                    f"vehicles within secagg.clipping_range={self.clipping_range:g} can produce")
+        return None
+
+
 def validate_secagg(spec: SecAggSpec, *, sampled: int, partition_sizes: Sequence[int] | None = None) -> None:
     """Raise a ValueError naming the setting for any configuration SecAgg+ cannot run (before training).
 

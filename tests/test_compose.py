@@ -59,7 +59,7 @@ def test_repr_lists_every_layer_of_the_chain_with_its_settings() -> None:
                                 start_round=2).strategy)
 
     assert chain == ("RoundOffset(offset=2, SecureSumStrategy(codec='none', RoundRecorder(min_replies=3, "
-                     "StatisticsMean(FedAvg()))))")
+                     "max_examples=8, StatisticsMean(FedAvg()))))")
 
 
 def test_the_chain_is_what_compose_builds() -> None:

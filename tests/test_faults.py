@@ -37,10 +37,11 @@ def test_nan_and_outsized_updates_are_rejected_logged_and_the_others_averaged(
     # Assert: the average is the example-weighted mean of vehicles 0 and 1 only: (1*1 + 2*2) / 3.
     np.testing.assert_allclose(fleet.globals[-1][0], np.full((2, 3), START + 5 / 3), rtol=1e-6)
     row = fleet.rows[-1]
-    reasons = {r["vehicle"]: r["reason"] for r in row["rejected"]}
-    assert set(reasons) == {"2", "3"} and row["clients"] == 2
-    assert "not finite" in reasons["2"] and "median" in reasons["3"]
-    assert "rejected vehicle 2" in caplog.text and "rejected vehicle 3" in caplog.text
+    reasons = {r["vehicle"]: r["reason"] for r in row["rejected"]}  # named by node id (vehicle i is node 100 + i)
+    assert set(reasons) == {"102", "103"} and row["clients"] == 2
+    assert [r["partition"] for r in row["rejected"]] == [2, 3]
+    assert "not finite" in reasons["102"] and "median" in reasons["103"]
+    assert "rejected node 102 (partition 2)" in caplog.text and "rejected node 103 (partition 3)" in caplog.text
 
 
 def test_a_round_whose_every_update_is_rejected_stops_the_run_naming_the_reason() -> None:
@@ -48,7 +49,7 @@ def test_a_round_whose_every_update_is_rejected_stops_the_run_naming_the_reason(
     nan = {i: (lambda p: [np.full_like(a, np.nan) for a in p]) for i in range(3)}
     fleet = Fleet(toy_updates(), [1, 2, 3], PLAIN, send=nan, rounds=2)
 
-    with pytest.raises(RunFailed, match=r"round 1: every vehicle's update was rejected \(3\); first: vehicle 0: "
+    with pytest.raises(RunFailed, match=r"round 1: every vehicle's update was rejected \(3\); first: node 100: "
                                         r".*not finite"):
         fleet.run()
 
@@ -73,6 +74,75 @@ def test_a_round_below_min_fit_clients_stops_the_run_naming_the_error() -> None:
         fleet.run()
 
     assert [r["round"] for r in fleet.rows] == [0]  # nothing recorded as if it had trained
+
+
+# ---- what a vehicle says about its reply: count, metrics, identity ----
+
+def test_a_vehicle_claiming_1e12_examples_weighs_no_more_than_the_largest_partition() -> None:
+    # Prepare: vehicles 0, 1, 2 train on 1, 2, 3 frames (the cap: 3, the largest partition the server
+    # knows) and add +1, +4, -2; vehicle 2 claims 10**12 frames, which would make it the whole mean.
+    fleet = Fleet(toy_updates(), [1, 2, 3], PLAIN, claims={2: {"examples": 10**12}})
+
+    # Execute
+    fleet.run()
+
+    # Assert: its claim clipped to 3, the mean is the honest one, (1*1 + 2*4 + 3*-2) / 6 = 0.5
+    # (uncapped it would be -2 to 7 digits), and the row says whose count was clipped.
+    np.testing.assert_allclose(fleet.globals[-1][0], np.full((2, 3), START + 0.5), rtol=1e-6)
+    row = fleet.rows[-1]
+    assert row["clipped"] == [{"vehicle": "102", "partition": 2, "claimed": 10**12, "weight": 3}]
+    assert row["examples"] == 6 and "rejected" not in row
+
+
+def test_without_a_known_cap_every_vehicle_weighs_the_same() -> None:
+    fleet = Fleet(toy_updates(), [1, 2, 3], PLAIN, claims={2: {"examples": 10**12}})
+    fleet.examples = []  # the server knows no partition sizes and federation.max_examples is unset
+
+    fleet.run()
+
+    np.testing.assert_allclose(fleet.globals[-1][0], np.full((2, 3), START + (1 + 4 - 2) / 3), rtol=1e-6)
+
+
+@pytest.mark.parametrize(("metrics", "examples", "reason"), [
+    ({"loss": "low"}, None, "metric loss='low' is not a finite number >= 0"),
+    ({"loss": float("nan")}, None, "metric loss=nan is not a finite number >= 0"),
+    ({"epsilon": -1.0}, None, "metric epsilon=-1.0 is not a finite number >= 0"),
+    ({"skipped": "yes"}, None, "metric skipped='yes' is not true or false"),
+    ({"note": float("inf")}, None, "metric note=inf is not finite"),
+    ({}, -5, "num_examples=-5 is not an integer >= 0"),
+    ({}, 0, "num_examples=0 in a reply not marked skipped"),
+])
+def test_a_reply_with_a_malformed_metric_is_rejected_and_the_run_finishes(
+        metrics: dict, examples: int | None, reason: str) -> None:
+    # Prepare: vehicle 1 (+4, 2 frames) sends a malformed value, every round of two.
+    claim = {"metrics": metrics, **({"examples": examples} if examples is not None else {})}
+    fleet = Fleet(toy_updates(), [1, 2, 3], PLAIN, claims={1: claim}, rounds=2)
+
+    # Execute
+    fleet.run()
+
+    # Assert: both rounds ran on vehicles 0 and 2 only: (1*1 + 3*-2) / 4 = -1.25 each
+    assert [r["round"] for r in fleet.rows] == [0, 1, 2]
+    np.testing.assert_allclose(fleet.globals[-1][0], np.full((2, 3), START - 2.5), rtol=1e-6)
+    for row in fleet.rows[1:]:
+        assert row["rejected"] == [{"vehicle": "101", "partition": 1, "reason": reason}]
+        assert row["clients"] == 2 and row["train_loss"] == pytest.approx((1 * 0.0 + 3 * 2.0) / 4)
+
+
+def test_a_vehicle_claiming_anothers_partition_id_gets_itself_blamed(caplog: pytest.LogCaptureFixture) -> None:
+    # Prepare: vehicle 2 (node 102) reports partition 0, vehicle 0's, and sends NaN.
+    fleet = Fleet(toy_updates(), [1, 2, 3], PLAIN, send={2: lambda p: [np.full_like(a, np.nan) for a in p]},
+                  claims={2: {"metrics": {"partition_id": 0}}})
+
+    # Execute
+    with caplog.at_level(logging.WARNING, logger="fedseg"):
+        fleet.run()
+
+    # Assert: the rejection names node 102 (the claim only as its label); node 100's update is averaged.
+    row = fleet.rows[-1]
+    assert [(r["vehicle"], r["partition"]) for r in row["rejected"]] == [("102", 0)]
+    assert "rejected node 102 (partition 0)" in caplog.text and "node 100" not in caplog.text
+    np.testing.assert_allclose(fleet.globals[-1][0], np.full((2, 3), START + 3), rtol=1e-6)  # (1*1 + 2*4) / 3
 
 
 # ---- end to end: fedseg-sim with vehicles whose frames are corrupt ----

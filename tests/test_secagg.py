@@ -8,11 +8,13 @@ side is the real DefaultWorkflow + SecAggPlusFit + SecureSumStrategy + RoundReco
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
 import pytest
+from flwr.app import Message
 from flwr.common import bytes_to_ndarray
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 from smoke_runs import rows_of, run_sim
@@ -21,6 +23,7 @@ from toy_fleet import EXAMPLES, START, UPDATES, Fleet, toy_updates
 from fedseg.secagg import (
     PACKED_RECORD,
     PACKED_SHAPES,
+    FixedPoint,
     SecAggRangeError,
     SecAggSpec,
     aggregate_error_bound,
@@ -32,6 +35,7 @@ from fedseg.secagg import (
     unpack_masked,
 )
 from fedseg.server.compose import check_composition, compose_server
+from fedseg.server.grids import GridWrapper
 from fedseg.server.secagg import SecAggRoundError
 from fedseg.settings import RunSettings
 
@@ -148,7 +152,7 @@ def test_vehicle_that_skipped_training_is_left_out_as_in_a_plain_run(secagg: dic
 
     np.testing.assert_allclose(fleet.globals[-1][0], START + (1 * 1.0 + 3 * -2.0) / 4,
                                atol=bound((1, 3), peak=2.0))
-    assert fleet.rows[-1]["skipped"] == ["1"] and fleet.rows[-1]["clients"] == 2
+    assert fleet.rows[-1]["skipped"] == ["101"] and fleet.rows[-1]["clients"] == 2  # node 101: vehicle 1
 
 
 @pytest.mark.parametrize("how", ["vanish", "crash"])
@@ -172,6 +176,92 @@ def test_update_outside_the_range_stops_with_the_setting_to_change() -> None:
     # 40 * (2 / 3 examples/max_weight) = 26.7 > 8: Flower would clip it to 8 without a word.
     with pytest.raises(SecAggRangeError, match=r"reaches 26.67.*clipping_range=8.*clipping_range>=40"):
         fleet.run()
+
+
+class WeightSlotTamper(GridWrapper):
+    """Node 100's masked weight factor shifted by ``shift`` (mod 2**32) on its way to the server: what a
+    vehicle that changed its own secaggplus_mod can send (masks cancel, so the unmasked sum of the
+    weights shifts by the same amount)."""
+
+    def __init__(self, inner: Any, shift: int) -> None:
+        super().__init__(inner)
+        self.shift = shift
+
+    def send_and_receive(self, messages: Any, *, timeout: float | None = None) -> list[Message]:
+        replies = list(self.inner.send_and_receive(messages, timeout=timeout))
+        for reply in replies:
+            if reply.metadata.src_node_id == 100 and PACKED_RECORD in reply.content.array_records:
+                record = reply.content.array_records[PACKED_RECORD]
+                packed = record.to_numpy_ndarrays()[0].copy()  # [0]: the weight factor, first array
+                packed[0] = (int(packed[0]) + self.shift) % 2**32
+                reply.content.array_records[PACKED_RECORD] = type(record)([packed])
+        return replies
+
+
+@pytest.mark.parametrize(("total", "problem"), [(1, r"the unmasked mean reaches .* beyond the 96"),
+                                                (0, r"array #0 of the unmasked sum is not finite")])
+def test_a_sum_no_in_range_fleet_can_produce_is_not_applied(total: int, problem: str) -> None:
+    # Prepare: the weights' sum is 2 x qr (1/3 + 2/3 + 3/3 of qr); node 100 shifts it to `total`, which
+    # multiplies the mean by 2 x qr (or divides by 0). Honest vehicles stay within +-64 x weight, so no
+    # element of their mean can pass (3 x 64 + 3 steps) / 2 = 96.
+    qr = auto_quantization_range(3)
+    fleet = Fleet(toy_updates(), list(EXAMPLES), SECAGG, rounds=2)
+    fleet.grid = WeightSlotTamper(fleet.grid, total - 2 * qr)  # type: ignore[assignment]
+
+    # Execute
+    fleet.run()
+
+    # Assert: no round applied it (the model stays at START), each row says why, the run finished.
+    for global_ in fleet.globals:
+        np.testing.assert_array_equal(global_[0], START)
+    for row in fleet.rows[1:]:
+        assert row["secagg"]["failed"] is True
+        assert re.search(problem, row["secagg"]["rejected"]), row["secagg"]["rejected"]
+
+
+def test_honest_vehicles_at_the_edge_of_the_range_pass_the_sum_check() -> None:
+    # Each sends update x examples / max_weight just inside +-8: 23.9/3, 11.9 x 2/3, 7.9 x 3/3.
+    spec = {**SECAGG, "clipping_range": 8.0}
+    fleet = Fleet(toy_updates((23.9, 11.9, 7.9)), list(EXAMPLES), spec).run()
+
+    expected = (23.9 * 1 + 11.9 * 2 + 7.9 * 3) / 6  # 11.9: near FixedPoint's bound (3 x 8 + ...) / 2 = 12
+    np.testing.assert_allclose(fleet.globals[-1][0], START + expected, atol=1e-5)
+    assert fleet.rows[-1]["secagg"]["failed"] is False
+
+
+def test_fixed_point_sum_bound_by_hand() -> None:
+    # Weights 1/4 and 1 (max_weight 4), step 2 x 8 / 16 = 1: (2 x 8 + 3 x 1) / 1.25 = 15.2; the
+    # skipped vehicle (0 examples) adds rounding but no value.
+    point = FixedPoint(clipping_range=8.0, quantization_range=16, max_weight=4.0)
+
+    assert point.sum_bound([1, 4, 0]) == pytest.approx(15.2)
+    assert point.sum_problem([np.array([15.2, -15.0])], [1, 4, 0]) is None
+    assert "reaches 15.3" in (point.sum_problem([np.array([0.0, -15.3])], [1, 4, 0]) or "")
+
+
+@pytest.mark.parametrize(("claim", "reason"), [
+    ({"metrics": {"loss": "low"}}, "metric loss='low' is not a finite number >= 0"),
+    ({"examples": 4}, "claims 4 examples, above the 3 a vehicle may weigh"),
+])
+def test_a_bad_reply_under_secaggplus_leaves_the_round_unapplied_and_the_run_goes_on(
+        claim: dict[str, Any], reason: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Prepare: vehicle 2 (node 102) says something the server cannot believe. The sum holds every
+    # survivor's vector, so the server cannot leave it out: the round is void. A count above the cap
+    # needs the vehicle's own range check off (a vehicle that changed its code); Flower's mod then
+    # weighs it 4/3 and clips, so the sum itself looks in range.
+    monkeypatch.setattr("fedseg.clients.mods.check_secagg_range", lambda *args, **kwargs: None)
+    fleet = Fleet(toy_updates(), list(EXAMPLES), SECAGG, claims={2: claim}, rounds=2)
+
+    # Execute
+    fleet.run()
+
+    # Assert: neither round applied, each row names node 102 and why, the run finished.
+    assert [r["round"] for r in fleet.rows] == [0, 1, 2]
+    for global_, row in zip(fleet.globals[1:], fleet.rows[1:], strict=True):
+        np.testing.assert_array_equal(global_[0], START)
+        assert row["rejected"] == [{"vehicle": "102", "partition": 2, "reason": row["rejected"][0]["reason"]}]
+        assert row["rejected"][0]["reason"].startswith(reason)
+        assert row["secagg"]["failed"] is True and "node 102's reply" in row["secagg"]["rejected"]
 
 
 @pytest.mark.parametrize("strategy", ["fedprox", "fedadam"])

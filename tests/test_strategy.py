@@ -12,6 +12,7 @@ from flwr.server.strategy import FedAvgM
 from fedseg.server.arrays import parameters_bytes, parameters_view
 from fedseg.server.notes import RoundNotes
 from fedseg.server.recorder import RoundRecorder
+from fedseg.server.replies import ReplyRules
 from fedseg.server.statistics_mean import StatisticsMean
 from fedseg.server.strategies import build_strategy
 
@@ -29,7 +30,8 @@ def proxy(cid: str) -> MagicMock:
 def test_fedavg_weights_updates_by_examples_hand_computed() -> None:
     # Prepare: vehicle A (1 frame) sends 1s, vehicle B (2 frames) sends 4s.
     rows: list[dict] = []
-    strategy = RoundRecorder(build_strategy("fedavg", {}), RoundNotes(), on_round=lambda row, resume: rows.append(row))
+    strategy = RoundRecorder(build_strategy("fedavg", {}), RoundNotes(), on_round=lambda row, resume: rows.append(row),
+                             replies=ReplyRules(max_examples=2))
     a, b = [np.full((2, 2), 1.0, np.float32)], [np.full((2, 2), 4.0, np.float32)]
     results = [(proxy("a"), fit_res(a, 1, loss=0.9)), (proxy("b"), fit_res(b, 2, loss=0.6))]
 
@@ -72,8 +74,8 @@ def test_skipped_vehicle_is_left_out_of_the_average_and_counted() -> None:
     params, _ = strategy.aggregate_fit(1, results, [])
 
     np.testing.assert_allclose(parameters_to_ndarrays(params)[0], np.full(3, 2.0))
-    assert strategy._pending["skipped"] == ["1"] and strategy._pending["clients"] == 1
-    assert strategy.client_epsilon == {"1": 3.0}
+    assert strategy._pending["skipped"] == ["b"] and strategy._pending["clients"] == 1
+    assert strategy.client_epsilon == {"b": 3.0}  # named by its node, not by the partition it reports
 
 
 def test_evaluate_emits_a_contract_row() -> None:

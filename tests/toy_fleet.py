@@ -34,7 +34,7 @@ class Fleet:
                  crash: tuple[int, ...] = (), skip: tuple[int, ...] = (), fail_always: tuple[int, ...] = (),
                  send: dict[int, Callable[[list[np.ndarray]], list[np.ndarray]]] | None = None,
                  federation: dict[str, Any] | None = None, compression: dict[str, Any] | None = None,
-                 output_dir: str | None = None) -> None:
+                 output_dir: str | None = None, claims: dict[int, dict[str, Any]] | None = None) -> None:
         n, crashed = len(updates), set[int]()
         options = {"fedprox": {"proximal_mu": 0.01}}.get(strategy, {})
         # min_fit_clients n - 1: a round survives one vehicle lost (all n are still sampled: n x 1.0).
@@ -51,6 +51,11 @@ class Fleet:
                 self.i = i
 
             def fit(self, parameters: list, config: dict) -> tuple[list, int, dict]:
+                weights, n, metrics = self.honest_fit(parameters)
+                claim = (claims or {}).get(self.i, {})  # what this vehicle says instead (count, metrics)
+                return weights, claim.get("examples", n), {**metrics, **claim.get("metrics", {})}
+
+            def honest_fit(self, parameters: list) -> tuple[list, int, dict]:
                 if self.i in fail_always or (self.i in crash and self.i not in crashed):  # crash: first fit only
                     crashed.add(self.i)
                     raise RuntimeError(f"vehicle {self.i} lost its camera")

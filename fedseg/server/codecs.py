@@ -23,6 +23,7 @@ from flwr.server.strategy import Strategy
 from fedseg.compression import Codec, clip_update, round_seed
 from fedseg.secagg import decode_delta
 from fedseg.server.notes import RoundNotes
+from fedseg.server.replies import described, rejection
 from fedseg.server.wrapper import StrategyWrapper
 
 log = logging.getLogger("fedseg")
@@ -73,9 +74,8 @@ class DecodingStrategy(StrategyWrapper):
                 weights = weights_from(self.codec, parameters_to_ndarrays(res.parameters), self._global,
                                        seed=seed, clipping_norm=self.clipping_norm)
             except ValueError as err:
-                vehicle = str(res.metrics.get("partition_id", proxy.cid))
-                log.warning(f"round {server_round}: rejected vehicle {vehicle}'s update: {err}")
-                rejected.append({"vehicle": vehicle, "reason": f"undecodable {self.codec.name} update: {err}"})
+                log.warning(f"round {server_round}: rejected {described(proxy, res)}'s update: {err}")
+                rejected.append(rejection(proxy, res, f"undecodable {self.codec.name} update: {err}"))
                 continue
             decoded.append((proxy, FitRes(res.status, ndarrays_to_parameters(weights), res.num_examples,
                                           res.metrics)))

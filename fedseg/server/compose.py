@@ -30,7 +30,11 @@ outermost first; ``tests/test_compose.py`` checks this list and docs/ARCHITECTUR
 
 One :class:`~fedseg.server.notes.RoundNotes` is made first and handed to every part that reports on
 a round: the guard and the decoder note rejected updates, the secure sum what it decoded, the SecAgg+
-fit round the bytes the protocol carried; the recorder merges the notes into the round's row.
+fit round the bytes the protocol carried; the recorder merges the notes into the round's row. One
+:class:`~fedseg.server.replies.ReplyRules` (the most examples a reply may weigh:
+``federation.max_examples``, else the largest known partition, else equal weights) is handed to the
+recorder, which screens every reply before reading it, and to the secure sum, which applies a sum only
+if every reply in it passes and the sum lies within the run's :class:`~fedseg.secagg.FixedPoint` range.
 
 The fit config carries the round's client lr (``federation.lr_schedule``) and the round's shared
 codec seed (``randk``: the server picks it, so positions never travel). The fit workflow is Flower's
@@ -41,6 +45,7 @@ modulus' width on the wire). Why the legacy ``LegacyContext``/``DefaultWorkflow`
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -53,13 +58,14 @@ from flwr.server.workflow import DefaultWorkflow
 
 from fedseg.compression import CODECS, SEED_KEY, round_seed
 from fedseg.privacy import CentralDPSpec
-from fedseg.secagg import SecAggSpec, auto_quantization_range, resolve_max_weight, validate_secagg
+from fedseg.secagg import FixedPoint, SecAggSpec, auto_quantization_range, resolve_max_weight, validate_secagg
 from fedseg.server.central_dp import central_accounting, sampled_vehicles, wrap_central_dp
 from fedseg.server.codecs import DecodingStrategy
 from fedseg.server.grids import TimeoutGrid
 from fedseg.server.guard import UpdateGuard
 from fedseg.server.notes import RoundNotes
 from fedseg.server.recorder import OnRound, RoundRecorder, mean_train_loss
+from fedseg.server.replies import ReplyRules, example_cap
 from fedseg.server.resume import RoundOffset
 from fedseg.server.secagg import SecAggPlusFit, SecureSumStrategy
 from fedseg.server.statistics_mean import StatisticsMean
@@ -67,6 +73,7 @@ from fedseg.server.strategies import STRATEGIES, build_strategy, strategy_entry
 from fedseg.settings import RunSettings
 from fedseg.training import scheduled_lr
 
+log = logging.getLogger("fedseg")
 EvaluateFn = Callable[[int, list, dict], tuple[float, dict] | None]
 
 
@@ -156,28 +163,34 @@ def compose_server(settings: RunSettings, *, on_round: OnRound,
     if central is not None:
         strategy = wrap_central_dp(strategy, central, fed)
     secagg = settings.secagg if isinstance(settings.secagg, SecAggSpec) else None
+    fixed_point = _fixed_point(secagg, settings, partition_sizes) if secagg is not None else None
+    replies = ReplyRules(example_cap(fed.max_examples, partition_sizes,
+                                     fixed_point.max_weight if fixed_point else None))
+    if replies.max_examples is None:
+        log.warning("fedseg: federation.max_examples is not set and the server does not know the vehicles' "
+                    "partition sizes: every vehicle weighs the same; set it to weight vehicles by frames")
     if secagg is None:  # under SecAgg+ single updates are masked: the vehicles check their own range
         strategy = UpdateGuard(strategy, notes, max_norm_ratio=fed.max_norm_ratio)
         if codec.sends_update:
             strategy = DecodingStrategy(strategy, notes, codec, run_seed=settings.seed,
                                         clipping_norm=central.clipping_norm if central else None)
     recorder = RoundRecorder(strategy, notes, on_round=on_round, min_replies=fed.min_fit_clients,
-                             central_dp=central_accounting(central, fed) if central else None)
+                             central_dp=central_accounting(central, fed) if central else None, replies=replies)
     outer: Strategy = recorder
     fit = None
-    if secagg is not None:
+    if secagg is not None and fixed_point is not None:
         outer = SecureSumStrategy(recorder, notes, all_or_nothing=central is not None, codec=codec,
-                                  run_seed=settings.seed)
-        fit = _secagg_fit(secagg, settings, notes, partition_sizes, start_round)
+                                  run_seed=settings.seed, replies=replies, fixed_point=fixed_point)
+        fit = SecAggPlusFit(secagg, notes, max_weight=fixed_point.max_weight,
+                            quantization_range=fixed_point.quantization_range, round_offset=start_round)
     if start_round:
         outer = RoundOffset(outer, start_round)
     return ServerParts(outer, recorder, fit, base, fed.round_timeout)
 
 
-def _secagg_fit(spec: SecAggSpec, settings: RunSettings, notes: RoundNotes,
-                partition_sizes: Sequence[int] | None, round_offset: int) -> SecAggPlusFit:
+def _fixed_point(spec: SecAggSpec, settings: RunSettings, partition_sizes: Sequence[int] | None) -> FixedPoint:
+    """The run's SecAgg+ fixed point: what the vehicles quantize with and the server checks the sum by."""
     sampled = settings.federation.vehicles_per_round
-    max_weight = resolve_max_weight(spec, partition_sizes)
     grid_levels = spec.quantization_range or auto_quantization_range(sampled, spec.modulus_range)
-    return SecAggPlusFit(spec, notes, max_weight=max_weight, quantization_range=grid_levels,
-                         round_offset=round_offset)
+    return FixedPoint(clipping_range=float(spec.clipping_range), quantization_range=grid_levels,
+                      max_weight=resolve_max_weight(spec, partition_sizes))

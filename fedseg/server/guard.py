@@ -14,14 +14,15 @@ from flwr.server.strategy import Strategy
 from fedseg.robust import screen_updates
 from fedseg.server.arrays import parameters_view
 from fedseg.server.notes import RoundNotes
+from fedseg.server.replies import described, rejection
 from fedseg.server.wrapper import StrategyWrapper
 
 log = logging.getLogger("fedseg")
 
 
 class UpdateGuard(StrategyWrapper):
-    """Drops non-finite, misshapen and outsized updates (``fedseg.robust``), logs each with its vehicle,
-    and notes them in ``notes`` (the round's row)."""
+    """Drops non-finite, misshapen and outsized updates (``fedseg.robust``), logs each with its vehicle
+    (its node id, ``fedseg/server/replies.py``), and notes them in ``notes`` (the round's row)."""
 
     def __init__(self, inner: Strategy, notes: RoundNotes, *, max_norm_ratio: float | None) -> None:
         super().__init__(inner)
@@ -44,9 +45,8 @@ class UpdateGuard(StrategyWrapper):
         rejected = []
         for (proxy, res), reason in zip(results, reasons, strict=True):
             if reason is not None:
-                vehicle = str(res.metrics.get("partition_id", proxy.cid))
-                log.warning(f"round {server_round}: rejected vehicle {vehicle}'s update: {reason}")
-                rejected.append({"vehicle": vehicle, "reason": reason})
+                log.warning(f"round {server_round}: rejected {described(proxy, res)}'s update: {reason}")
+                rejected.append(rejection(proxy, res, reason))
         kept = [pair for pair, reason in zip(results, reasons, strict=True) if reason is None]
         if rejected:
             self.notes.reject(server_round, rejected, kept=len(kept))

@@ -19,6 +19,7 @@ class SecureSum:
 
     examples: list[int]  # each surviving vehicle's example count, as Flower handed the unmasked sum on
     aggregated: bool  # whether the strategy made a new global model of it
+    rejected: str | None = None  # why the sum was not applied, when the secure sum's checks refused it
 
 
 class RoundNotes:

@@ -4,7 +4,9 @@
 wrappers ``fedseg/server/compose.py`` put inside it) and writes one row per round: real serialized
 bytes each way, the vehicles' training loss, their privacy spend, the server-side evaluation, and
 what the other wrappers noted about the round (:class:`~fedseg.server.notes.RoundNotes`). It also
-stops a run that cannot go on: no vehicle sampled, too few answers, or every update rejected.
+stops a run that cannot go on: no vehicle sampled, too few answers, or every update rejected. Before
+it reads anything a vehicle reported, it screens the replies (:class:`~fedseg.server.replies.ReplyRules`:
+malformed metrics rejected, example counts capped); vehicles are named by their Flower node id.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from fedseg.errors import RunFailed
 from fedseg.runlog import metrics_row
 from fedseg.server.arrays import parameters_bytes
 from fedseg.server.notes import RoundNotes
+from fedseg.server.replies import ReplyRules, partition_label, vehicle_of
 from fedseg.server.resume import resume_state
 from fedseg.server.wrapper import StrategyWrapper, inner_of
 
@@ -51,15 +54,16 @@ def failure_reason(failure: BaseException | tuple[ClientProxy, FitRes]) -> str:
 
 
 def reply_order(result: tuple[ClientProxy, FitRes]) -> tuple[int, str]:
-    """A vehicle's place in the order replies are aggregated in: its partition id, else Flower's node id.
+    """A vehicle's place in the order replies are aggregated in: its partition id, then Flower's node id
+    (a vehicle reporting another's partition id moves itself in the order, and nothing else).
 
     Replies arrive in whatever order the vehicles finish, and a float32 weighted sum depends on the
     order of its terms, so without a fixed order two runs with the same seed can drift apart (two
     runs of the default experiment before this order existed ended 1.3 mIoU points apart).
     """
     proxy, res = result
-    partition = res.metrics.get("partition_id")
-    return (int(partition), "") if isinstance(partition, int) else (2**63, str(proxy.cid))
+    partition = partition_label(res)
+    return (partition if partition is not None else 2**63, str(proxy.cid))
 
 
 class RoundRecorder(StrategyWrapper):
@@ -69,13 +73,16 @@ class RoundRecorder(StrategyWrapper):
     really carried); their fields win over the recorder's own. ``resume`` is what a checkpoint of the
     round needs to continue the run (:func:`~fedseg.server.resume.resume_state` of the Flower strategy
     at the bottom of the chain and the vehicles' privacy spend recorded here). ``central_dp`` maps a
-    round to the vehicle-level ``(epsilon, delta)`` of client-level DP.
+    round to the vehicle-level ``(epsilon, delta)`` of client-level DP. ``replies`` says what a reply
+    may claim (default: equal weights).
     """
 
     def __init__(self, inner: Strategy, notes: RoundNotes, *, on_round: OnRound,
-                 central_dp: Callable[[int], tuple[float, float]] | None = None, min_replies: int = 1) -> None:
+                 central_dp: Callable[[int], tuple[float, float]] | None = None, min_replies: int = 1,
+                 replies: ReplyRules | None = None) -> None:
         super().__init__(inner)
         self.notes = notes
+        self.replies = replies or ReplyRules()
         self.on_round = on_round
         self.central_dp = central_dp
         self.min_replies = min_replies  # fewer vehicles answering a round than this stops the run
@@ -84,7 +91,9 @@ class RoundRecorder(StrategyWrapper):
         self._pending: dict[str, Any] = {}
 
     def settings(self) -> dict[str, Any]:
-        return {"min_replies": self.min_replies, **({"central_dp": True} if self.central_dp else {})}
+        cap = self.replies.max_examples
+        return {"min_replies": self.min_replies, **({"max_examples": cap} if cap else {"weights": "equal"}),
+                **({"central_dp": True} if self.central_dp else {})}
 
     def base(self) -> Strategy:
         """The Flower strategy at the bottom of the chain (its state is what a run resumes with)."""
@@ -109,11 +118,14 @@ class RoundRecorder(StrategyWrapper):
     def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]],
                       failures: list[Any]) -> tuple[Parameters | None, dict[str, Scalar]]:
         results = sorted(results, key=reply_order)  # float sums must not depend on which reply came first
-        trained = [(p, r) for p, r in results if not r.metrics.get("skipped")]
-        skipped = [str(r.metrics.get("partition_id", p.cid)) for p, r in results if r.metrics.get("skipped")]
+        screened = self.replies.screen(server_round, results)  # nothing below reads an unchecked value
+        trained = [(p, r) for p, r in screened.kept if not r.metrics.get("skipped")]
+        if screened.rejected:
+            self.notes.reject(server_round, screened.rejected, kept=len(trained))
+        skipped = [vehicle_of(p) for p, r in screened.kept if r.metrics.get("skipped")]
         n = sum(r.num_examples for _, r in trained)
-        for proxy, res in results:
-            vehicle = str(res.metrics.get("partition_id", proxy.cid))
+        for proxy, res in screened.kept:
+            vehicle = vehicle_of(proxy)
             if res.metrics.get("epsilon") is not None:  # cumulative per vehicle: keep the latest
                 self.client_epsilon[vehicle] = float(res.metrics["epsilon"])
                 self.client_delta[vehicle] = float(res.metrics.get("delta", 0.0))
@@ -130,8 +142,8 @@ class RoundRecorder(StrategyWrapper):
             failure=errors[0] if errors else None,
             examples=n,
             # Each vehicle's training seconds (its `train_s` metric): how much of round_s is training.
-            train_s={str(r.metrics.get("partition_id", p.cid)): float(r.metrics["train_s"])
-                     for p, r in trained if "train_s" in r.metrics},
+            train_s={vehicle_of(p): float(r.metrics["train_s"]) for p, r in trained if "train_s" in r.metrics},
+            **({"clipped": screened.clipped} if screened.clipped else {}),
         )
         if errors:
             log.warning(f"round {server_round}: {self._pending['failures']} vehicle(s) failed; first: {errors[0]}")
@@ -141,11 +153,11 @@ class RoundRecorder(StrategyWrapper):
                             + (f"; first vehicle error: {errors[0]}" if errors else ""))
         aggregated = self.inner.aggregate_fit(server_round, trained, failures) if trained else (None, {})
         rejected = self.notes.rejected(server_round)
-        if trained and aggregated[0] is None and len(rejected) >= len(trained):
+        if rejected and aggregated[0] is None and len(rejected) >= len(trained) + len(screened.rejected):
             # Every update was rejected (guard or codec decoder): the model could not change, so stop
             # instead of "training" on.
             raise RunFailed(f"round {server_round}: every vehicle's update was rejected ({len(rejected)}); "
-                            f"first: vehicle {rejected[0]['vehicle']}: {rejected[0]['reason']}")
+                            f"first: node {rejected[0]['vehicle']}: {rejected[0]['reason']}")
         if "t0" in self._pending:  # configure_fit opened this round
             self._pending["round_s"] = time.perf_counter() - self._pending["t0"]
         return aggregated

@@ -12,6 +12,10 @@ learns only the sum of the masked vectors) and wraps the strategy in :class:`Sec
   arrays the workflow reads, so the meter counts what travelled and the protocol is Flower's own;
 * the per-vehicle metrics (loss, epsilon, partition id, example count) still reach the server in
   clear, as Flower's workflow sends them, so the round recorder works unchanged;
+* the sum cannot leave a vehicle out, so :class:`SecureSumStrategy` applies it only if every survivor's
+  reply passes the checks (:meth:`~fedseg.server.replies.ReplyRules.secure_problems`: metrics, a count
+  within the cap) and the unmasked mean lies where in-range vehicles can put it
+  (:meth:`~fedseg.secagg.FixedPoint.sum_problem`); else the round fails as below, naming why;
 * :class:`MeteredGrid` counts what every protocol stage really carries; the round's row gets those
   bytes (``bytes_up``/``bytes_down``) and a ``secagg`` entry (survivors, dropouts, error bound).
 
@@ -51,6 +55,7 @@ from fedseg.compression import Codec, NoCompression, round_seed
 from fedseg.secagg import (
     PACKED_RECORD,
     PACKED_SHAPES,
+    FixedPoint,
     SecAggRangeError,
     SecAggSpec,
     aggregate_error_bound,
@@ -59,6 +64,7 @@ from fedseg.secagg import (
 from fedseg.server.codecs import weights_from
 from fedseg.server.grids import GridWrapper, MeteredGrid
 from fedseg.server.notes import RoundNotes, SecureSum
+from fedseg.server.replies import ReplyRules
 from fedseg.server.wrapper import StrategyWrapper
 
 log = logging.getLogger("fedseg.secagg")
@@ -77,12 +83,17 @@ class SecureSumStrategy(StrategyWrapper):
     ``all_or_nothing`` (``privacy=central``) discards a round that lost any vehicle: Flower's DP
     wrapper calibrates its noise to the sampled count and rejects rounds with error replies itself,
     but a vehicle that vanished silently (no reply) would slip through with too little noise.
+    ``replies`` and ``fixed_point`` decide whether the round's sum may be applied at all (see the
+    module docstring); without ``fixed_point`` the sum's range is not checked.
     """
 
     def __init__(self, inner: Strategy, notes: RoundNotes, *, all_or_nothing: bool = False,
-                 codec: Codec | None = None, run_seed: int = 0) -> None:
+                 codec: Codec | None = None, run_seed: int = 0, replies: ReplyRules | None = None,
+                 fixed_point: FixedPoint | None = None) -> None:
         super().__init__(inner)
         self.notes = notes
+        self.replies = replies or ReplyRules()
+        self.fixed_point = fixed_point
         self.all_or_nothing = all_or_nothing
         self.codec = codec or NoCompression()
         self.run_seed = run_seed
@@ -104,17 +115,29 @@ class SecureSumStrategy(StrategyWrapper):
                       failures: list[Any]) -> tuple[Parameters | None, dict[str, Scalar]]:
         examples = [r.num_examples for _, r in results]
         self.notes.note_secure_sum(server_round, SecureSum(examples, aggregated=False))
+        if rejected := self.replies.secure_problems(results):
+            self.notes.reject(server_round, rejected, kept=0)
+            first = rejected[0]
+            return self._refuse(server_round, examples, f"node {first['vehicle']}'s reply: {first['reason']}")
         if self.all_or_nothing and (failures or len(results) < self._sampled.get(server_round, 0)):
             return None, {}
         if results and sum(examples) > 0:
             # Flower writes the one unmasked aggregate into every result; decode it once.
             mean = parameters_to_ndarrays(results[0][1].parameters)
+            if self.fixed_point and (problem := self.fixed_point.sum_problem(mean, examples)):
+                return self._refuse(server_round, examples, problem)
             seed = round_seed(self.run_seed, server_round) if self.codec.needs_seed else None
             decoded = ndarrays_to_parameters(weights_from(self.codec, mean, self._global, seed=seed))
             results = [(p, FitRes(r.status, decoded, r.num_examples, r.metrics)) for p, r in results]
         parameters, metrics = self.inner.aggregate_fit(server_round, results, failures)
         self.notes.note_secure_sum(server_round, SecureSum(examples, aggregated=parameters is not None))
         return parameters, metrics
+
+    def _refuse(self, server_round: int, examples: list[int], why: str) -> tuple[None, dict[str, Scalar]]:
+        """Leave the round's sum unapplied; :class:`SecAggPlusFit` reports ``why`` (and stops the run if
+        ``secagg.on_failure=stop``)."""
+        self.notes.note_secure_sum(server_round, SecureSum(examples, aggregated=False, rejected=why))
+        return None, {}
 
 
 class SecAggPlusFit:
@@ -155,9 +178,12 @@ class SecAggPlusFit:
         outcome = self.notes.secure_sum(server_round)
         ok = outcome is not None and outcome.aggregated
         examples = outcome.examples if outcome is not None else None
-        self.notes.annotate(server_round, self._round_fields(metered, examples or [], ok, elapsed))
+        fields = self._round_fields(metered, examples or [], ok, elapsed)
+        if outcome is not None and outcome.rejected:  # the checks refused the sum: say why in the row
+            fields["secagg"]["rejected"] = outcome.rejected
+        self.notes.annotate(server_round, fields)
         if not ok:
-            self._fail(server_round, metered, examples)
+            self._fail(server_round, metered, outcome)
 
     def _round_fields(self, metered: MeteredGrid, examples: list[int], ok: bool, elapsed: float
                       ) -> dict[str, Any]:
@@ -173,14 +199,17 @@ class SecAggPlusFit:
                        "stages": metered.stage_summary()},
         }
 
-    def _fail(self, server_round: int, metered: MeteredGrid, examples: list[int] | None) -> None:
+    def _fail(self, server_round: int, metered: MeteredGrid, outcome: SecureSum | None) -> None:
         """Explain a round that produced no model; stop the run if so configured."""
+        examples = outcome.examples if outcome is not None else None
         stage = metered.last_stage()
         errors = metered.errors()
         why = (f"only {metered.replied(stage)} of {metered.sent(stage)} vehicles answered stage '{stage}' "
                f"(reconstruction_threshold={self.spec.reconstruction_threshold}, "
                f"num_shares={self.spec.num_shares})")
-        if examples is not None and sum(examples) == 0:
+        if outcome is not None and outcome.rejected:
+            why = f"its sum was not applied: {outcome.rejected}"
+        elif examples is not None and sum(examples) == 0:
             why = "no surviving vehicle trained (each skipped, e.g. its privacy budget was spent)"
         elif examples is not None:  # Flower unmasked the sum and handed it on: the strategy said no
             why = "the strategy discarded the aggregate (privacy=central rejects rounds with dropouts)"
