@@ -52,6 +52,7 @@ class LocalFleet:
     tag: str = field(default_factory=new_tag)
     port: int = 0
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+    fleet_port: int = 0  # the fleet proxy's port (start_proxy): vehicles connect there when it is set
 
     def __post_init__(self) -> None:
         self.home = self.root / "flwr_home"
@@ -66,11 +67,12 @@ class LocalFleet:
         path = self.root / "logs" / f"{name}.log"
         return path.read_text(errors="replace") if path.exists() else ""
 
-    def _spawn(self, name: str, cmd: list[str], cwd: Path | None = None) -> subprocess.Popen:
+    def _spawn(self, name: str, cmd: list[str], cwd: Path | None = None,
+               env: dict[str, str] | None = None) -> subprocess.Popen:
         (self.root / "logs").mkdir(exist_ok=True)
         with (self.root / "logs" / f"{name}.log").open("wb") as out:
-            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=self.env, cwd=cwd or self.root,
-                                    start_new_session=True)
+            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**self.env, **(env or {})},
+                                    cwd=cwd or self.root, start_new_session=True)
         self.procs[name] = proc
         return proc
 
@@ -89,6 +91,24 @@ class LocalFleet:
         connection = f'address = "127.0.0.1:{self.port}"\n' + (
             "insecure = true\n" if self.certs is None else f'root-certificates = "{self.certs / "ca.crt"}"\n')
         (self.home / "config.toml").write_text(f"[superlink]\ndefault = \"fleet\"\n\n[superlink.fleet]\n{connection}")
+
+    def start_proxy(self, caddyfile: Path = PROJECT / "scripts" / "deploy" / "Caddyfile") -> None:
+        """Caddy with ``caddyfile`` on a free loopback port in front of this TLS SuperLink, configured as
+        ``fedseg-fleet-proxy.service`` configures it; vehicles started later connect through it, and the
+        ``flwr`` connection ``outside`` points at it (what someone on the fleet's network reaches)."""
+        assert self.certs is not None and self.port, "start_superlink with certs first"
+        self.fleet_port = free_port()
+        caddy_home = self.root / "caddy"
+        env = {"FEDSEG_FLEET_BIND": "127.0.0.1", "FEDSEG_FLEET_PORT": str(self.fleet_port),
+               "FEDSEG_SUPERLINK": f"127.0.0.1:{self.port}", "FEDSEG_TLS_CERT": str(self.certs / "superlink.crt"),
+               "FEDSEG_TLS_KEY": str(self.certs / "superlink.key"), "FEDSEG_CA": str(self.certs / "ca.crt"),
+               "XDG_DATA_HOME": str(caddy_home), "XDG_CONFIG_HOME": str(caddy_home)}
+        proc = self._spawn("proxy", [str(BIN / "caddy"), "run", "--adapter", "caddyfile", "--config",
+                                     str(caddyfile)], env=env)
+        wait_for_port(self.fleet_port, 30, proc)
+        with (self.home / "config.toml").open("a") as config:
+            config.write(f'\n[superlink.outside]\naddress = "127.0.0.1:{self.fleet_port}"\n'
+                         f'root-certificates = "{self.certs / "ca.crt"}"\n')
 
     def flwr(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
         """``flwr ARGS`` against this SuperLink (connection ``fleet``)."""
@@ -116,7 +136,8 @@ class LocalFleet:
     def start_vehicle(self, name: str, *args: str, key: Path | None = None) -> subprocess.Popen:
         """``fedseg-vehicle ARGS`` (checks, then becomes ``flower-supernode``) on a free local port, with
         ``key`` (default: ``certs/vehicles/<name>.key``) under TLS."""
-        cmd = [str(BIN / "fedseg-vehicle"), "--superlink", f"127.0.0.1:{self.port}", "--port", str(free_port()),
+        cmd = [str(BIN / "fedseg-vehicle"), "--superlink", f"127.0.0.1:{self.fleet_port or self.port}",
+               "--port", str(free_port()),
                *args]
         if self.certs is None:
             cmd.append("--insecure")
