@@ -10,11 +10,12 @@ from __future__ import annotations
 import functools
 import json
 import os
+import secrets
 import tempfile
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import numpy as np
 import torch
@@ -23,6 +24,7 @@ from opacus.accountants import RDPAccountant, create_accountant
 from opacus.accountants.analysis.rdp import get_privacy_spent as rdp_privacy_spent
 from opacus.accountants.utils import get_noise_multiplier
 from opacus.data_loader import DPDataLoader
+from opacus.optimizers import DPOptimizer
 from opacus.utils.batch_memory_manager import wrap_data_loader
 from torch import nn
 from torch.utils.data import DataLoader
@@ -165,14 +167,15 @@ class ClientPrivacy:
         return (self.spec.max_epsilon is None or after <= self.spec.max_epsilon), after
 
     def attach(self, model: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader, *,
-               seed: int, epochs: int = 1) -> tuple[nn.Module, torch.optim.Optimizer, DataLoader, Any]:
+               seed: int | None, epochs: int = 1) -> tuple[nn.Module, torch.optim.Optimizer, DataLoader, Any]:
         """Wrap for DP-SGD; returns (model, optimizer, Poisson loader, criterion) for ``engine.train``.
 
         ``model`` must come from :func:`make_dp_compatible`; ``loader`` (batches of the physical
         ``batch_size``) must not drop its last batch. Its frames are Poisson-sampled at
         ``logical_batch / N`` per step; a logical batch larger than the physical one is split (Opacus'
         virtual steps: one noised step per logical batch). Only ``spec.trainable`` parameters train.
-        ``seed`` and the steps already taken fix the sampling and the noise (ignored with ``secure_rng``).
+        ``seed`` and the steps already taken fix the sampling and the noise (ignored with ``secure_rng``);
+        ``seed=None`` (a deployed vehicle): both from the OS's entropy, see :func:`_generators`.
         """
         if self._pending is not None:
             raise RuntimeError("ClientPrivacy.attach: the previous round was not committed")
@@ -193,9 +196,7 @@ class ClientPrivacy:
         # already taken: a caller passing the same seed every round must not get the same noise.
         noise = None
         if not self.spec.secure_rng:
-            taken = sum(entry[2] for entry in self._history)
-            sampling, noise = (torch.Generator().manual_seed(int(s)) for s in
-                               np.random.SeedSequence([seed, taken]).generate_state(2))
+            sampling, noise = _generators(seed, taken=sum(entry[2] for entry in self._history))
             loader = DPDataLoader.from_data_loader(loader, generator=sampling)
         wrapped = engine.make_private(
             module=model, optimizer=optimizer, data_loader=loader, criterion=PerSampleSegmentationLoss(),
@@ -206,6 +207,10 @@ class ClientPrivacy:
             model, optimizer, criterion, loader = wrapped
         else:  # same per-frame loss definition in every mode, so clipping bounds the same quantity
             (model, optimizer, loader), criterion = wrapped, PerSampleSegmentationLoss()
+        if seed is None and not self.spec.secure_rng:
+            # Opacus' noise robust to floating-point attacks (the sum of 4 Gaussians, arXiv:2107.10138), which
+            # its secure_mode gives only with torchcsprng: the same N(0, sigma^2), 5 draws instead of 1.
+            cast(DPOptimizer, optimizer).secure_mode = True
         if self.logical_batch > self.physical_batch:  # virtual steps: noise once per logical batch
             loader = wrap_data_loader(data_loader=loader, max_batch_size=self.physical_batch, optimizer=optimizer)
         else:
@@ -272,8 +277,24 @@ class ClientPrivacy:
         os.replace(tmp, target)
 
 
+def _generators(seed: int | None, *, taken: int) -> tuple[torch.Generator, torch.Generator]:
+    """Poisson sampling's and the noise's generators.
+
+    With a ``seed`` (simulation): derived from it and the steps already taken, so runs reproduce and a
+    caller passing the same seed every round still gets new noise. ``None`` (a deployed vehicle): each
+    seeded with 64 fresh bits from the OS (``secrets``), nothing the server chose or can see. That is
+    unpredictable seeding of torch's Mersenne Twister, not a CSPRNG (``secure_rng`` needs torchcsprng):
+    64 bits per generator, and the server only ever sees noised sums, never the raw draws."""
+    if seed is None:
+        seeds = [secrets.randbits(64), secrets.randbits(64)]
+    else:
+        seeds = [int(s) for s in np.random.SeedSequence([seed, taken]).generate_state(2)]
+    sampling, noise = (torch.Generator().manual_seed(s) for s in seeds)
+    return sampling, noise
+
+
 def private_round(privacy: ClientPrivacy, model: nn.Module, loader: DataLoader,
-                  optimizer: torch.optim.Optimizer, *, epochs: int, seed: int, proximal_mu: float = 0.0,
+                  optimizer: torch.optim.Optimizer, *, epochs: int, seed: int | None, proximal_mu: float = 0.0,
                   device: str | torch.device = "cpu") -> TrainResult | None:
     """One vehicle's DP-SGD round; ``None`` (nothing trained, nothing spent) if the budget forbids it.
 
@@ -298,7 +319,7 @@ class DPSGDTrainer:
         self.privacy = privacy
 
     def train_round(self, model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, *,
-                    epochs: int, seed: int, proximal_mu: float, device: str) -> RoundOutcome:
+                    epochs: int, seed: int | None, proximal_mu: float, device: str) -> RoundOutcome:
         result = private_round(self.privacy, model, loader, optimizer, epochs=epochs, seed=seed,
                                proximal_mu=proximal_mu, device=device)
         metrics: dict[str, Any] = {"epsilon": self.privacy.epsilon(), "delta": self.privacy.delta,
@@ -306,6 +327,11 @@ class DPSGDTrainer:
         if result is None:  # budget exhausted: say so; the server leaves this vehicle out
             metrics |= {"skipped": True, "reason": "privacy budget exhausted"}
         return RoundOutcome(result, metrics)
+
+    def planned_round(self, epochs: int) -> tuple[float, float, int]:
+        """The accountant entry a round of ``epochs`` adds: (noise multiplier, sample rate, steps)."""
+        privacy = self.privacy
+        return privacy.noise_multiplier, privacy.sample_rate, privacy.round_steps(epochs)
 
     def state(self) -> bytes | None:
         return self.privacy.to_bytes()

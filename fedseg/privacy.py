@@ -34,6 +34,9 @@ GradSampleMode = Literal["ghost", "hooks", "functorch", "ew"]
 DEFAULT_GRAD_SAMPLE_MODE: GradSampleMode = "hooks"
 GRAD_SAMPLE_MODES: tuple[GradSampleMode, ...] = typing.get_args(GradSampleMode)
 Accountant = Literal["rdp", "prv"]
+# What one round spends on a vehicle's frames under DP-SGD: (noise multiplier, sample rate, steps), the
+# entries of Opacus' accountant history. None: the round has no per-frame noise on the vehicle.
+Mechanism = tuple[float, float, int]
 
 
 
@@ -41,7 +44,11 @@ class LocalTrainer(Protocol):
     """How a vehicle trains one round: plainly, or wrapped by a privacy mechanism (DP-SGD)."""
 
     def train_round(self, model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, *,
-                    epochs: int, seed: int, proximal_mu: float, device: str) -> RoundOutcome: ...
+                    epochs: int, seed: int | None, proximal_mu: float, device: str) -> RoundOutcome:
+        """One round; ``seed`` fixes its randomness (simulation), ``None``: the OS's entropy (a deployed vehicle)."""
+
+    def planned_round(self, epochs: int) -> Mechanism | None:
+        """What a round of ``epochs`` would spend on this vehicle's frames; ``None``: no per-frame noise."""
 
     def state(self) -> bytes | None:
         """What must survive the process (an accountant), or ``None`` if nothing."""
@@ -64,9 +71,12 @@ class PlainTrainer:
     """No per-frame privacy: ``training.train`` as it is (also under client-level DP, which the mods add)."""
 
     def train_round(self, model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, *,
-                    epochs: int, seed: int, proximal_mu: float, device: str) -> RoundOutcome:
+                    epochs: int, seed: int | None, proximal_mu: float, device: str) -> RoundOutcome:
         return RoundOutcome(train(model, loader, optimizer, epochs=epochs, proximal_mu=proximal_mu,
                                   device=device))
+
+    def planned_round(self, epochs: int) -> Mechanism | None:
+        return None  # no noise on the vehicle: unbounded epsilon
 
     def state(self) -> bytes | None:
         return None

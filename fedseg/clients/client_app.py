@@ -50,7 +50,8 @@ class VehicleClient(NumPyClient):
         self.settings = settings
         self.partition_id = partition_id
         self.state = context.state
-        node = NodeSpec.from_node_config(context.node_config)
+        self.run_id = context.run_id
+        self.node = node = NodeSpec.from_node_config(context.node_config)
         vehicle = load_vehicle(settings, node, default_partition=partition_id)
         self.dataset = vehicle.dataset
         self.num_classes = vehicle.num_classes
@@ -68,9 +69,12 @@ class VehicleClient(NumPyClient):
         # The server's lr schedule sends the round's lr (fedseg.training.scheduled_lr).
         optimizer = make_optimizer(model, name=fed.optimizer, lr=float(config.get("lr", fed.lr)))
         epochs, mu = int(config.get("local_epochs", fed.local_epochs)), float(config.get("proximal_mu", 0.0))
+        # A deployed vehicle trains under its own privacy floor and ledger, noise from the OS (fedseg.deploy.floor)
+        trainer = self.node.guard(self.trainer, run=self.run_id, server_round=server_round,
+                                  num_examples=len(self.dataset), run_privacy=self.settings.privacy.name)
         started = time.perf_counter()
-        outcome = self.trainer.train_round(model, loader, optimizer, epochs=epochs, seed=seed,
-                                           proximal_mu=mu, device=self.device)
+        outcome = trainer.train_round(model, loader, optimizer, epochs=epochs, seed=seed,
+                                      proximal_mu=mu, device=self.device)
         train_s = time.perf_counter() - started  # the round's training alone (docs/PERFORMANCE.md)
         self._keep_local_norm(model, restore=False)
         if (state := self.trainer.state()) is not None:

@@ -11,7 +11,12 @@ A SuperNode's ``--node-config`` names the vehicle's data in one of two ways:
   or ``data.root``), split as ``fedseg-sim`` splits it; ``n`` must equal ``federation.num_clients``.
 
 Optionally ``hardware=<profile>`` (``conf/hardware``; sets the training threads to the profile's) or
-``threads=N``. The server loads only its held-out set (:func:`load_heldout`). Neither builds the
+``threads=N``. The vehicle's own privacy (:mod:`fedseg.deploy.floor`): ``ledger=FILE`` (its lifetime
+ledger; ``fedseg-vehicle`` always sets one, and a node config with ``ledger`` or ``data-root`` is a deployed
+vehicle, whose DP-SGD noise comes from the OS's entropy), ``require-dp=true``, ``min-noise-multiplier=X``,
+``max-epsilon-per-run=E``, ``lifetime-epsilon=E``.
+
+The server loads only its held-out set (:func:`load_heldout`). Neither builds the
 fleet: a vehicle of the synthetic fleet renders its own frames the first time it is built (then
 they are cached on disk), and the server's partition sizes follow from the config.
 """
@@ -28,8 +33,11 @@ from fedseg.config import DataSpec
 from fedseg.data import FleetData, FleetFrames, fleet_frames, get_data_source, make_dataset
 from fedseg.data.carla import HELDOUT_NAMES, SegmentationDataset, discover, validate
 from fedseg.data.frames import Frame
+from fedseg.deploy.floor import PrivacyFloor, VehicleOwnedTrainer
+from fedseg.deploy.ledger import PrivacyLedger
 from fedseg.errors import DataError
 from fedseg.labels import build_label_map
+from fedseg.privacy import LocalTrainer
 from fedseg.search.hardware import HARDWARE_PROFILES
 from fedseg.settings import RunSettings
 
@@ -47,6 +55,11 @@ class NodeSpec:
     vehicle: str | None = None
     hardware: str | None = None
     threads: int | None = None
+    ledger: str | None = None
+    require_dp: bool = False
+    min_noise_multiplier: float | None = None
+    max_epsilon_per_run: float | None = None
+    lifetime_epsilon: float | None = None
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any]) -> NodeSpec:
@@ -57,6 +70,9 @@ class NodeSpec:
             raise ValueError(f"unknown node config keys {unknown}; valid: {sorted(names)}")
         values: dict[str, Any] = {}
         for key, value in node_config.items():
+            if key in _FLOOR_NUMBERS or key == "require-dp":
+                values[names[key]] = _floor_value(key, value)
+                continue
             numeric = key in ("partition-id", "num-partitions", "threads")
             if numeric and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
                 raise ValueError(f"node config {key}={value!r}: expected an integer >= 0")
@@ -65,6 +81,24 @@ class NodeSpec:
         if spec.hardware is not None and spec.hardware not in HARDWARE_PROFILES:
             raise ValueError(f"node config hardware={spec.hardware}: valid: {list(HARDWARE_PROFILES)}")
         return spec
+
+    @property
+    def owns_privacy(self) -> bool:
+        """A deployed vehicle (a ledger or its own data-root): its floor, its ledger, noise from the OS."""
+        return self.ledger is not None or self.data_root is not None
+
+    def privacy_floor(self) -> PrivacyFloor:
+        return PrivacyFloor(require_dp=self.require_dp, min_noise_multiplier=self.min_noise_multiplier,
+                            max_epsilon_per_run=self.max_epsilon_per_run, lifetime_epsilon=self.lifetime_epsilon)
+
+    def guard(self, trainer: LocalTrainer, *, run: int, server_round: int, num_examples: int,
+              run_privacy: str) -> LocalTrainer:
+        """``trainer`` under this vehicle's own privacy if it owns it (deployment), else ``trainer`` itself."""
+        if not self.owns_privacy:
+            return trainer  # simulation: seeded noise, the run's settings
+        ledger = PrivacyLedger(Path(self.ledger).expanduser()) if self.ledger is not None else None
+        return VehicleOwnedTrainer(trainer, self.privacy_floor(), ledger, run=run, server_round=server_round,
+                                   num_examples=num_examples, run_privacy=run_privacy)
 
     def vehicle_id(self, fallback: int) -> int:
         """The vehicle's number: its ``partition-id``, else ``fallback`` (e.g. Flower's node id)."""
@@ -77,6 +111,20 @@ class NodeSpec:
         if self.hardware is not None:
             return HARDWARE_PROFILES[self.hardware].threads
         return max(1, default)
+
+
+_FLOOR_NUMBERS = ("min-noise-multiplier", "max-epsilon-per-run", "lifetime-epsilon")
+
+
+def _floor_value(key: str, value: Any) -> bool | float:
+    """A privacy-floor value: ``require-dp`` a boolean, the bounds numbers > 0 (one-line ``ValueError``)."""
+    if key == "require-dp":
+        if not isinstance(value, bool):
+            raise ValueError(f"node config require-dp={value!r}: expected true or false")
+        return value
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise ValueError(f"node config {key}={value!r}: expected a number > 0")
+    return float(value)
 
 
 def vehicle_id(context: Context) -> int:
