@@ -15,6 +15,7 @@ import ssl
 import stat
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -141,31 +142,40 @@ def test_a_ca_kept_offline_is_asked_for_only_to_sign(tmp_path: Path) -> None:
     assert kept.created == []
 
 
-def _cli(main, *args: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
-         env: dict[str, str] | None = None) -> tuple[int, str, str]:
+Cli = Callable[..., tuple[int, str, str]]
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.fixture
+def cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> Cli:
     """Run an entry point as its console script would, with no terminal: (exit status, stdout, stderr)."""
-    monkeypatch.setattr("sys.stdin", io.StringIO())
-    for name, value in (env or {}).items():
-        monkeypatch.setenv(name, value)
-    try:
-        main(list(args))
-        code = 0
-    except SystemExit as stop:
-        code = int(stop.code or 0)
-    out = capsys.readouterr()
-    return code, out.out, out.err
+    def run(main: Callable[[list[str]], None], *args: str, env: dict[str, str] | None = None,
+            terminal: bool = False) -> tuple[int, str, str]:
+        monkeypatch.setattr("sys.stdin", _Terminal() if terminal else io.StringIO())
+        for name, value in (env or {}).items():
+            monkeypatch.setenv(name, value)
+        try:
+            main(list(args))
+            code = 0
+        except SystemExit as stop:
+            code = int(stop.code or 0)
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    return run
 
 
-def test_fedseg_certs_wants_a_passphrase_or_an_explicit_no(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                           capsys: pytest.CaptureFixture[str]) -> None:
-    run = {"monkeypatch": monkeypatch, "capsys": capsys}
-    refused = _cli(certs_main, "--out", str(tmp_path / "a"), **run)
-    made = _cli(certs_main, "--out", str(tmp_path / "b"), "--ca-passphrase-env", "CA_PASS", env={"CA_PASS": "s3"},
-                **run)
-    unset = _cli(certs_main, "--out", str(tmp_path / "c"), "--ca-passphrase-env", "NOT_SET_ANYWHERE", **run)
-    server_keys = _cli(certs_main, "--out", str(tmp_path / "d"), "--no-ca-passphrase", "--vehicles", "2", **run)
-    discouraged = _cli(certs_main, "--out", str(tmp_path / "e"), "--no-ca-passphrase", "--names", "car",
-                       "--server-side-vehicle-keys", **run)
+def test_fedseg_certs_wants_a_passphrase_or_an_explicit_no(tmp_path: Path, cli: Cli) -> None:
+    refused = cli(certs_main, "--out", str(tmp_path / "a"))
+    made = cli(certs_main, "--out", str(tmp_path / "b"), "--ca-passphrase-env", "CA_PASS", env={"CA_PASS": "s3"})
+    unset = cli(certs_main, "--out", str(tmp_path / "c"), "--ca-passphrase-env", "NOT_SET_ANYWHERE")
+    server_keys = cli(certs_main, "--out", str(tmp_path / "d"), "--no-ca-passphrase", "--vehicles", "2")
+    discouraged = cli(certs_main, "--out", str(tmp_path / "e"), "--no-ca-passphrase", "--names", "car",
+                      "--server-side-vehicle-keys")
 
     assert refused[0] == 2 and not (tmp_path / "a" / "ca.key").exists()
     assert refused[2].startswith("fedseg-certs: error: ") and "--ca-passphrase-env" in refused[2]
@@ -177,13 +187,24 @@ def test_fedseg_certs_wants_a_passphrase_or_an_explicit_no(tmp_path: Path, monke
     assert discouraged[0] == 0 and (tmp_path / "e" / "vehicles" / "car.key").exists()
 
 
-def test_fedseg_vehicle_keygen_writes_a_private_key_once_and_prints_the_public_key(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    run = {"monkeypatch": monkeypatch, "capsys": capsys}
-    first = _cli(vehicle_main, "keygen", "--out", str(tmp_path / "etc"), "--name", "car_7", **run)
+def test_fedseg_certs_asks_twice_on_a_terminal_for_a_new_ca(tmp_path: Path, cli: Cli,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    answers = iter(["one", "other", "same", "same"])
+    monkeypatch.setattr("getpass.getpass", lambda prompt: next(answers))
+
+    differ = cli(certs_main, "--out", str(tmp_path), terminal=True)
+    made = cli(certs_main, "--out", str(tmp_path), terminal=True)
+
+    assert differ[0] == 2 and "the two passphrases differ; nothing written" in differ[2]
+    assert made[0] == 0, made[2]
+    load_pem_private_key((tmp_path / "ca.key").read_bytes(), password=b"same")
+
+
+def test_fedseg_vehicle_keygen_writes_a_private_key_once_and_prints_the_public_key(tmp_path: Path, cli: Cli) -> None:
+    first = cli(vehicle_main, "keygen", "--out", str(tmp_path / "etc"), "--name", "car_7")
     key = tmp_path / "etc" / "car_7.key"
     before = key.read_bytes()
-    again = _cli(vehicle_main, "keygen", "--out", str(tmp_path / "etc"), "--name", "car_7", **run)
+    again = cli(vehicle_main, "keygen", "--out", str(tmp_path / "etc"), "--name", "car_7")
 
     assert first[0] == 0, first[2]
     public = (tmp_path / "etc" / "car_7.pub").read_text()
