@@ -59,7 +59,9 @@ class LocalFleet:
         self.home.mkdir(parents=True, exist_ok=True)
         # The SuperLink starts flower-superexec by name: this environment's bin first, as fedseg-sim does,
         # so the suite also runs as `.venv/bin/python -m pytest` without activating the venv.
-        self.env = with_this_environment_on_path({**os.environ, **self.env_extra, TAG: self.tag,
+        # Vehicles keep their privacy ledgers in the fleet's folder, never in the real home's state folder.
+        self.env = with_this_environment_on_path({**os.environ, "XDG_STATE_HOME": str(self.root / "state"),
+                                                  **self.env_extra, TAG: self.tag,
                                                   "FLWR_HOME": str(self.home), "FLWR_DISABLE_UPDATE_CHECK": "1",
                                                   "PYTHONUNBUFFERED": "1"})
 

@@ -244,14 +244,15 @@ def test_the_launcher_checks_data_and_keys_then_builds_flowers_command(tmp_path:
     box = _fleet_folder(tmp_path / "box", ["car"])
     launch = VehicleLaunch(superlink="link:9092", data_root=box, partition_id=0, hardware="edge_cpu_2core",
                            key=made.vehicle_keys["car"], root_certificates=made.ca_cert, port=9101,
-                           tagset="legacy13")
+                           tagset="legacy13", ledger=tmp_path / "ledger.json", lifetime_epsilon=8)
 
     summary = check_vehicle(launch)
     cmd = supernode_command(launch)
 
     assert "4 frames checked" in summary and "key car.key (secp384r1)" in summary
     assert cmd[1:] == ["--superlink", "link:9092", "--port", "9101", "--node-config",
-                       f'data-root="{box.resolve()}" partition-id=0 hardware="edge_cpu_2core"',
+                       (f'data-root="{box.resolve()}" partition-id=0 hardware="edge_cpu_2core" '
+                        f'ledger="{tmp_path / "ledger.json"}" lifetime-epsilon=8'),
                        "--isolation", "process", "--root-certificates", str(made.ca_cert), "--auth-supernode-private-key",
                        str(made.vehicle_keys["car"])]
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
 import shutil
 import stat
 import sys
@@ -24,6 +25,7 @@ from flwr.supercore.address import parse_address
 
 from fedseg.data.carla import validate
 from fedseg.deploy.approval import AppPolicy
+from fedseg.deploy.ledger import PrivacyLedger, default_ledger_path
 from fedseg.deploy.vehicle import NodeSpec, own_frames
 
 
@@ -46,19 +48,36 @@ class VehicleLaunch:
     allow_apps: tuple[str, ...] = ()  # approved app bundle hashes (fedseg.deploy.approval); none: installed fedseg
     allow_app_files: tuple[Path, ...] = ()  # files of approved hashes, one a line
     external_superexec: bool = False  # the owner runs fedseg-superexec (as another user) instead
+    # The vehicle's own privacy floor and lifetime ledger (fedseg.deploy.floor), which no run can lower
+    require_dp: bool = False
+    min_noise_multiplier: float | None = None
+    max_epsilon_per_run: float | None = None
+    lifetime_epsilon: float | None = None
+    ledger: Path | None = None  # None: default_ledger_path(this vehicle's name)
 
-    def node_config(self) -> dict[str, str | int]:
+    def node_config(self) -> dict[str, str | int | float]:
         """The ``--node-config`` entries (Flower's keys: dashes), checked as the ClientApp will check them."""
-        entries: dict[str, str | int | None] = {
+        entries: dict[str, str | int | float | None] = {
             "data-root": str(self.data_root.expanduser().resolve()) if self.data_root else None,
             "vehicle": self.vehicle, "partition-id": self.partition_id, "num-partitions": self.num_partitions,
             "hardware": self.hardware, "threads": self.threads}
+        entries |= self.privacy_entries()
         config = {k: v for k, v in entries.items() if v is not None}
         NodeSpec.from_node_config(config)
         return config
 
+    def privacy_entries(self) -> dict[str, str | float | None]:
+        """The floor's node config keys, and always a ``ledger``: that marks a deployed vehicle, whose DP-SGD
+        noise comes from the OS's entropy (fedseg.deploy.vehicle.NodeSpec.owns_privacy)."""
+        name = (self.key.stem if self.key else self.vehicle
+                or (f"partition-{self.partition_id}" if self.partition_id is not None else "vehicle"))
+        ledger = self.ledger if self.ledger is not None else default_ledger_path(name)
+        return {"ledger": str(ledger.expanduser().resolve()), "require-dp": True if self.require_dp else None,
+                "min-noise-multiplier": self.min_noise_multiplier, "max-epsilon-per-run": self.max_epsilon_per_run,
+                "lifetime-epsilon": self.lifetime_epsilon}
 
-def _node_config_text(config: dict[str, str | int]) -> str:
+
+def _node_config_text(config: dict[str, str | int | float]) -> str:
     """``key=value`` pairs as Flower parses them (TOML values: strings in double quotes)."""
     return " ".join(f"{k}={json.dumps(v)}" for k, v in config.items())
 
@@ -105,6 +124,18 @@ def is_loopback(superlink: str) -> bool:
     return ip.is_loopback or bool(mapped and mapped.is_loopback)
 
 
+def check_ledger(path: Path) -> str:
+    """What the vehicle's privacy ledger holds; ``ValueError`` if it is unreadable or its folder unwritable."""
+    try:
+        rounds = len(PrivacyLedger(path).records())
+    except OSError as err:
+        raise ValueError(f"{path}: the privacy ledger cannot be read ({err.strerror}); pass --ledger FILE") from None
+    folder = next(p for p in (path.parent, *path.parent.parents) if p.exists())  # created on the first round
+    if not os.access(folder, os.W_OK):
+        raise ValueError(f"{folder}: not writable; the privacy ledger {path} needs it (or pass --ledger FILE)")
+    return f"privacy ledger {path} ({rounds} rounds recorded)"
+
+
 def check_vehicle(launch: VehicleLaunch) -> str:
     """Check data, credentials and node config; return one line saying what will run."""
     config = launch.node_config()
@@ -127,6 +158,7 @@ def check_vehicle(launch: VehicleLaunch) -> str:
         parts.append(f"{len(frames)} frames checked in {launch.data_root}")
     else:
         parts.append(f"partition {launch.partition_id} of {launch.num_partitions}")
+    parts.append(check_ledger(Path(str(config["ledger"]))))
     if launch.external_superexec:
         parts.append("apps: the owner's own fedseg-superexec runs them")
     else:

@@ -154,6 +154,14 @@ def vehicle_main(argv: Sequence[str] | None = None) -> None:
                         help="file of approved app bundle hashes, one a line")
     parser.add_argument("--external-superexec", action="store_true",
                         help="start no SuperExec: the owner runs fedseg-superexec as another user (docs/GUIDE.md)")
+    # The vehicle's privacy floor (fedseg.deploy.floor): the run's overrides cannot lower it.
+    parser.add_argument("--require-dp", action="store_true", help="train only under DP-SGD (privacy=dpsgd)")
+    parser.add_argument("--min-noise-multiplier", type=float, metavar="X", help="refuse runs with less DP-SGD noise")
+    parser.add_argument("--max-epsilon-per-run", type=float, metavar="E", help="refuse rounds past E in one run")
+    parser.add_argument("--lifetime-epsilon", type=float, metavar="E",
+                        help="refuse rounds past E over all runs, composed (the ledger's delta)")
+    parser.add_argument("--ledger", type=Path, metavar="FILE", help="the lifetime privacy ledger (default: "
+                        "$STATE_DIRECTORY, else $XDG_STATE_HOME/fedseg or ~/.local/state/fedseg, ledger-<name>.json)")
     parser.add_argument("--check-only", action="store_true", help="check, print the command, do not start")
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["keygen"]:  # a subcommand; every other invocation is the run interface, unchanged
@@ -166,7 +174,9 @@ def vehicle_main(argv: Sequence[str] | None = None) -> None:
         num_partitions=args.num_partitions, hardware=args.hardware, threads=args.threads, key=args.key,
         root_certificates=args.root_certificates, insecure=args.insecure, port=args.port, tagset=args.tagset,
         allow_apps=tuple(args.allow_app), allow_app_files=tuple(args.allow_apps),
-        external_superexec=args.external_superexec)
+        external_superexec=args.external_superexec, require_dp=args.require_dp,
+        min_noise_multiplier=args.min_noise_multiplier, max_epsilon_per_run=args.max_epsilon_per_run,
+        lifetime_epsilon=args.lifetime_epsilon, ledger=args.ledger)
     try:
         summary = check_vehicle(launch)
         cmd = supernode_command(launch, extra)
