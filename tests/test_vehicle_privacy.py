@@ -22,6 +22,7 @@ from flwr.common import Context, RecordDict
 from torch.utils.data import DataLoader, TensorDataset
 
 from fedseg._dp_compat import make_dp_compatible
+from fedseg.checkpoints import read_checkpoint
 from fedseg.clients.client_app import VehicleClient
 from fedseg.config import to_run_config
 from fedseg.deploy.ledger import Caps, PrivacyLedger, default_ledger_path, ledger_epsilon
@@ -267,3 +268,70 @@ def test_the_ledger_file_is_plain_json_a_person_can_read(tmp_path: Path) -> None
 
     assert data == {"version": 1, "accountant": "rdp", "delta": DELTA,
                     "rounds": [{"run": "1", "round": 1, "noise_multiplier": 1.0, "sample_rate": 0.5, "steps": 2}]}
+
+
+# ---------------------------------------------------------------- real processes: SuperLink, 2 SuperNodes, flwr run
+
+ONE_ROUND = ("experiment=smoke federation.num_clients=2 federation.min_fit_clients=2 federation.rounds=1 "
+             "deploy.join_timeout=120")
+
+
+@pytest.fixture(scope="module")
+def privacy_fleet(tmp_path_factory: pytest.TempPathFactory):
+    """Vehicle 0 nearly spent (its ledger holds an earlier round, its lifetime cap a little above that);
+    vehicle 1 with no floor and the default ledger (in the fleet's XDG_STATE_HOME)."""
+    from deploy_fleet import LocalFleet
+
+    root = tmp_path_factory.mktemp("privacy_fleet")
+    spent = PrivacyLedger(root / "ledgers" / "vehicle_0.json")
+    spent.reserve(1, 1, ROUND, delta=DELTA, caps=Caps())
+    fleet = LocalFleet(root, env_extra={"FEDSEG_DATA_CACHE": str(root / "cache"), "WANDB_MODE": "offline"})
+    try:
+        (root / "server").mkdir()
+        fleet.start_superlink("--disable-runtime-dependency-installation", cwd=root / "server")
+        fleet.start_vehicle("vehicle_0", "--partition-id", "0", "--num-partitions", "2", "--ledger",
+                            str(spent.path), "--lifetime-epsilon", str(epsilon_of([ROUND], DELTA) + 0.5))
+        fleet.start_vehicle("vehicle_1", "--partition-id", "1", "--num-partitions", "2")
+        yield fleet
+    finally:
+        fleet.stop()
+
+
+def _finished(fleet: Any, overrides: str) -> tuple[Path, list[dict[str, Any]]]:
+    result = fleet.run(overrides, timeout=420)
+    assert result.status == "finished:completed", result.output[-3000:]
+    out = fleet.root / "server" / "outputs" / "deploy" / str(result.run_id)
+    return out, [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.deploy
+def test_a_second_deployed_run_with_the_same_seed_gets_different_dp_noise(privacy_fleet: Any) -> None:
+    overrides = ONE_ROUND + " privacy=dpsgd seed=7"
+
+    runs = [_finished(privacy_fleet, overrides) for _ in range(2)]
+
+    (out_a, rows_a), (out_b, rows_b) = runs
+    # Same start (the server's seed), then vehicle 1's update with fresh noise and sampling in each run.
+    assert rows_a[0]["loss"] == rows_b[0]["loss"]
+    assert rows_a[1]["clients"] == rows_b[1]["clients"] == 1
+    a, b = (read_checkpoint(out / "checkpoints" / "global.pt")["model_state"] for out in (out_a, out_b))
+    trained = [k for k, v in a.items() if "decoder" in k and v.is_floating_point()]  # privacy.trainable=decoder
+    assert trained and all(not torch.equal(a[k], b[k]) for k in trained)
+    # Vehicle 1's own ledger (the default one, outside both run folders) holds one round of each run.
+    ledger = PrivacyLedger(privacy_fleet.root / "state" / "fedseg" / "ledger-partition-1.json")
+    assert len({r["run"] for r in ledger.records()}) == 2 and {r["round"] for r in ledger.records()} == {1}
+
+
+@pytest.mark.deploy
+def test_a_nearly_spent_vehicle_refuses_a_run_that_turns_dp_off_or_raises_its_budget(privacy_fleet: Any) -> None:
+    before = privacy_fleet.log("vehicle_0").count("fedseg-vehicle: refused round 1 of run")
+
+    _, generous = _finished(privacy_fleet, ONE_ROUND + " privacy=dpsgd privacy.max_epsilon=1000")
+    _, plain = _finished(privacy_fleet, ONE_ROUND + " privacy=none")
+
+    log = privacy_fleet.log("vehicle_0")
+    assert log.count("fedseg-vehicle: refused round 1 of run") == before + 2
+    assert "the lifetime epsilon would reach" in log and "the run asks privacy=none" in log
+    assert generous[1]["clients"] == plain[1]["clients"] == 1  # vehicle 1 trained; vehicle 0 left out
+    assert len(generous[1]["skipped"]) == len(plain[1]["skipped"]) == 1
+    assert [r["run"] for r in PrivacyLedger(privacy_fleet.root / "ledgers" / "vehicle_0.json").records()] == ["1"]
