@@ -113,8 +113,9 @@ class PrivacyLedger:
                 refusal = (f"the run's epsilon on this vehicle would reach {run_eps:.4g} > max-epsilon-per-run "
                            f"{caps.per_run:g} (delta {delta:.3g})")
             elif caps.lifetime is not None and life_eps > caps.lifetime:
+                # No path: the reason goes to the server too, which has no business knowing the box's files
                 refusal = (f"the lifetime epsilon would reach {life_eps:.4g} > lifetime-epsilon {caps.lifetime:g} "
-                           f"(delta {delta:.3g}; ledger {self.path})")
+                           f"(delta {delta:.3g})")
             if refusal is None:
                 noise, rate, steps = mechanism if mechanism is not None else (None, None, None)
                 rounds.append({"run": str(run), "round": server_round, "noise_multiplier": noise,
