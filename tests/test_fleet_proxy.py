@@ -52,7 +52,7 @@ def unit_options(path: Path) -> dict[str, list[str]]:
 
 
 @pytest.mark.parametrize("name", ["fedseg-superlink.service", "fedseg-vehicle@.service",
-                                  "fedseg-fleet-proxy.service"])
+                                  "fedseg-vehicle-apps@.service", "fedseg-fleet-proxy.service"])
 def test_every_unit_is_sandboxed(name: str) -> None:
     service = {k.removeprefix("Service."): v for k, v in unit_options(DEPLOY / name).items()
                if k.startswith("Service.")}
@@ -85,6 +85,21 @@ def test_the_superlink_listens_on_loopback_and_the_proxy_forwards_to_it() -> Non
     # The vehicle unit's StartLimit* only work in [Unit]: in [Service] systemd ignores them.
     vehicle = unit_options(DEPLOY / "fedseg-vehicle@.service")
     assert vehicle["Unit.StartLimitBurst"] == ["5"] and "Service.StartLimitIntervalSec" not in vehicle
+
+
+def test_the_apps_a_vehicle_runs_cannot_see_its_key() -> None:
+    # The SuperNode (which holds the key) starts no SuperExec; the apps unit runs it with /etc/fedseg,
+    # where the key is, hidden, and connects to the SuperNode's Runtime API on the box.
+    vehicle = unit_options(DEPLOY / "fedseg-vehicle@.service")
+    apps = unit_options(DEPLOY / "fedseg-vehicle-apps@.service")
+    supernode, superexec = vehicle["Service.ExecStart"][0].split(), apps["Service.ExecStart"][0].split()
+    key = supernode[supernode.index("--key") + 1]
+
+    assert "--external-superexec" in supernode and "fedseg-vehicle-apps@%i.service" in vehicle["Unit.Wants"][0]
+    assert superexec[0].endswith("/fedseg-superexec") and apps["Unit.PartOf"] == ["fedseg-vehicle@%i.service"]
+    assert superexec[superexec.index("--runtime-api-address") + 1] == "127.0.0.1:9094"  # fedseg-vehicle's --port
+    hidden = apps["Service.InaccessiblePaths"]
+    assert any(key.startswith(path.rstrip("/") + "/") for path in hidden), (key, hidden)
 
 
 def _runnable_copies(tmp_path: Path) -> list[Path]:
