@@ -170,12 +170,26 @@ def test_central_dp_round_with_a_dropout_fails_cleanly(how: str) -> None:
     assert fleet.rows[1]["secagg"]["failed"] is True and fleet.rows[2]["secagg"]["failed"] is False
 
 
-def test_update_outside_the_range_stops_with_the_setting_to_change() -> None:
-    fleet = Fleet(toy_updates((1.0, 40.0, -2.0)), list(EXAMPLES), {**SECAGG, "clipping_range": 8.0})
+def test_updates_of_most_vehicles_outside_the_range_stop_with_the_setting_to_change() -> None:
+    fleet = Fleet(toy_updates((1.0, 40.0, -40.0)), list(EXAMPLES), {**SECAGG, "clipping_range": 8.0})
 
     # 40 * (2 / 3 examples/max_weight) = 26.7 > 8: Flower would clip it to 8 without a word.
     with pytest.raises(SecAggRangeError, match=r"reaches 26.67.*clipping_range=8.*clipping_range>=40"):
         fleet.run()
+
+
+def test_one_vehicle_outside_the_range_fails_its_round_only() -> None:
+    # A single vehicle (faulty, or lying in its error text) cannot stop the fleet: it drops out of the
+    # round, and the others' sum is applied.
+    fleet = Fleet(toy_updates((1.0, 40.0, -2.0)), list(EXAMPLES), {**SECAGG, "clipping_range": 8.0}, rounds=2)
+
+    fleet.run()
+
+    # Vehicles 0 and 2 are summed: (1 * 1.0 + 3 * -2.0) / 4 = -1.25 a round.
+    assert [row["round"] for row in fleet.rows] == [0, 1, 2]
+    assert all(row["secagg"]["dropped"] == 1 and not row["secagg"]["failed"] for row in fleet.rows[1:])
+    assert "SecAggRangeError" in fleet.rows[1]["failure"]
+    np.testing.assert_allclose(fleet.globals[2][0], START - 2 * 1.25)
 
 
 class WeightSlotTamper(GridWrapper):
