@@ -75,7 +75,17 @@ def test_skipped_vehicle_is_left_out_of_the_average_and_counted() -> None:
 
     np.testing.assert_allclose(parameters_to_ndarrays(params)[0], np.full(3, 2.0))
     assert strategy._pending["skipped"] == ["b"] and strategy._pending["clients"] == 1
-    assert strategy.client_epsilon == {"b": 3.0}  # named by its node, not by the partition it reports
+    assert strategy.client_epsilon == {"1": 3.0}  # kept by partition: what a resumed run finds again
+
+
+def test_a_vehicle_claiming_anothers_partition_cannot_lower_its_epsilon() -> None:
+    strategy = RoundRecorder(build_strategy("fedavg", {}), RoundNotes(), on_round=lambda row, resume: None)
+    honest = (proxy("a"), fit_res([np.full(3, 1.0, np.float32)], 5, partition_id=0, epsilon=4.0))
+    liar = (proxy("b"), fit_res([np.full(3, 1.0, np.float32)], 5, partition_id=0, epsilon=0.5))
+
+    strategy.aggregate_fit(1, [honest, liar], [])
+
+    assert strategy.client_epsilon == {"0": 4.0}
 
 
 def test_evaluate_emits_a_contract_row() -> None:

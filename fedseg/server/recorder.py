@@ -25,7 +25,7 @@ from fedseg.errors import RunFailed
 from fedseg.runlog import metrics_row
 from fedseg.server.arrays import parameters_bytes
 from fedseg.server.notes import RoundNotes
-from fedseg.server.replies import ReplyRules, partition_label, vehicle_of
+from fedseg.server.replies import ReplyRules, partition_label, privacy_key, vehicle_of
 from fedseg.server.resume import resume_state
 from fedseg.server.wrapper import StrategyWrapper, inner_of
 
@@ -125,10 +125,9 @@ class RoundRecorder(StrategyWrapper):
         skipped = [vehicle_of(p) for p, r in screened.kept if r.metrics.get("skipped")]
         n = sum(r.num_examples for _, r in trained)
         for proxy, res in screened.kept:
-            vehicle = vehicle_of(proxy)
-            if res.metrics.get("epsilon") is not None:  # cumulative per vehicle: keep the latest
-                self.client_epsilon[vehicle] = float(res.metrics["epsilon"])
-                self.client_delta[vehicle] = float(res.metrics.get("delta", 0.0))
+            if res.metrics.get("epsilon") is not None:
+                self._note_spend(privacy_key(proxy, res), float(res.metrics["epsilon"]),
+                                 float(res.metrics.get("delta", 0.0)))
         errors = [failure_reason(f) for f in failures]
         silent = self._pending.get("sampled", 0) - len(results) - len(failures)
         if silent > 0:  # no reply within federation.round_timeout (or lost on the way)
@@ -181,6 +180,12 @@ class RoundRecorder(StrategyWrapper):
         )
         self.on_round({**row, **self.notes.pop(server_round)}, resume_state(self.base(), self))
         return evaluated
+
+    def _note_spend(self, key: str, epsilon: float, delta: float) -> None:
+        """A vehicle's cumulative spend, kept as the largest reported: an honest vehicle's epsilon only
+        grows, so a vehicle claiming another's partition can raise that entry but never lower it."""
+        self.client_epsilon[key] = max(self.client_epsilon.get(key, epsilon), epsilon)
+        self.client_delta[key] = max(self.client_delta.get(key, delta), delta)
 
     def _privacy_fields(self, server_round: int) -> dict[str, Any]:
         """``epsilon`` (max over vehicles so far, or vehicle-level for central DP) and ``delta``."""

@@ -44,6 +44,13 @@ def partition_label(res: FitRes) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
 
+def privacy_key(proxy: ClientProxy, res: FitRes) -> str:
+    """Where a vehicle's privacy spend is kept (``client_epsilon``): its partition label, which a
+    resumed simulation keeps (node ids are new in every process) and users read; else its node id."""
+    partition = partition_label(res)
+    return str(partition) if partition is not None else vehicle_of(proxy)
+
+
 def described(proxy: ClientProxy, res: FitRes) -> str:
     """``node N (partition P)`` for a log line."""
     partition = partition_label(res)
