@@ -8,6 +8,7 @@ import os
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -82,20 +83,39 @@ def offline_records(run_dir: Path) -> list[Any]:
     The ``.wandb`` file is a LevelDB-style log (7-byte file header, 32 KiB blocks, each record a
     7-byte header then a chunk; a record whose chunk is 1 = whole or 4 = last is complete) of
     ``wandb_internal_pb2.Record`` protobufs. wandb 0.31 has no Python reader for it.
+
+    The file is written by wandb's service process, which may still be flushing it after ``finish()``
+    returns on a loaded machine: read it again (up to 60 s) until it ends with the run's ``exit`` record.
     """
+    deadline = time.monotonic() + 60
+    while True:
+        paths = list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+        records = _read_records(paths[0]) if len(paths) == 1 else []
+        if (records and records[-1].WhichOneof("record_type") == "exit") or time.monotonic() > deadline:
+            return records
+        time.sleep(0.5)
+
+
+def _read_records(path: Path) -> list[Any]:
+    """The complete records of a ``.wandb`` file (a partly written last record is left out)."""
+    from google.protobuf.message import DecodeError
     from wandb.proto import wandb_internal_pb2
 
-    (path,) = (run_dir / "wandb").glob("offline-run-*/run-*.wandb")
     data, pos, chunks, records = path.read_bytes(), 7, b"", []
     while pos + 7 <= len(data):
         if BLOCK - pos % BLOCK < 7:  # a block's tail too short for a header is padding
             pos += BLOCK - pos % BLOCK
             continue
         _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if pos + 7 + length > len(data):  # still being written
+            break
         chunks, pos = chunks + data[pos + 7:pos + 7 + length], pos + 7 + length
         if kind in (1, 4):
             record = wandb_internal_pb2.Record()
-            record.ParseFromString(chunks)
+            try:
+                record.ParseFromString(chunks)
+            except DecodeError:
+                break
             records.append(record)
             chunks = b""
     return records
