@@ -80,18 +80,19 @@ def tagged_pids(tag: str, variable: str = TAG) -> list[int]:
 def stop_tagged(tag: str, grace: float = 10.0) -> None:
     """SIGTERM every process tagged ``tag``; SIGKILL those left after ``grace`` s.
 
-    Each phase signals processes that appear while it waits too (Ray's raylet starts workers while
-    its driver shuts down), so none is left because it was born after the first look; and "none
-    left" must hold on two looks 0.5 s apart, since a process in the middle of being started can be
-    unreadable for a moment.
+    Each phase signals processes that appear while it waits too (Ray's raylet starts workers, and
+    restarts its agents, while its driver shuts down), so none is left because it was born after the
+    first look; and "none left" must hold on three looks 0.5 s apart, since a process in the middle
+    of being started can be unreadable for a moment (on a loaded machine a Ray agent born during the
+    teardown outlived a run whose two looks came too soon).
     """
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 15.0)):
         deadline, signalled, empty_looks = time.monotonic() + wait, set[int](), 0
         while True:
             pids = set(tagged_pids(tag))
             if not pids:
                 empty_looks += 1
-                if empty_looks == 2:
+                if empty_looks == 3:
                     return
                 time.sleep(0.5)
                 continue
