@@ -19,18 +19,18 @@ import numpy as np
 import pytest
 import torch
 from flwr.common import Context, RecordDict
+from test_client_app import settings
 from torch.utils.data import DataLoader, TensorDataset
 
 from fedseg._dp_compat import make_dp_compatible
 from fedseg.checkpoints import read_checkpoint
 from fedseg.clients.client_app import VehicleClient
-from fedseg.config import to_run_config
 from fedseg.deploy.ledger import Caps, PrivacyLedger, default_ledger_path, ledger_epsilon
 from fedseg.deploy.vehicle import NodeSpec
 from fedseg.dpsgd import ClientPrivacy, epsilon_of
 from fedseg.models import build_model, build_run_model, get_weights
 from fedseg.privacy import DPSpec, NoPrivacy
-from fedseg.settings import RunSettings, settings_of
+from fedseg.settings import RunSettings
 
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing")
 DELTA = 1e-5
@@ -131,18 +131,6 @@ def test_the_default_ledger_lives_in_the_vehicles_state_folder_not_a_run_folder(
 
 # ---------------------------------------------------------------- the floor, through the vehicle's ClientApp
 
-def _settings(tmp_path: Path, **privacy: Any) -> RunSettings:
-    cfg = {
-        "data": {"root": str(tmp_path / "data"), "image_size": [32, 32], "frames_per_vehicle": 4,
-                 "heldout_frames": 2},
-        "model": {"name": "tiny"},
-        "federation": {"num_clients": 2, "min_fit_clients": 2, "rounds": 3, "batch_size": 2},
-        "privacy": {"name": "dpsgd", "noise_multiplier": 1.0, **privacy},
-        "output_dir": str(tmp_path / "run"),
-        "seed": 0,
-    }
-    return settings_of(to_run_config(cfg))
-
 
 def _fit(settings: RunSettings, node: dict[str, Any], *, run: int = 1, server_round: int = 1
          ) -> tuple[list[np.ndarray], list[np.ndarray], int, dict[str, Any]]:
@@ -159,7 +147,7 @@ def _fit(settings: RunSettings, node: dict[str, Any], *, run: int = 1, server_ro
 def test_a_vehicle_requiring_dp_refuses_a_run_without_it_in_one_line(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     ledger = tmp_path / "state" / "ledger.json"
-    plain = dataclasses.replace(_settings(tmp_path), privacy=NoPrivacy())
+    plain = dataclasses.replace(settings(tmp_path), privacy=NoPrivacy())
 
     with caplog.at_level(logging.WARNING, logger="fedseg.vehicle"):
         sent, returned, n, metrics = _fit(plain, {"ledger": str(ledger), "require-dp": True}, run=5)
@@ -176,7 +164,7 @@ def test_a_vehicle_requiring_dp_refuses_a_run_without_it_in_one_line(
 def test_a_noise_below_the_vehicles_minimum_is_refused(tmp_path: Path) -> None:
     node = {"ledger": str(tmp_path / "ledger.json"), "min-noise-multiplier": 2}
 
-    _, _, n, metrics = _fit(_settings(tmp_path, noise_multiplier=1.0), node)
+    _, _, n, metrics = _fit(settings(tmp_path, noise_multiplier=1.0), node)
 
     assert n == 0 and "noise multiplier 1 is below this vehicle's min-noise-multiplier 2" in metrics["reason"]
 
@@ -189,8 +177,8 @@ def test_a_nearly_spent_vehicle_refuses_whatever_the_run_asks(tmp_path: Path) ->
     node = {"ledger": str(path), "lifetime-epsilon": cap}
 
     # Execute: a new run that raises its own budget, then one that turns DP off.
-    _, _, n_dp, generous = _fit(_settings(tmp_path, max_epsilon=1000.0), node, run=100)
-    plain = dataclasses.replace(_settings(tmp_path), privacy=NoPrivacy())
+    _, _, n_dp, generous = _fit(settings(tmp_path, max_epsilon=1000.0), node, run=100)
+    plain = dataclasses.replace(settings(tmp_path), privacy=NoPrivacy())
     _, _, n_plain, off = _fit(plain, node, run=101)
 
     # Assert: both refused, the ledger still holds the one old round.
@@ -202,9 +190,9 @@ def test_a_nearly_spent_vehicle_refuses_whatever_the_run_asks(tmp_path: Path) ->
 def test_a_deployed_vehicle_records_each_round_and_releases_one_it_did_not_train(tmp_path: Path) -> None:
     path = tmp_path / "ledger.json"
 
-    _, _, n, _ = _fit(_settings(tmp_path), {"ledger": str(path)}, run=3, server_round=1)
+    _, _, n, _ = _fit(settings(tmp_path), {"ledger": str(path)}, run=3, server_round=1)
     # The run's own budget (smaller than one round) stops the next round before it trains.
-    _, _, n_skipped, skipped = _fit(_settings(tmp_path, max_epsilon=0.5), {"ledger": str(path)}, run=4)
+    _, _, n_skipped, skipped = _fit(settings(tmp_path, max_epsilon=0.5), {"ledger": str(path)}, run=4)
 
     assert n == 4 and n_skipped == 0 and skipped["reason"] == "privacy budget exhausted"
     records = PrivacyLedger(path).records()
@@ -224,11 +212,11 @@ def test_node_config_floor_values_are_checked_in_one_line() -> None:
 # ---------------------------------------------------------------- noise the server cannot regenerate
 
 def test_deployed_noise_differs_between_runs_with_the_same_seed_and_simulation_repeats(tmp_path: Path) -> None:
-    settings = _settings(tmp_path, trainable="all")
+    run = settings(tmp_path, trainable="all")
 
     # Same settings seed, same round, same vehicle: two runs each, simulation and deployment.
-    sim = [_fit(dataclasses.replace(settings, output_dir=str(tmp_path / f"sim{i}")), {})[1] for i in range(2)]
-    deployed = [_fit(dataclasses.replace(settings, output_dir=str(tmp_path / f"dep{i}")),
+    sim = [_fit(dataclasses.replace(run, output_dir=str(tmp_path / f"sim{i}")), {})[1] for i in range(2)]
+    deployed = [_fit(dataclasses.replace(run, output_dir=str(tmp_path / f"dep{i}")),
                      {"ledger": str(tmp_path / f"ledger{i}.json")}, run=i)[1] for i in range(2)]
 
     assert all(np.array_equal(a, b) for a, b in zip(*sim, strict=True))
