@@ -250,7 +250,8 @@ def test_the_launcher_checks_data_and_keys_then_builds_flowers_command(tmp_path:
     cmd = supernode_command(launch)
 
     assert "4 frames checked" in summary and "key car.key (secp384r1)" in summary
-    assert cmd[1:] == ["--superlink", "link:9092", "--port", "9101", "--node-config",
+    assert Path(cmd[0]).name == "fedseg-supernode"
+    assert cmd[1:] == ["--poll-interval", "0.1", "--superlink", "link:9092", "--port", "9101", "--node-config",
                        (f'data-root="{box.resolve()}" partition-id=0 hardware="edge_cpu_2core" '
                         f'ledger="{tmp_path / "ledger.json"}" lifetime-epsilon=8'),
                        "--isolation", "process", "--root-certificates", str(made.ca_cert), "--auth-supernode-private-key",
@@ -310,7 +311,7 @@ def test_fedseg_vehicle_check_only_prints_the_supernode_command(tmp_path: Path,
     with pytest.raises(SystemExit) as bad:
         vehicle_main(["--superlink", "127.0.0.1:9", "--insecure", "--data-root", str(tmp_path / "nowhere")])
 
-    assert "flower-supernode --superlink 127.0.0.1:9" in ok.out and "--insecure" in ok.out
+    assert "fedseg-supernode --poll-interval 0.1 --superlink 127.0.0.1:9" in ok.out and "--insecure" in ok.out
     assert bad.value.code == 2
     assert capsys.readouterr().err.strip() == (f"fedseg-vehicle: error: {tmp_path / 'nowhere'}: data root does not "
                                                "exist or is not a folder")

@@ -123,6 +123,28 @@ def client_fn(context: Context) -> Client:
     return VehicleClient(settings, vehicle_id(context), context).to_client()
 
 
+_kept: dict[tuple[Any, ...], VehicleClient] = {}
+
+
+def kept_client_fn(context: Context) -> Client:
+    """:func:`client_fn` for a vehicle's long-lived worker (``fedseg-clientapp --serve``): the vehicle (its
+    frames, its trainer and DP-SGD accountant) is built once per run and kept for the run's later
+    messages; a message of another run drops it. Each message's ``context.state`` (from the SuperNode)
+    replaces the kept one, and the trainer's accountant is the one that state and the vehicle's ledger
+    restored, advanced by this worker's own rounds since, so nothing goes back."""
+    key = (context.run_id, context.node_id, vehicle_id(context), tuple(sorted(context.node_config.items())),
+           tuple(sorted(context.run_config.items())))
+    vehicle = _kept.get(key)
+    if vehicle is None:
+        _kept.clear()
+        settings = settings_of(context.run_config)
+        torch.set_num_threads(NodeSpec.from_node_config(context.node_config).torch_threads(
+            settings.federation.client_cpus))
+        vehicle = _kept[key] = VehicleClient(settings, vehicle_id(context), context)
+    vehicle.state = context.state
+    return vehicle.to_client()
+
+
 def expand_settings(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
     """Outermost mod: Hydra ``overrides`` in the run config become the full flat config every mod reads."""
     context.run_config = expand_run_config(context.run_config, context.run_id)
@@ -139,3 +161,7 @@ VEHICLE_MODS: list[Mod] = [
 ]
 
 app = ClientApp(client_fn=client_fn, mods=VEHICLE_MODS)
+# The same ClientApp for the vehicle's long-lived worker (fedseg.sim.vehicle_apps.worker_main): one process
+# serves a run's messages, so the vehicle is built once (kept_client_fn). Never used in simulation, where
+# one Ray actor serves many virtual vehicles.
+worker_app = ClientApp(client_fn=kept_client_fn, mods=VEHICLE_MODS)

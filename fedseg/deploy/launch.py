@@ -54,6 +54,9 @@ class VehicleLaunch:
     max_epsilon_per_run: float | None = None
     lifetime_epsilon: float | None = None
     ledger: Path | None = None  # None: default_ledger_path(this vehicle's name)
+    # The vehicle's processes (docs/ARCHITECTURE.md "The vehicle's processes")
+    poll_interval: float = 0.1  # fedseg-supernode's asks for a message during a round (Flower: 3 s)
+    worker: bool = True  # a long-lived worker runs the installed fedseg's tasks (else a process per message)
 
     def node_config(self) -> dict[str, str | int | float]:
         """The ``--node-config`` entries (Flower's keys: dashes), checked as the ClientApp will check them."""
@@ -167,11 +170,12 @@ def check_vehicle(launch: VehicleLaunch) -> str:
 
 
 def supernode_executable() -> str:
-    """``flower-supernode`` of this environment (beside the running Python), else the one on PATH."""
-    beside = Path(sys.executable).with_name("flower-supernode")
-    found = str(beside) if beside.exists() else shutil.which("flower-supernode")
+    """``fedseg-supernode`` (Flower's ``flower-supernode`` with a round's shorter waits) of this environment
+    (beside the running Python), else the one on PATH."""
+    beside = Path(sys.executable).with_name("fedseg-supernode")
+    found = str(beside) if beside.exists() else shutil.which("fedseg-supernode")
     if not found:
-        raise FileNotFoundError("flower-supernode not found; install fedseg (pip install -e .) in this environment")
+        raise FileNotFoundError("fedseg-supernode not found; install fedseg (pip install -e .) in this environment")
     return found
 
 
@@ -187,8 +191,11 @@ def supernode_command(launch: VehicleLaunch, extra: list[str] | None = None) -> 
     # flwr-clientapp, which runs the bundle's code); fedseg-superexec (superexec_command) runs the tasks.
     if reopened := sorted({a.split("=", 1)[0] for a in extra or []} & {"--isolation", "--trusted-entities"}):
         raise ValueError(f"{reopened[0]} after --: a vehicle runs only approved code (--allow-app)")
-    cmd = [supernode_executable(), "--superlink", launch.superlink, "--port", str(launch.port),
-           "--node-config", _node_config_text(launch.node_config()), "--isolation", "process"]
+    if not 0.01 <= launch.poll_interval <= 3:
+        raise ValueError(f"--poll-interval {launch.poll_interval:g}: valid: 0.01 to 3 seconds (Flower's idle wait)")
+    cmd = [supernode_executable(), "--poll-interval", f"{launch.poll_interval:g}", "--superlink", launch.superlink,
+           "--port", str(launch.port), "--node-config", _node_config_text(launch.node_config()),
+           "--isolation", "process"]
     if launch.insecure:
         cmd.append("--insecure")
     else:
@@ -212,4 +219,4 @@ def superexec_command(launch: VehicleLaunch, supernode_pid: int) -> list[str]:
         cmd += ["--allow-app", sha]
     for path in launch.allow_app_files:
         cmd += ["--allow-apps", str(path.expanduser().resolve())]
-    return cmd
+    return cmd + ([] if launch.worker else ["--no-worker"])

@@ -162,6 +162,12 @@ def vehicle_main(argv: Sequence[str] | None = None) -> None:
                         help="refuse rounds past E over all runs, composed (the ledger's delta)")
     parser.add_argument("--ledger", type=Path, metavar="FILE", help="the lifetime privacy ledger (default: "
                         "$STATE_DIRECTORY, else $XDG_STATE_HOME/fedseg or ~/.local/state/fedseg, ledger-<name>.json)")
+    parser.add_argument("--poll-interval", type=float, default=0.1, metavar="S",
+                        help="during a round, ask the SuperLink for the next message every S s (default 0.1); "
+                             "an idle vehicle asks every 3 s, as Flower does")
+    parser.add_argument("--no-worker", action="store_true",
+                        help="run every message in a process of its own (Flower's model) instead of this "
+                             "vehicle's long-lived worker")
     parser.add_argument("--check-only", action="store_true", help="check, print the command, do not start")
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["keygen"]:  # a subcommand; every other invocation is the run interface, unchanged
@@ -176,7 +182,8 @@ def vehicle_main(argv: Sequence[str] | None = None) -> None:
         allow_apps=tuple(args.allow_app), allow_app_files=tuple(args.allow_apps),
         external_superexec=args.external_superexec, require_dp=args.require_dp,
         min_noise_multiplier=args.min_noise_multiplier, max_epsilon_per_run=args.max_epsilon_per_run,
-        lifetime_epsilon=args.lifetime_epsilon, ledger=args.ledger)
+        lifetime_epsilon=args.lifetime_epsilon, ledger=args.ledger, poll_interval=args.poll_interval,
+        worker=not args.no_worker)
     try:
         summary = check_vehicle(launch)
         cmd = supernode_command(launch, extra)
