@@ -1,0 +1,92 @@
+"""The processes a command starts die with it, however it ends: a watchdog that outlives only the command.
+
+A command's ``finally`` stops what it started (``stop_tagged``), and SIGTERM and Ctrl-C reach that
+``finally``; SIGKILL (the OOM killer, a scheduler's hard kill) and an unhandled SIGHUP (a closed
+terminal) do not. Flower runs its SuperLink's SuperExec and the simulation in sessions of their own,
+and Ray its raylet, gcs_server and workers below those, so killing the command's process group
+leaves them all training and writing the run directory.
+
+Why a watchdog and not ``PR_SET_PDEATHSIG`` or Flower's ``--parent-pid``: the death signal reaches
+only the direct child (the SuperLink, whose own children would stay), and fires when the *thread*
+that started it ends; ``--parent-pid`` is taken by some of Flower's processes and by none of Ray's.
+Every one of them carries the command's tag, though (``fedseg/deploy/processes.py``), so all that was
+missing is a process that calls ``stop_tagged(tag)`` when the command cannot.
+
+:class:`Watchdog` starts ``python -m fedseg.deploy.watchdog TAG [PATH...]`` before anything else, in a
+session of its own (a kill of the command's group misses it), untagged (``stop_tagged`` misses it),
+its stdin the read end of a pipe whose write end only the command holds: the descriptor is
+close-on-exec and ``subprocess`` closes the rest, so no other child keeps it open. When the command
+dies, whatever killed it, the kernel closes that end; the watchdog's read returns, with no polling
+and no pid that could be reused, and it stops the tagged processes and removes ``PATH``\\ s (the
+run's temporary Flower home). A command that ends normally has done both itself and says ``done``
+(:meth:`Watchdog.stand_down`): the watchdog exits at once, and the command waits for it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import TracebackType
+from typing import Self
+
+from fedseg.deploy.processes import TAG, stop_tagged
+
+DONE = b"done"
+
+
+class Watchdog:
+    """A watchdog for the processes tagged ``tag`` (and ``remove``, folders it deletes) while this process lives."""
+
+    def __init__(self, tag: str, *remove: Path) -> None:
+        env = {k: v for k, v in os.environ.items() if k != TAG}  # untagged: the command's own stop spares it
+        self.proc = subprocess.Popen([sys.executable, "-m", "fedseg.deploy.watchdog", tag, *map(str, remove)],
+                                     stdin=subprocess.PIPE, env=env, start_new_session=True)
+
+    def stand_down(self) -> None:
+        """The command stopped its processes itself: the watchdog exits without a look, and is waited for."""
+        assert self.proc.stdin is not None
+        with contextlib.suppress(OSError):
+            self.proc.stdin.write(DONE)
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, err: BaseException | None, tb: TracebackType | None
+                 ) -> None:
+        """Without :meth:`stand_down` (the command's own cleanup was cut short), closing the pipe sets the
+        watchdog to work, as the command's death would."""
+        if self.proc.stdin is not None and not self.proc.stdin.closed:
+            with contextlib.suppress(OSError):
+                self.proc.stdin.close()
+
+
+def watch(tag: str, remove: list[str]) -> None:
+    """Wait for the command's end; unless it said ``done``, stop what it started and remove ``remove``."""
+    if sys.stdin.buffer.read().startswith(DONE):
+        return
+    stop_tagged(tag)
+    for path in remove:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m fedseg.deploy.watchdog", description=__doc__.splitlines()[0])
+    parser.add_argument("tag", help="the command's process tag (FEDSEG_PROCESS_TAG)")
+    parser.add_argument("remove", nargs="*", help="folders to delete after stopping")
+    args = parser.parse_args(argv)
+    watch(args.tag, args.remove)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,129 @@
+"""One writer per run directory (fedseg/runlock.py), and a watchdog that outlives only its command
+(fedseg/deploy/watchdog.py); the end-to-end SIGKILL test is in tests/test_resume.py."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from fedseg.deploy.processes import TAG, tagged_pids
+from fedseg.deploy.watchdog import Watchdog
+from fedseg.runlock import JOIN, LOCK_FILE, RunDirLock, RunDirLocked
+
+# A process that takes the lock, starts a child that could inherit it (close_fds=False), prints the
+# child's pid and dies by SIGKILL: the lock it leaves is stale, and the child must not hold it.
+DIES_HOLDING = """
+import os, signal, subprocess, sys
+from pathlib import Path
+from fedseg.runlock import RunDirLock
+lock = RunDirLock.acquire(Path(sys.argv[1]))
+child = subprocess.Popen(["sleep", "60"], close_fds=False, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
+print(os.getpid(), child.pid, flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_held_lock_refuses_a_second_holder_in_one_line_naming_the_pid(tmp_path: Path) -> None:
+    with RunDirLock.acquire(tmp_path):
+        with pytest.raises(RunDirLocked) as refused:
+            RunDirLock.acquire(tmp_path)  # another open file: flock refuses it, even in this process
+
+    message = str(refused.value)
+    assert f"pid {os.getpid()}" in message and str(tmp_path) in message and "\n" not in message
+    RunDirLock.acquire(tmp_path).release()  # released: free again
+    assert (tmp_path / LOCK_FILE).read_text() == ""  # a clean release leaves no holder behind
+
+
+def test_a_lock_left_by_a_killed_process_is_taken_over_and_no_child_inherits_it(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # Prepare: a process dies by SIGKILL holding the lock, its child still running.
+    out = subprocess.run([sys.executable, "-c", DIES_HOLDING, str(tmp_path)], capture_output=True, text=True,
+                         timeout=60, check=False)
+    dead, child = map(int, out.stdout.split())
+    try:
+        # Execute
+        with caplog.at_level(logging.WARNING, logger="fedseg"), RunDirLock.acquire(tmp_path):
+            holder = (tmp_path / LOCK_FILE).read_text()
+    finally:
+        os.kill(child, signal.SIGKILL)
+
+    # Assert: taken over (the dead holder named), the file now names this process.
+    assert out.returncode == -signal.SIGKILL
+    assert f"taking over the lock left by pid {dead} (no longer running)" in caplog.text
+    assert holder.split()[0] == str(os.getpid())
+
+
+def test_the_started_serverapp_joins_its_runs_lock_and_keeps_newcomers_out(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(JOIN, raising=False)
+    owner = RunDirLock.acquire(tmp_path)
+    owner.share()  # fedseg-sim, before it starts Flower: the token goes into its environment
+
+    joined = RunDirLock.join(tmp_path, os.environ[JOIN])  # the ServerApp, with the environment it inherited
+    owner.release()  # fedseg-sim is gone; its ServerApp still writes
+    with pytest.raises(RunDirLocked, match=f"pid {os.getpid()}"):
+        RunDirLock.acquire(tmp_path)
+    with pytest.raises(RunDirLocked):
+        RunDirLock.join(tmp_path, "another run's token")  # another run's ServerApp: not its lock
+    joined.release()
+
+    assert not joined.owner
+    RunDirLock.join(tmp_path, "stale token").release()  # nobody holds it: a deployed ServerApp takes it
+
+
+def _sleeper(tag: str) -> subprocess.Popen:
+    return subprocess.Popen(["sleep", "60"], env={**os.environ, TAG: tag}, start_new_session=True)
+
+
+def test_the_watchdog_stops_the_tagged_processes_when_its_command_is_killed(tmp_path: Path) -> None:
+    # Prepare: a command (a Python process) with a watchdog and a tagged process in a session of its own.
+    tag, home = uuid.uuid4().hex, tmp_path / "home"
+    home.mkdir()
+    code = (f"import sys, time; from pathlib import Path; from fedseg.deploy.watchdog import Watchdog\n"
+            f"w = Watchdog({tag!r}, Path({str(home)!r})); print(w.proc.pid, flush=True); time.sleep(60)")
+    command = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert command.stdout is not None
+    watchdog = int(command.stdout.readline())
+    tagged = _sleeper(tag)
+
+    # Execute
+    command.kill()
+    command.wait()
+    deadline = time.monotonic() + 15
+    while (tagged.poll() is None or _alive(watchdog)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+
+    # Assert: the tagged process stopped, the folder removed, and the watchdog gone after its work.
+    assert tagged.poll() is not None and not tagged_pids(tag)
+    assert not home.exists()
+    assert not _alive(watchdog)
+
+
+def test_a_watchdog_stood_down_exits_at_once_and_stops_nothing(tmp_path: Path) -> None:
+    tag = uuid.uuid4().hex
+    tagged = _sleeper(tag)
+    try:
+        with Watchdog(tag, tmp_path) as watchdog:
+            watchdog.stand_down()
+        assert watchdog.proc.returncode == 0
+        assert tagged.poll() is None and tmp_path.exists()  # the command's own cleanup was trusted
+    finally:
+        tagged.kill()
+        tagged.wait()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
