@@ -9,8 +9,10 @@ from ``fedseg/server/compose.py``; this file only wires them to the run's evalua
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,7 @@ from fedseg.deploy.vehicle import load_heldout
 from fedseg.errors import RunFailed
 from fedseg.models import build_run_model, get_weights, set_weights
 from fedseg.reporting import RunReporter
+from fedseg.runlock import JOIN, RunDirLock, RunDirLocked
 from fedseg.server.compose import compose_server
 from fedseg.server.fleet import FleetClientManager, wait_for_vehicles
 from fedseg.server.resume import ResumePoint, restore
@@ -65,7 +68,13 @@ def _stop(err: Exception) -> RunFailed:
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Run ``federation.rounds`` rounds and write the run-output contract."""
+    """Run ``federation.rounds`` rounds and write the run-output contract, its directory locked throughout."""
+    with contextlib.ExitStack() as held:
+        serve(grid, context, held)
+
+
+def serve(grid: Grid, context: Context, held: contextlib.ExitStack) -> None:
+    """:func:`main`'s run; ``held`` keeps the output directory's lock (``fedseg/runlock.py``) until it returns."""
     drop_stop_tracebacks()
     log_to_console()
     try:  # settings, held-out data, start file: a mistake in any stops the run in one line, naming it
@@ -75,6 +84,7 @@ def main(grid: Grid, context: Context) -> None:
             raw["output_dir"] = raw["resume"]
         settings, deploy = RunSettings.from_config(raw), deploy_spec(raw)
         out, fed = Path(settings.output_dir), settings.federation
+        held.enter_context(RunDirLock.join(out, os.environ.get(JOIN)))  # shared with fedseg-sim's, if it started us
         log_to_console(verbose=settings.run.verbose)
         log_to_file(out)
         prepare_run_dir(out, raw, run_config)
@@ -84,7 +94,7 @@ def main(grid: Grid, context: Context) -> None:
         point = ResumePoint(out) if raw.get("resume") else None
         # Under flwr run no entry point checked model.init first: a bad file is one line here too.
         reporter = make_reporter(settings, raw, data, point)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, RunDirLocked) as err:
         raise _stop(err) from None
     start = point.round if point else 0
 
