@@ -32,6 +32,7 @@ from fedseg.deploy.processes import (
     wait_for_port,
     with_this_environment_on_path,
 )
+from fedseg.deploy.watchdog import Watchdog
 from fedseg.errors import RunFailed
 
 log = logging.getLogger("fedseg")
@@ -121,7 +122,8 @@ def run_federation(run_config: RunConfig, *, num_vehicles: int, client_cpus: int
     env = with_this_environment_on_path({**os.environ, TAG: tag, "FLWR_HOME": str(home),
                                          "FLWR_DISABLE_UPDATE_CHECK": "1", "RAY_DEDUP_LOGS": "0",
                                          "PYTHONUNBUFFERED": "1"})
-    with terminate_as_exit():  # a SIGTERM'd run still stops what it started (the finally below)
+    # A SIGTERM'd run still stops what it started (the finally below); a SIGKILLed one, its watchdog.
+    with terminate_as_exit(), Watchdog(tag, home) as watchdog:
         try:
             with (home / "superlink.log").open("wb") as out:
                 link = subprocess.Popen(
@@ -147,3 +149,4 @@ def run_federation(run_config: RunConfig, *, num_vehicles: int, client_cpus: int
         finally:
             stop_tagged(tag)
             shutil.rmtree(home, ignore_errors=True)
+            watchdog.stand_down()

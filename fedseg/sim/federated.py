@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fedseg.config import to_run_config
 from fedseg.data import describe_sizes, fleet_frames
+from fedseg.runlock import RunDirLock
 from fedseg.server.compose import check_composition
 from fedseg.settings import RunSettings, check_choices
 from fedseg.sim._cli import CONF_DIR, check_start_file, resolve, user_errors
@@ -30,6 +31,15 @@ def run(cfg: DictConfig) -> dict:
     raw = resolve(cfg)
     if raw.get("resume"):
         raw = resumed_config(Path(raw["resume"]))
+    # One writer per run directory (fedseg/runlock.py): held from before fedseg writes there until
+    # every process the run started has stopped, and shared with its ServerApp.
+    with RunDirLock.acquire(Path(raw["output_dir"])) as lock:
+        lock.share()
+        return federate(raw)
+
+
+def federate(raw: dict[str, Any]) -> dict:
+    """Check the run ``raw`` describes, run it in the Simulation Engine and return its summary."""
     settings = RunSettings.from_config(raw)
     check_choices(settings)
     check_start_file(settings, resume=raw.get("resume"))  # a bad model.init or resume: one line, nothing started
