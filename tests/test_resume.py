@@ -20,6 +20,7 @@ from toy_fleet import Fleet, toy_updates
 
 from fedseg.checkpoints import read_checkpoint, save_checkpoint
 from fedseg.deploy.processes import tagged_pids
+from fedseg.runlock import RunDirLock
 from fedseg.runlog import RunLog
 
 PLAIN = {"name": "none"}
@@ -199,3 +200,83 @@ def _cmdline(pid: int) -> str:
         return f"{pid} [{state}]: " + Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:200]
     except (OSError, IndexError):
         return f"{pid}: (gone)"
+
+
+@pytest.mark.e2e
+def test_sim_killed_with_sigkill_takes_its_processes_along_and_resumes_each_round_once(tmp_path: Path) -> None:
+    # Prepare: a smoke run killed like the OOM killer or a scheduler's hard kill would (SIGKILL to its
+    # process group, which cannot be caught) once round 1's row is written, with its Flower and Ray
+    # processes up: Flower runs the SuperExec and the simulation in sessions of their own.
+    run_dir, mark = tmp_path / "run", uuid.uuid4().hex
+    exe = Path(sys.executable).with_name("fedseg-sim")
+    env = {**os.environ, "FEDSEG_DATA_CACHE": str(tmp_path / "cache"), "FEDSEG_TEST_MARK": mark}
+    log = tmp_path / "stderr.log"
+    with log.open("w") as err:
+        proc = subprocess.Popen([str(exe), "experiment=smoke", "federation.rounds=6", "run.progress=false",
+                                 f"hydra.run.dir={run_dir}"], env=env, stdout=subprocess.DEVNULL, stderr=err,
+                                start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while max(_rounds(run_dir), default=-1) < 1 and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert proc.poll() is None, f"the run ended before it could be killed: {log.read_text()[-2000:]}"
+        running = tagged_pids(mark, variable="FEDSEG_TEST_MARK")
+        # Execute
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        killed = time.monotonic()
+        while (left := tagged_pids(mark, variable="FEDSEG_TEST_MARK")) and time.monotonic() - killed < 15:
+            time.sleep(0.2)
+        gone_after = time.monotonic() - killed
+        left_running = [_cmdline(pid) for pid in left]  # named before the clean-up below kills them
+        rows_then = _rounds(run_dir)
+        time.sleep(3)
+        rows_later = _rounds(run_dir)
+    finally:
+        _kill_all(mark)
+    print(f"{len(running)} processes at the kill; the last gone {gone_after:.1f} s after it")
+
+    # Assert: nothing the run started (the watchdog included) outlived it by 15 s, and nothing wrote
+    # the run directory after; then the resume finishes every round exactly once.
+    assert len(running) >= 4, running  # the SuperLink, its SuperExec, the simulation, Ray, the watchdog
+    assert left_running == [], f"processes left 15 s after SIGKILL: {left_running}"
+    assert rows_later == rows_then, (rows_then, rows_later)
+    resumed = subprocess.run([str(exe), f"resume={run_dir}"], env={**env, "FEDSEG_TEST_MARK": uuid.uuid4().hex},
+                             capture_output=True, text=True, timeout=600, check=False)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert _rounds(run_dir) == [0, 1, 2, 3, 4, 5, 6]
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("resume", [False, True])
+def test_a_second_sim_on_a_live_run_directory_is_refused_in_one_line_naming_its_pid(resume: bool,
+                                                                                    tmp_path: Path) -> None:
+    # Prepare: the run directory of a live run (its lock held by this process), resumable as far as
+    # fedseg-sim's first look goes.
+    run_dir = tmp_path / "run"
+    (run_dir / ".hydra").mkdir(parents=True)
+    (run_dir / ".hydra" / "config.yaml").write_text("experiment_name: smoke\n")
+    (run_dir / "checkpoints").mkdir()
+    (run_dir / "checkpoints" / "global.pt").write_bytes(b"the live run's")
+    exe = Path(sys.executable).with_name("fedseg-sim")
+    args = [f"resume={run_dir}"] if resume else ["experiment=smoke", f"hydra.run.dir={run_dir}"]
+
+    # Execute
+    with RunDirLock.acquire(run_dir):
+        refused = subprocess.run([str(exe), *args, "run.progress=false"], capture_output=True, text=True,
+                                 timeout=300, check=False, env={**os.environ, "FEDSEG_DATA_CACHE": str(tmp_path)})
+
+    # Assert: status 1, one line naming the directory and this process's pid, nothing written there.
+    assert refused.returncode == 1, refused.stderr[-3000:]
+    assert refused.stderr.strip().splitlines() == [
+        (f"fedseg-sim: error: {run_dir} is in use by a live run (pid {os.getpid()}, lock run.lock): wait for it "
+         "to end or stop it, or choose another directory")]
+    assert not (run_dir / "metrics.jsonl").exists() and not (run_dir / "flwr_app").exists()
+
+
+def _rounds(run_dir: Path) -> list[int]:
+    try:
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    except FileNotFoundError:
+        return []
+    return [json.loads(line)["round"] for line in lines if line.endswith("}")]
