@@ -156,7 +156,9 @@ class FleetPolls:
 def supernode_main(argv: Sequence[str] | None = None) -> None:
     """``fedseg-supernode``: Flower's ``flower-supernode`` with a vehicle's shorter waits during a round
     (:class:`FleetPolls`); every other argument is flower-supernode's."""
-    parser = argparse.ArgumentParser(prog="fedseg-supernode", description=supernode_main.__doc__)
+    parser = argparse.ArgumentParser(
+        prog="fedseg-supernode", description="Flower's flower-supernode, asking for messages more often during a "
+        "round (fedseg-vehicle starts it).", epilog="Other arguments go to flower-supernode.")
     parser.add_argument("--poll-interval", type=float, default=0.1, metavar="S",
                         help="seconds between asks for a message during a round (default 0.1; Flower: 3)")
     parser.add_argument("--active-window", type=float, default=60.0, metavar="S",
