@@ -267,6 +267,9 @@ class FederationSpec:
     optimizer: str = "adam"
     client_cpus: int = bounded(1, ge=1)
     client_gpus: float = bounded(0.0, ge=0)
+    # CPUs Ray may hand out (its num_cpus; None: the machine's cores). Ray runs ray_cpus // client_cpus
+    # vehicles at once: above the core count, more vehicles train at once than there are cores.
+    ray_cpus: int | None = bounded(None, ge=1)
     # Seconds the server waits for a round's replies; a vehicle silent that long counts as failed.
     round_timeout: float | None = bounded(None, gt=0)
     # An update whose norm exceeds this many times the round's lower median is rejected (None: off).

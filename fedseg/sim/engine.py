@@ -115,8 +115,11 @@ def check_devices(device: str, client_gpus: float) -> None:
 
 
 def run_federation(run_config: RunConfig, *, num_vehicles: int, client_cpus: int, client_gpus: float,
-                   app_dir: Path, verbose: bool = False) -> None:
-    """Run the fedseg ServerApp and ``num_vehicles`` virtual ClientApps on Ray; raise if it failed."""
+                   app_dir: Path, verbose: bool = False, ray_cpus: int | None = None) -> None:
+    """Run the fedseg ServerApp and ``num_vehicles`` virtual ClientApps on Ray; raise if it failed.
+
+    ``ray_cpus``: the CPUs Ray hands out (``None``: the machine's cores); Ray runs ``ray_cpus // client_cpus``
+    vehicles at once."""
     write_app_config(app_dir, run_config)
     home, tag, port = Path(tempfile.mkdtemp(prefix="fedseg-flwr-")), new_tag(), free_port()
     env = with_this_environment_on_path({**os.environ, TAG: tag, "FLWR_HOME": str(home),
@@ -140,7 +143,8 @@ def run_federation(run_config: RunConfig, *, num_vehicles: int, client_cpus: int
             federation = (f"num-supernodes={num_vehicles} client-resources-num-cpus={client_cpus} "
                           f"client-resources-num-gpus={client_gpus} init-args-logging-level='"
                           f"{'INFO' if verbose else 'ERROR'}' init-args-log-to-driver={str(verbose).lower()} "
-                          f"verbose={str(verbose).lower()}")
+                          f"verbose={str(verbose).lower()}" + ("" if ray_cpus is None else
+                                                              f" init-args-num-cpus={ray_cpus}"))
             code, lines = _stream([str(BIN / "flwr"), "run", str(app_dir), "sim", "--stream",
                                    "--federation-config", federation], env, verbose)
             if code != 0:

@@ -58,7 +58,8 @@ def federate(raw: dict[str, Any]) -> dict:
     if not settings.run.verbose:
         keep_flower_off_the_console()
     run_federation(to_run_config(raw), num_vehicles=fed.num_clients, client_cpus=fed.client_cpus,
-                   client_gpus=fed.client_gpus, app_dir=out / "flwr_app", verbose=settings.run.verbose)
+                   client_gpus=fed.client_gpus, app_dir=out / "flwr_app", verbose=settings.run.verbose,
+                   ray_cpus=fed.ray_cpus)
     summary = json.loads((out / "summary.json").read_text())
     final = summary["final"]
     log.info(f"fedseg-sim: done: round {final['round']} mIoU {final['miou']:.3f} "
