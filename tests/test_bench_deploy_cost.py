@@ -1,0 +1,94 @@
+"""scripts/bench/deploy_cost.py's pure helpers: the vehicles' ``fedseg-task`` lines, the steady round and the
+ratios (no processes; the bench itself is run by hand, docs/PERFORMANCE.md)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+_SPEC = importlib.util.spec_from_file_location(
+    "deploy_cost", Path(__file__).resolve().parents[1] / "scripts" / "bench" / "deploy_cost.py")
+assert _SPEC is not None and _SPEC.loader is not None
+bench = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(bench)
+
+
+def test_task_lines_are_read_from_a_vehicle_log_and_anything_else_is_skipped() -> None:
+    lines = [
+        "INFO :      Starting Flower SuperNode",
+        'fedseg-task {"where": "process", "type": "train", "launch_s": 6.5, "app_s": 2.0, "total_s": 8.75}',
+        "12:00:01 fedseg-task {\"where\": \"worker\", \"type\": \"train\", \"launch_s\": 0.25}",  # a prefixed line
+        "fedseg-task {not json",
+        "fedseg-task [1, 2]",
+    ]
+
+    tasks = bench.parse_task_lines("\n".join(lines))
+
+    assert tasks == [{"where": "process", "type": "train", "launch_s": 6.5, "app_s": 2.0, "total_s": 8.75},
+                     {"where": "worker", "type": "train", "launch_s": 0.25}]
+    assert bench.parse_task_lines("no such lines\n") == []
+
+
+def test_task_medians_per_key_with_null_where_no_task_has_it() -> None:
+    tasks = [{"where": "worker", "type": "train", "launch_s": 0.5, "app_s": 3.0},
+             {"where": "worker", "type": "train", "launch_s": 0.25, "app_s": 1.0},
+             {"where": "process", "type": "evaluate", "launch_s": 7.0, "app_s": True}]  # a bool is no time
+
+    medians = bench.task_medians(tasks)
+
+    assert medians == {"tasks": 3, "where": ["process", "worker"], "types": {"train": 2, "evaluate": 1},
+                       "launch_s": 0.5, "pull_s": None, "app_s": 2.0, "push_s": None, "total_s": None}
+    assert bench.task_medians([]) is None
+
+
+def test_the_steady_round_leaves_out_round_0_and_the_first_rounds() -> None:
+    rows = [{"round": 0, "round_s": 0.0}, {"round": 1, "round_s": 30.0}, {"round": 2, "round_s": 4.0},
+            {"round": 3, "round_s": 6.0}, {"round": 4, "round_s": 5.5}]
+
+    assert bench.steady_round_s(rows, skip=1) == 5.5  # median of 4.0, 6.0, 5.5
+    assert bench.steady_round_s(rows, skip=2) == 5.75  # median of 6.0, 5.5
+    assert bench.steady_round_s(rows[:2], skip=1) == 30.0  # nothing after the skip: every round
+    assert bench.steady_round_s(rows[:1], skip=1) is None
+
+
+def test_ratios_are_deployed_over_simulated_and_null_where_a_side_is_missing() -> None:
+    results = {"sim": {"plain": {"round_s": 4.0}, "secagg": {"round_s": 5.0}},
+               "deployed": {"plain": {"round_s": 5.0}, "secagg": {"error": "flwr run: finished:failed"}},
+               "deployed_noworker": {"plain": {"round_s": 60.0}, "secagg": {"round_s": 160.0}}}
+
+    assert bench.engine_ratios(results, "deployed") == {"round_s": 1.25, "round_s_secagg": None}
+    assert bench.engine_ratios(results, "deployed_noworker") == {"round_s": 15.0, "round_s_secagg": 32.0}
+    assert bench.engine_ratios({"deployed": results["deployed"]}, "deployed") == {"round_s": None,
+                                                                                  "round_s_secagg": None}
+
+
+def test_a_run_summary_takes_training_seconds_from_the_steady_rounds_only() -> None:
+    rows = [{"round": 0, "round_s": 0.0, "loss": 2.5},
+            {"round": 1, "round_s": 9.0, "train_s": {"0": 7.0, "1": 8.0}},
+            {"round": 2, "round_s": 4.0, "train_s": {"0": 2.0, "1": 3.0, "2": 2.5}, "loss": 2.25, "miou": 0.125}]
+
+    summary = bench.summarize_run(rows, skip=1)
+
+    assert summary == {"round_s": 4.0, "rounds_s": [9.0, 4.0], "train_s": 2.5, "final_loss": 2.25,
+                       "final_miou": 0.125}
+
+
+@pytest.mark.parametrize(("mode", "flags", "poll", "expected"), [
+    ("deployed", "--no-worker --poll-interval", None, []),
+    ("deployed_noworker", "--no-worker --poll-interval", 0.5, ["--poll-interval", "0.5", "--no-worker"]),
+    ("deployed_noworker", "--threads", None, []),  # a fedseg-vehicle with only the per-message process
+])
+def test_vehicle_options_of_each_deployed_mode(mode: str, flags: str, poll: float | None,
+                                               expected: list[str]) -> None:
+    assert bench.mode_vehicle_args(mode, flags, poll) == expected
+
+
+def test_final_losses_agree_per_variant_across_the_modes_that_ran_it() -> None:
+    results = {"sim": {"plain": {"final_loss": 2.5}, "secagg": {"final_loss": 2.5}},
+               "deployed": {"plain": {"final_loss": 2.5}, "secagg": {"final_loss": 2.75}},
+               "deployed_noworker": {"plain": {"error": "flwr run: finished:failed"}}}
+
+    assert bench.same_final_loss(results) == {"plain": True, "secagg": False}
+    assert bench.same_final_loss({"sim": results["sim"]}) == {"plain": None, "secagg": None}
