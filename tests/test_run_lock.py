@@ -33,9 +33,8 @@ os.kill(os.getpid(), signal.SIGKILL)
 
 
 def test_a_held_lock_refuses_a_second_holder_in_one_line_naming_the_pid(tmp_path: Path) -> None:
-    with RunDirLock.acquire(tmp_path):
-        with pytest.raises(RunDirLocked) as refused:
-            RunDirLock.acquire(tmp_path)  # another open file: flock refuses it, even in this process
+    with RunDirLock.acquire(tmp_path), pytest.raises(RunDirLocked) as refused:
+        RunDirLock.acquire(tmp_path)  # another open file: flock refuses it, even in this process
 
     message = str(refused.value)
     assert f"pid {os.getpid()}" in message and str(tmp_path) in message and "\n" not in message
