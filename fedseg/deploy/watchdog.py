@@ -19,7 +19,9 @@ close-on-exec and ``subprocess`` closes the rest, so no other child keeps it ope
 dies, whatever killed it, the kernel closes that end; the watchdog's read returns, with no polling
 and no pid that could be reused, and it stops the tagged processes and removes ``PATH``\\ s (the
 run's temporary Flower home). A command that ends normally has done both itself and says ``done``
-(:meth:`Watchdog.stand_down`): the watchdog exits at once, and the command waits for it.
+(:meth:`Watchdog.stand_down`); the watchdog then only looks a few more times (:data:`LAST_LOOKS`) for a
+tagged straggler (on a loaded machine a Ray agent can appear after the command's own sweep ended) and
+stops any it finds, while the command exits without waiting for it.
 """
 
 from __future__ import annotations
@@ -30,13 +32,15 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import TracebackType
 from typing import Self
 
-from fedseg.deploy.processes import TAG, stop_tagged
+from fedseg.deploy.processes import TAG, stop_tagged, tagged_pids
 
 DONE = b"done"
+LAST_LOOKS = 6  # after "done": looks 0.5 s apart for a tagged straggler
 
 
 class Watchdog:
@@ -48,16 +52,13 @@ class Watchdog:
                                      stdin=subprocess.PIPE, env=env, start_new_session=True)
 
     def stand_down(self) -> None:
-        """The command stopped its processes itself: the watchdog exits without a look, and is waited for."""
+        """The command stopped its processes itself: the watchdog takes its last looks and exits on its own
+        (in its own session: the command does not wait for it)."""
         assert self.proc.stdin is not None
         with contextlib.suppress(OSError):
             self.proc.stdin.write(DONE)
             self.proc.stdin.close()
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        self.proc.returncode = 0  # not waited for: no ResourceWarning, and no zombie once this command exits
 
     def __enter__(self) -> Self:
         return self
@@ -74,6 +75,10 @@ class Watchdog:
 def watch(tag: str, remove: list[str]) -> None:
     """Wait for the command's end; unless it said ``done``, stop what it started and remove ``remove``."""
     if sys.stdin.buffer.read().startswith(DONE):
+        for _ in range(LAST_LOOKS):
+            if tagged_pids(tag):
+                stop_tagged(tag)
+            time.sleep(0.5)
         return
     stop_tagged(tag)
     for path in remove:
