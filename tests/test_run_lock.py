@@ -131,3 +131,22 @@ def _alive(pid: int) -> bool:
     except OSError:
         return False
     return state != "Z"
+
+
+def test_a_ray_process_whose_tag_is_unreadable_is_stopped_with_its_node() -> None:
+    # A Ray agent that set its title can show /proc an environment without the tag but with its node's id.
+    from fedseg.deploy.processes import stop_tagged
+
+    tag, node, other = uuid.uuid4().hex, uuid.uuid4().hex, uuid.uuid4().hex
+    tagged = subprocess.Popen(["sleep", "60"], env={**os.environ, TAG: tag, "RAY_NODE_ID": node})
+    agent = subprocess.Popen(["sleep", "60"], env={**os.environ, "RAY_NODE_ID": node})
+    stranger = subprocess.Popen(["sleep", "60"], env={**os.environ, "RAY_NODE_ID": other})  # another run's Ray
+    try:
+        nodes = stop_tagged(tag, grace=2)
+        assert nodes == {node}
+        assert tagged.wait(5) is not None and agent.wait(5) is not None and stranger.poll() is None
+    finally:
+        for proc in (tagged, agent, stranger):
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()

@@ -62,23 +62,45 @@ def wait_for_port(port: int, timeout: float, alive: subprocess.Popen | None = No
     raise RuntimeError(f"nothing listened on port {port} within {timeout:g} s")
 
 
-def tagged_pids(tag: str, variable: str = TAG) -> list[int]:
-    """Processes whose environment carries ``variable=tag`` (this process excluded)."""
-    needle = f"{variable}={tag}".encode()
+RAY_NODE = "RAY_NODE_ID"
+
+
+def _environ(pid: int) -> dict[bytes, bytes] | None:
+    try:
+        raw = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:  # gone meanwhile, or not ours to read
+        return None
+    return dict(entry.split(b"=", 1) for entry in raw.split(b"\0") if b"=" in entry)
+
+
+def tagged_pids(tag: str, variable: str = TAG, ray_nodes: set[str] | None = None) -> list[int]:
+    """Processes whose environment carries ``variable=tag`` (this process excluded), and those of the Ray
+    nodes in ``ray_nodes`` (``RAY_NODE_ID``); the node of every tagged Ray process found is added to it.
+
+    Why Ray nodes too: a process that sets its title (Ray's ``ray::DashboardAgent``, ``ray::RuntimeEnvAgent``)
+    may overwrite the start of its environment as ``/proc`` shows it. Such agents, restarted by their raylet
+    during a run's teardown, were seen without the tag but with their node's id, and outlived the run."""
+    needle = tag.encode()
     pids = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
             continue
-        try:
-            if needle in (entry / "environ").read_bytes().split(b"\0"):
-                pids.append(int(entry.name))
-        except OSError:  # gone meanwhile, or not ours to read
+        env = _environ(int(entry.name))
+        if env is None:
             continue
+        node = env.get(RAY_NODE.encode(), b"").decode()
+        if env.get(variable.encode()) == needle:
+            pids.append(int(entry.name))
+            if node and ray_nodes is not None:
+                ray_nodes.add(node)
+        elif node and ray_nodes and node in ray_nodes:
+            pids.append(int(entry.name))
     return pids
 
 
-def stop_tagged(tag: str, grace: float = 10.0) -> None:
-    """SIGTERM every process tagged ``tag``; SIGKILL those left after ``grace`` s.
+def stop_tagged(tag: str, grace: float = 10.0, ray_nodes: set[str] | None = None) -> set[str]:
+    """SIGTERM every process tagged ``tag`` (and of the Ray nodes they run: :func:`tagged_pids`); SIGKILL
+    those left after ``grace`` s. Returns those Ray nodes (with ``ray_nodes``, which it extends).
 
     Each phase signals processes that appear while it waits too (Ray's raylet starts workers, and
     restarts its agents, while its driver shuts down), so none is left because it was born after the
@@ -86,14 +108,15 @@ def stop_tagged(tag: str, grace: float = 10.0) -> None:
     of being started can be unreadable for a moment (on a loaded machine a Ray agent born during the
     teardown outlived a run whose two looks came too soon).
     """
+    nodes = ray_nodes if ray_nodes is not None else set[str]()
     for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 15.0)):
         deadline, signalled, empty_looks = time.monotonic() + wait, set[int](), 0
         while True:
-            pids = set(tagged_pids(tag))
+            pids = set(tagged_pids(tag, ray_nodes=nodes))
             if not pids:
                 empty_looks += 1
                 if empty_looks == 3:
-                    return
+                    return nodes
                 time.sleep(0.5)
                 continue
             empty_looks = 0
@@ -104,6 +127,7 @@ def stop_tagged(tag: str, grace: float = 10.0) -> None:
             if time.monotonic() >= deadline:
                 break
             time.sleep(0.2)
+    return nodes
 
 
 @contextlib.contextmanager

@@ -51,12 +51,13 @@ class Watchdog:
         self.proc = subprocess.Popen([sys.executable, "-m", "fedseg.deploy.watchdog", tag, *map(str, remove)],
                                      stdin=subprocess.PIPE, env=env, start_new_session=True)
 
-    def stand_down(self) -> None:
-        """The command stopped its processes itself: the watchdog takes its last looks and exits on its own
-        (in its own session: the command does not wait for it)."""
+    def stand_down(self, ray_nodes: set[str] | None = None) -> None:
+        """The command stopped its processes itself (``ray_nodes``: the Ray nodes its sweep met,
+        :func:`~fedseg.deploy.processes.stop_tagged`): the watchdog takes its last looks and exits on its
+        own (in its own session: the command does not wait for it)."""
         assert self.proc.stdin is not None
         with contextlib.suppress(OSError):
-            self.proc.stdin.write(DONE)
+            self.proc.stdin.write(b" ".join([DONE, *(n.encode() for n in sorted(ray_nodes or ()))]))
             self.proc.stdin.close()
         self.proc.returncode = 0  # not waited for: no ResourceWarning, and no zombie once this command exits
 
@@ -74,10 +75,12 @@ class Watchdog:
 
 def watch(tag: str, remove: list[str]) -> None:
     """Wait for the command's end; unless it said ``done``, stop what it started and remove ``remove``."""
-    if sys.stdin.buffer.read().startswith(DONE):
+    said = sys.stdin.buffer.read()
+    if said.startswith(DONE):
+        nodes = {n.decode() for n in said[len(DONE):].split()}
         for _ in range(LAST_LOOKS):
-            if tagged_pids(tag):
-                stop_tagged(tag)
+            if tagged_pids(tag, ray_nodes=nodes):
+                stop_tagged(tag, ray_nodes=nodes)
             time.sleep(0.5)
         return
     stop_tagged(tag)

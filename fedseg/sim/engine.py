@@ -151,6 +151,6 @@ def run_federation(run_config: RunConfig, *, num_vehicles: int, client_cpus: int
                 raise RuntimeError(f"flwr run exited with status {code}: " + " | ".join(lines[-5:]))
             _verdict(env, lines)
         finally:
-            stop_tagged(tag)
+            ray_nodes = stop_tagged(tag)
             shutil.rmtree(home, ignore_errors=True)
-            watchdog.stand_down()
+            watchdog.stand_down(ray_nodes)
