@@ -123,6 +123,10 @@ def test_flowers_supernode_loop_still_has_the_waits_fleetpolls_replaces() -> Non
     assert "time.sleep(3)" in loop and "_pull_and_store_message(" in loop
     assert "time.sleep(0.5)" in inspect.getsource(node._push_messages)
     assert node.time is time
+    # The worker's prompt object pulls (vehicle_apps.pull_task_input) replace this name for one call.
+    from flwr.supernode.runtime import run_clientapp
+
+    assert "pull_and_inflate_object_from_tree(" in inspect.getsource(run_clientapp.pull_task_input)
 
 
 class SlowGrid:
@@ -256,3 +260,23 @@ def test_a_killed_worker_is_started_again_and_the_vehicles_epsilon_goes_on(tmp_p
         assert final == pytest.approx(epsilon_of(mechanisms[:len(mechanisms) - lost], rows[-1]["delta"]), rel=1e-6)
     finally:
         fleet.stop()
+
+
+def test_a_messages_arrays_travel_as_one_and_come_back_byte_for_byte() -> None:
+    import numpy as np
+    from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+
+    from fedseg.packing import PACKED, pack_content, unpack_content
+
+    content = RecordDict({
+        "weights": ArrayRecord({"conv": Array(np.arange(24, dtype=np.float32).reshape(2, 3, 4)),
+                                "steps": Array(np.array(7, dtype=np.int64)), "empty": Array(np.zeros(0, np.float16))}),
+        "config": ConfigRecord({"lr": 0.1}), "single": ArrayRecord({"x": Array(np.ones(3))})})
+
+    packed = pack_content(content)
+    restored = unpack_content(packed)
+
+    assert len(packed["weights"]) == 1 and PACKED in packed.config_records  # one array on the wire
+    assert packed["single"] is content["single"]  # a one-array record is left as it is
+    assert restored.object_id == content.object_id  # the same arrays, keys, order and bytes
+    assert unpack_content(content) is content and pack_content(RecordDict()).object_id == RecordDict().object_id

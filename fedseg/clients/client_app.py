@@ -25,6 +25,7 @@ from flwr.common import ArrayRecord, ConfigRecord, Context
 
 from fedseg.clients.mods import (
     encode_update_mod,
+    packed_transport_mod,
     secure_aggregation_mod,
     sends_encoded_update,
     uses_central_dp,
@@ -154,7 +155,8 @@ def expand_settings(msg: Message, context: Context, call_next: ClientAppCallable
 # The vehicle's mods, outermost first; Flower chains them. A mod whose condition the run's settings do not
 # meet passes every message through (fedseg/clients/mods.py), so each is chosen by the run's settings alone.
 VEHICLE_MODS: list[Mod] = [
-    expand_settings,  # first: every mod after it reads the full run config
+    packed_transport_mod,  # the message's arrays unpacked as sent (fedseg.packing), the reply's packed
+    expand_settings,  # then: every mod after it reads the full run config
     when(uses_secagg, secure_aggregation_mod),  # Flower's secaggplus_mod; the masked vector packed
     when(sends_encoded_update, encode_update_mod),  # weights -> the codec's encoded update (+ SecAgg+ range)
     when(uses_central_dp, fixedclipping_mod),  # Flower's clipping to the server's norm (central DP)

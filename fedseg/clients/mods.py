@@ -37,9 +37,22 @@ from flwr.compat.common import recorddict_compat as compat
 
 from fedseg.clients.codecs import encode_reply
 from fedseg.compression import Arrays
+from fedseg.packing import PACKED, pack_content, unpack_content
 from fedseg.privacy import CentralDPSpec
 from fedseg.secagg import PACKED_RECORD, PACKED_SHAPES, SecAggSpec, check_secagg_range, pack_masked
 from fedseg.settings import RunSettings, settings_of
+
+
+def packed_transport_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
+    """Outermost: a message whose arrays came packed (the server's ``PackingGrid``, :mod:`fedseg.packing`) is
+    unpacked for everything inside, and its reply packed the same way."""
+    if not msg.has_content() or PACKED not in msg.content.config_records:
+        return call_next(msg, ctxt)
+    msg.content = unpack_content(msg.content)
+    reply = call_next(msg, ctxt)
+    if reply.has_content():
+        reply.content = pack_content(reply.content)
+    return reply
 
 
 def when(applies: Callable[[RunSettings], bool], mod: Mod) -> Mod:

@@ -61,7 +61,7 @@ from fedseg.privacy import CentralDPSpec
 from fedseg.secagg import FixedPoint, SecAggSpec, auto_quantization_range, resolve_max_weight, validate_secagg
 from fedseg.server.central_dp import central_accounting, sampled_vehicles, wrap_central_dp
 from fedseg.server.codecs import DecodingStrategy
-from fedseg.server.grids import PollingGrid, TimeoutGrid
+from fedseg.server.grids import PackingGrid, PollingGrid, TimeoutGrid
 from fedseg.server.guard import UpdateGuard
 from fedseg.server.notes import RoundNotes
 from fedseg.server.recorder import OnRound, RoundRecorder, mean_train_loss
@@ -94,8 +94,8 @@ class ServerParts:
         ``fedseg/server/fleet.py``) decides how long to wait for them to be available."""
         legacy = LegacyContext(context=context, strategy=self.strategy, client_manager=client_manager,
                                config=ServerConfig(num_rounds=rounds, round_timeout=self.round_timeout))
-        DefaultWorkflow(fit_workflow=self.fit_workflow)(TimeoutGrid(PollingGrid(grid), self.round_timeout),
-                                                     legacy)
+        grid = TimeoutGrid(PollingGrid(PackingGrid(grid)), self.round_timeout)  # metered as sent: arrays, not packs
+        DefaultWorkflow(fit_workflow=self.fit_workflow)(grid, legacy)
 
 
 def check_composition(settings: RunSettings, partition_sizes: Sequence[int] | None = None) -> None:

@@ -16,6 +16,7 @@ the ClientApp from the node's private key, run it as another user instead (docs/
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shutil
@@ -29,7 +30,7 @@ from logging import ERROR, INFO, WARNING
 from pathlib import Path
 from typing import Any
 
-from flwr.app import Message
+from flwr.app import Context, Message
 from flwr.app.error import Error
 from flwr.clientapp import ClientApp
 from flwr.common.args import add_args_flwr_app_common, try_obtain_flwr_app_token
@@ -46,7 +47,8 @@ from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supercore.superexec.executor import subprocess_executor
 from flwr.supercore.telemetry import EventType
 from flwr.supercore.tls import validate_and_resolve_root_certificates
-from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
+from flwr.supernode.runtime import run_clientapp
+from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
 from fedseg.deploy.approval import INSTALLED_APP, POLICY_ENV, AppPolicy
 from fedseg.deploy.worker_link import WORKER_SOCKET_ENV, listen, requests
@@ -173,6 +175,27 @@ def supernode_main(argv: Sequence[str] | None = None) -> None:
 
     sys.argv = ["flower-supernode", *flower_args]
     flower_supernode()
+
+
+PULL_BACKOFF_S = (0.05, 0.5)  # first retry, cap: for objects the SuperNode is still fetching (Flower: 1 s, 10 s)
+
+
+def pull_task_input(client: RuntimeHttpClient) -> tuple[Message, Context, Run, Fab]:
+    """Flower's ``run_clientapp.pull_task_input``, retrying objects sooner.
+
+    The SuperNode hands out a task before it has fetched the message's objects from the SuperLink, and
+    Flower's pull retries an object it does not have yet after 1 s, doubling to 10 s
+    (``PULL_INITIAL_BACKOFF``, ``PULL_BACKOFF_CAP``; no setting). A task started at once, as the worker
+    starts it, thus waited up to ~15 s on a UNet-ResNet34 message that arrives in a second or two. The
+    SuperNode is on this box: retrying every 0.05 s (doubling to 0.5 s) costs it nothing.
+    """
+    pull = run_clientapp.pull_and_inflate_object_from_tree
+    run_clientapp.pull_and_inflate_object_from_tree = functools.partial(
+        pull, initial_backoff=PULL_BACKOFF_S[0], backoff_cap=PULL_BACKOFF_S[1])
+    try:
+        return run_clientapp.pull_task_input(client)
+    finally:
+        run_clientapp.pull_and_inflate_object_from_tree = pull
 
 
 def start_worker(launcher: str) -> str:
