@@ -83,6 +83,12 @@ class GridWrapper(Grid):
                          timeout: float | None = None) -> Iterable[Message]:
         return self.inner.send_and_receive(messages, timeout=timeout)
 
+    @property
+    def innermost(self) -> Grid:
+        """The grid at the bottom of the wrappers (Flower's, or the in-process ``LoopbackGrid``)."""
+        inner = self.inner
+        return inner.innermost if isinstance(inner, GridWrapper) else inner
+
 
 class PackingGrid(GridWrapper):
     """Sends each message's arrays packed into one (:mod:`fedseg.packing`) and unpacks the replies: the
@@ -96,7 +102,19 @@ class PackingGrid(GridWrapper):
         return self.inner.push_messages(messages)
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        replies = list(self.inner.pull_messages(message_ids))
+        return self._unpacked(self.inner.pull_messages(message_ids))
+
+    def send_and_receive(self, messages: Iterable[Message], *,
+                         timeout: float | None = None) -> Iterable[Message]:
+        messages = list(messages)
+        for msg in messages:
+            if msg.has_content():
+                msg.content = pack_content(msg.content)
+        return self._unpacked(self.inner.send_and_receive(messages, timeout=timeout))
+
+    @staticmethod
+    def _unpacked(replies: Iterable[Message]) -> list[Message]:
+        replies = list(replies)
         for reply in replies:
             if reply.has_content():
                 reply.content = unpack_content(reply.content)
@@ -119,6 +137,8 @@ class PollingGrid(GridWrapper):
 
     def send_and_receive(self, messages: Iterable[Message], *,
                          timeout: float | None = None) -> Iterable[Message]:
+        if getattr(self.innermost, "answers_on_push", False):  # in-process: its own send_and_receive
+            return self.inner.send_and_receive(messages, timeout=timeout)
         pending = set(self.inner.push_messages(messages))
         deadline = None if timeout is None else time.monotonic() + timeout
         replies: list[Message] = []
