@@ -325,7 +325,7 @@ class Task:
                 self.outcome["details"] = reason
                 reply = Message(Error(code=ErrorCode.INVALID_FAB, reason=f"vehicle {reason}"), reply_to=message)
             else:
-                app = _approved_app(policy, run, fab) if installed is None or not policy.installed_only else installed
+                app = _approved_app(policy, run, fab, installed)
                 app_started = time.time()
                 reply = app(message=message, context=context)
                 timing["app_s"] = time.time() - app_started
@@ -361,11 +361,14 @@ class Task:
         print(f"fedseg-task {json.dumps(row)}", flush=True)
 
 
-def _approved_app(policy: AppPolicy, run: Run, fab: Fab) -> ClientApp:
-    """The ClientApp to run: the installed one, or (allowlisted) the bundle's, loaded as Flower loads it."""
+def _approved_app(policy: AppPolicy, run: Run, fab: Fab, installed: ClientApp | None = None) -> ClientApp:
+    """The ClientApp to run: the installed one (``installed``, the worker's, else :data:`INSTALLED_APP`), or
+    (allowlisted) the bundle's, loaded as Flower loads it."""
     if policy.installed_only:
         log(INFO, "fedseg-clientapp: run %s: app bundle %s: running this vehicle's installed %s, not the "
             "bundle's code", run.run_id, fab.hash_str, INSTALLED_APP)
+        if installed is not None:
+            return installed
         from fedseg.clients.client_app import app  # here, not above: an approved bundle brings its own
 
         return app
