@@ -95,22 +95,22 @@ class PackingGrid(GridWrapper):
     wire carries a few objects where it carried one per array; everything above sees the arrays."""
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        messages = list(messages)
-        for msg in messages:
-            if msg.has_content():
-                msg.content = pack_content(msg.content)
-        return self.inner.push_messages(messages)
+        return self.inner.push_messages(self._packed(messages))
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         return self._unpacked(self.inner.pull_messages(message_ids))
 
     def send_and_receive(self, messages: Iterable[Message], *,
                          timeout: float | None = None) -> Iterable[Message]:
+        return self._unpacked(self.inner.send_and_receive(self._packed(messages), timeout=timeout))
+
+    @staticmethod
+    def _packed(messages: Iterable[Message]) -> list[Message]:
         messages = list(messages)
         for msg in messages:
             if msg.has_content():
                 msg.content = pack_content(msg.content)
-        return self._unpacked(self.inner.send_and_receive(messages, timeout=timeout))
+        return messages
 
     @staticmethod
     def _unpacked(replies: Iterable[Message]) -> list[Message]:
