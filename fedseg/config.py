@@ -287,11 +287,27 @@ class FederationSpec:
     # mean/var, SiloBN); affine (stats and the BN weight/bias, FedBN). The server evaluates with the
     # frame-weighted mean of what the vehicles send.
     local_norm: Literal["none", "stats", "affine"] = "none"
+    # fedseg-sim only: simulation nodes carrying the fleet (fedseg/vehicle_pool.py). None: one per vehicle
+    # when every vehicle trains each round, else as many as a round samples; a number: that many, pooled.
+    sim_nodes: int | None = bounded(None, ge=1)
 
     @property
     def vehicles_per_round(self) -> int:
         """Vehicles Flower's FedAvg family samples each round: ``max(int(n * fraction), min_fit)``."""
         return max(int(self.num_clients * self.fraction_fit), self.min_fit_clients)
+
+    def pool_size(self) -> int | None:
+        """``fedseg-sim``'s simulation nodes when they carry a pooled fleet, else None (one node per vehicle).
+
+        A ``ValueError`` naming ``federation.sim_nodes`` when a round's vehicles would not fit or it
+        exceeds the fleet."""
+        if self.sim_nodes is None:
+            return self.vehicles_per_round if self.vehicles_per_round < self.num_clients else None
+        if not self.vehicles_per_round <= self.sim_nodes <= self.num_clients:
+            raise ValueError(f"federation.sim_nodes={self.sim_nodes}: a round samples {self.vehicles_per_round} "
+                             f"of {self.num_clients} vehicles, each on its own node; valid: "
+                             f"{self.vehicles_per_round}..{self.num_clients}, or null")
+        return self.sim_nodes
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,9 @@ class Fleet:
                  crash: tuple[int, ...] = (), skip: tuple[int, ...] = (), fail_always: tuple[int, ...] = (),
                  send: dict[int, Callable[[list[np.ndarray]], list[np.ndarray]]] | None = None,
                  federation: dict[str, Any] | None = None, compression: dict[str, Any] | None = None,
-                 output_dir: str | None = None, claims: dict[int, dict[str, Any]] | None = None) -> None:
+                 output_dir: str | None = None, claims: dict[int, dict[str, Any]] | None = None,
+                 pool: int | None = None) -> None:
+        """``pool``: the vehicles ride that many simulation nodes (``fedseg/vehicle_pool.py``)."""
         n, crashed = len(updates), set[int]()
         options = {"fedprox": {"proximal_mu": 0.01}}.get(strategy, {})
         # min_fit_clients n - 1: a round survives one vehicle lost (all n are still sampled: n x 1.0).
@@ -44,6 +46,8 @@ class Fleet:
             "compression": compression or {"name": "none"}}
         if output_dir is not None:  # where vehicles keep state on disk (a codec's error-feedback residual)
             cfg["output_dir"] = output_dir
+        if pool is not None:
+            cfg["federation"]["sim_nodes"] = pool
         self.settings, run_config = RunSettings.from_config(cfg), to_run_config(cfg)
 
         class Toy(NumPyClient):
@@ -68,10 +72,11 @@ class Fleet:
 
         app = ClientApp(client_fn=lambda c: Toy(int(c.node_config["partition-id"])).to_client(),
                         mods=VEHICLE_MODS)
-        contexts = {100 + i: Context(run_id=1, node_id=100 + i, node_config={"partition-id": i},
-                                     state=RecordDict(), run_config=run_config) for i in range(n)}
+        pooled = {} if pool is None else {"num-partitions": pool}
+        contexts = {100 + i: Context(run_id=1, node_id=100 + i, node_config={"partition-id": i, **pooled},
+                                     state=RecordDict(), run_config=run_config) for i in range(pool or n)}
         self.grid = LoopbackGrid(app, contexts)
-        self.updates, self.examples, self.rounds, self.n = updates, examples, rounds, n
+        self.updates, self.examples, self.rounds, self.n, self.pool = updates, examples, rounds, n, pool
         self.globals: list[list[np.ndarray]] = []  # round 0 (initial), 1, 2, ...
         self.rows: list[dict[str, Any]] = []
         self.resume: dict[str, Any] = {}  # what the last round's checkpoint would hold to continue
@@ -95,7 +100,7 @@ class Fleet:
         if state is not None:
             restore(state, self.parts.base, self.parts.recorder)
         server = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
-        self.parts.run(self.grid, server, self.rounds - start_round)
+        self.parts.run(self.grid, server, self.rounds - start_round, pooled_fleet=self.n if self.pool else None)
         return self
 
 

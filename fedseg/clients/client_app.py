@@ -23,6 +23,7 @@ from flwr.client.mod import fixedclipping_mod
 from flwr.clientapp.typing import ClientAppCallable, Mod
 from flwr.common import ArrayRecord, ConfigRecord, Context
 
+from fedseg.clients.codecs import RESIDUAL_RECORD
 from fedseg.clients.mods import (
     encode_update_mod,
     packed_transport_mod,
@@ -32,6 +33,7 @@ from fedseg.clients.mods import (
     uses_secagg,
     when,
 )
+from fedseg.clients.pool import pooled_vehicle_mod
 from fedseg.config import resolve_device
 from fedseg.deploy.runconfig import expand_run_config
 from fedseg.deploy.vehicle import NodeSpec, load_vehicle, vehicle_id
@@ -157,6 +159,9 @@ def expand_settings(msg: Message, context: Context, call_next: ClientAppCallable
 VEHICLE_MODS: list[Mod] = [
     packed_transport_mod,  # the message's arrays unpacked as sent (fedseg.packing), the reply's packed
     expand_settings,  # then: every mod after it reads the full run config
+    # a pooled simulation node becomes the vehicle its message names (fedseg/clients/pool.py): its node
+    # config and context.state; the accountant and the residual come from their own files
+    pooled_vehicle_mod(kept_elsewhere={STATE_KEY, RESIDUAL_RECORD}),
     when(uses_secagg, secure_aggregation_mod),  # Flower's secaggplus_mod; the masked vector packed
     when(sends_encoded_update, encode_update_mod),  # weights -> the codec's encoded update (+ SecAgg+ range)
     when(uses_central_dp, fixedclipping_mod),  # Flower's clipping to the server's norm (central DP)

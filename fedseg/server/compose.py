@@ -64,6 +64,7 @@ from fedseg.server.codecs import DecodingStrategy
 from fedseg.server.grids import PackingGrid, PollingGrid, TimeoutGrid
 from fedseg.server.guard import UpdateGuard
 from fedseg.server.notes import RoundNotes
+from fedseg.server.pool import VehicleGrid
 from fedseg.server.recorder import OnRound, RoundRecorder, mean_train_loss
 from fedseg.server.replies import ReplyRules, example_cap
 from fedseg.server.resume import RoundOffset
@@ -88,13 +89,17 @@ class ServerParts:
     round_timeout: float | None = None
 
     def run(self, grid: Grid, context: Context, rounds: int, *,
-            client_manager: ClientManager | None = None) -> None:
+            client_manager: ClientManager | None = None, pooled_fleet: int | None = None) -> None:
         """Run ``rounds`` rounds on ``grid`` (Flower's legacy workflow: where SecAgg+ lives); a round
         waits at most ``round_timeout`` seconds for its vehicles; ``client_manager`` (e.g. the fleet's,
-        ``fedseg/server/fleet.py``) decides how long to wait for them to be available."""
+        ``fedseg/server/fleet.py``) decides how long to wait for them to be available. ``pooled_fleet``:
+        that many vehicles ride ``grid``'s simulation nodes (``fedseg/server/pool.py``)."""
         legacy = LegacyContext(context=context, strategy=self.strategy, client_manager=client_manager,
                                config=ServerConfig(num_rounds=rounds, round_timeout=self.round_timeout))
-        grid = TimeoutGrid(PollingGrid(PackingGrid(grid)), self.round_timeout)  # metered as sent: arrays, not packs
+        nodes: Grid = PollingGrid(PackingGrid(grid))
+        if pooled_fleet is not None:  # below the meter: it counts by vehicle, as it counts by node otherwise
+            nodes = VehicleGrid(nodes, pooled_fleet)
+        grid = TimeoutGrid(nodes, self.round_timeout)  # metered as sent: arrays, not packs
         DefaultWorkflow(fit_workflow=self.fit_workflow)(grid, legacy)
 
 

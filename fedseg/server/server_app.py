@@ -20,10 +20,10 @@ from flwr.common import Context, ndarrays_to_parameters
 from flwr.server import Grid, ServerApp
 
 from fedseg.checkpoints import checkpoint_meta, load_initial_weights
-from fedseg.config import from_run_config, resolve_device, spec_block
+from fedseg.config import FederationSpec, from_run_config, resolve_device, spec_block
 from fedseg.data import FleetData
 from fedseg.deploy.outputs import drop_stop_tracebacks, log_to_console, log_to_file, prepare_run_dir
-from fedseg.deploy.runconfig import deploy_spec, expand_run_config
+from fedseg.deploy.runconfig import OVERRIDES_KEY, deploy_spec, expand_run_config
 from fedseg.deploy.vehicle import load_heldout
 from fedseg.errors import RunFailed
 from fedseg.models import build_run_model, get_weights, set_weights
@@ -60,6 +60,17 @@ def make_reporter(settings: RunSettings, raw: dict[str, Any], data: FleetData,
                        resume_after=point.round if point else None)
 
 
+def simulation_pool(fed: FederationSpec, *, deployed: bool) -> int | None:
+    """The simulation nodes a pooled fleet rides (``federation.sim_nodes``, which only ``fedseg-sim`` sets,
+    ``fedseg/vehicle_pool.py``), else None. A deployed vehicle is a real node: the setting is refused there."""
+    if fed.sim_nodes is None:
+        return None
+    if deployed:
+        raise ValueError(f"federation.sim_nodes={fed.sim_nodes} pools a fleet on fedseg-sim's simulation nodes; "
+                         "a deployed vehicle is a SuperNode of its own: drop the override")
+    return fed.pool_size()
+
+
 def _stop(err: Exception) -> RunFailed:
     """A run that cannot go on: one line in the log (Flower's traceback of it is dropped)."""
     log.error(f"fedseg: error: {err}")
@@ -84,6 +95,7 @@ def serve(grid: Grid, context: Context, held: contextlib.ExitStack) -> None:
             raw["output_dir"] = raw["resume"]
         settings, deploy = RunSettings.from_config(raw), deploy_spec(raw)
         out, fed = Path(settings.output_dir), settings.federation
+        pool = simulation_pool(fed, deployed=OVERRIDES_KEY in context.run_config)
         held.enter_context(RunDirLock.join(out, os.environ.get(JOIN)))  # shared with fedseg-sim's, if it started us
         log_to_console(verbose=settings.run.verbose)
         log_to_file(out)
@@ -103,9 +115,11 @@ def serve(grid: Grid, context: Context, held: contextlib.ExitStack) -> None:
         return reporter.evaluate()
 
     try:
-        joined = wait_for_vehicles(grid, wanted=fed.num_clients, minimum=fed.min_fit_clients,
+        joined = wait_for_vehicles(grid, wanted=pool or fed.num_clients, minimum=fed.min_fit_clients,
                                    timeout=deploy.join_timeout)
-        # The strategy waits for (and central DP accounts for) the fleet that joined.
+        # The strategy waits for (and central DP accounts for) the fleet that joined; a pooled fleet is
+        # whole whatever its nodes (a round larger than the nodes that joined stops, naming sim_nodes).
+        joined = fed.num_clients if pool else joined
         fleet = dataclasses.replace(settings, federation=dataclasses.replace(fed, num_clients=joined))
         parts = compose_server(fleet, on_round=reporter.record, evaluate_fn=evaluate_fn,
                                initial_parameters=ndarrays_to_parameters(get_weights(reporter.model)),
@@ -114,7 +128,8 @@ def serve(grid: Grid, context: Context, held: contextlib.ExitStack) -> None:
             log.info(f"fedseg: resuming after round {start} of {fed.rounds}")
             restore(point.state, parts.base, parts.recorder)
         parts.run(grid, context, fed.rounds - start,
-                  client_manager=FleetClientManager(minimum=fed.min_fit_clients, timeout=deploy.join_timeout))
+                  client_manager=FleetClientManager(minimum=fed.min_fit_clients, timeout=deploy.join_timeout),
+                  pooled_fleet=fed.num_clients if pool else None)
     except (RunFailed, ValueError) as err:  # too few vehicles joined or answered; an impossible combination
         reporter.finish({"experiment": settings.experiment, "stopped": str(err)})  # the rounds run so far
         raise _stop(err) from None

@@ -52,12 +52,17 @@ def federate(raw: dict[str, Any]) -> dict:
                          progress=settings.run.progress)
     sizes = fleet.sizes()
     check_composition(settings, sizes)  # impossible combinations fail here, before Ray starts
+    # A fleet larger than a round's sample rides a pool of simulation nodes (fedseg/vehicle_pool.py); the
+    # resolved count travels in the run config, where it tells the server and the vehicles to pool.
+    pool = fed.pool_size()
+    raw = {**raw, "federation": {**raw["federation"], "sim_nodes": pool}}
     log.info(f"fedseg-sim: {fed.num_clients} vehicles ({describe_sizes(sizes)}), {len(fleet.heldout())} held-out, "
-             f"{settings.model.name}, {fed.rounds} rounds -> {settings.output_dir}")
+             f"{settings.model.name}, {fed.rounds} rounds -> {settings.output_dir}"
+             + (f"; {pool} simulation nodes carry them" if pool else ""))
     out = Path(settings.output_dir)
     if not settings.run.verbose:
         keep_flower_off_the_console()
-    run_federation(to_run_config(raw), num_vehicles=fed.num_clients, client_cpus=fed.client_cpus,
+    run_federation(to_run_config(raw), num_vehicles=pool or fed.num_clients, client_cpus=fed.client_cpus,
                    client_gpus=fed.client_gpus, app_dir=out / "flwr_app", verbose=settings.run.verbose,
                    ray_cpus=fed.ray_cpus)
     summary = json.loads((out / "summary.json").read_text())
