@@ -14,6 +14,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from fedseg.data.normalize import denormalize
+from fedseg.quality import Progress
 
 
 def plot_curves(rows: Sequence[dict[str, Any]], out_dir: Path, *, title: str = "") -> list[Path]:
@@ -81,6 +82,25 @@ def plot_examples(
             ax.imshow(img)
             ax.set_title(name, fontsize=9)
             ax.axis("off")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return _save(fig, path)
+
+
+def plot_time_to_accuracy(curves: Sequence[Progress], path: Path, *, title: str = "") -> Path:
+    """``time_to_accuracy.png``: held-out mIoU against the fleet's training seconds (vehicles in parallel)
+    and against frames trained, one line per run (:func:`fedseg.quality.progress`)."""
+    fig, (by_time, by_frames) = plt.subplots(1, 2, figsize=(11, 4))
+    for curve in curves:
+        by_time.plot(curve.seconds, curve.miou, "o-", markersize=3, label=curve.label)
+        by_frames.plot(curve.frames, curve.miou, "o-", markersize=3, label=curve.label)
+    by_time.set_xlabel("fleet training time, s (vehicles in parallel)")
+    by_frames.set_xlabel("frames trained (all vehicles)")
+    for ax in (by_time, by_frames):
+        ax.set_ylabel("held-out mIoU")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
     path.parent.mkdir(parents=True, exist_ok=True)
     return _save(fig, path)
 

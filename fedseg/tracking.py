@@ -39,6 +39,7 @@ class Tracker(Protocol):
     def log_round(self, row: dict[str, Any]) -> None: ...
     def log_predictions(self, predictions: Predictions, step: int) -> None: ...
     def log_model(self, path: Path, metadata: dict[str, Any]) -> None: ...
+    def log_plot(self, key: str, path: Path) -> None: ...
     def finish(self, summary: dict[str, Any]) -> None: ...
 
 
@@ -55,6 +56,9 @@ class NullTracker:
         pass
 
     def log_model(self, path: Path, metadata: dict[str, Any]) -> None:
+        pass
+
+    def log_plot(self, key: str, path: Path) -> None:
         pass
 
     def finish(self, summary: dict[str, Any]) -> None:
@@ -104,6 +108,10 @@ class WandbTracker:
             artifact = self._wandb.Artifact(f"model-{self.run.id}", type="model", metadata=metadata)
             artifact.add_file(str(path), name=path.name)
             self.run.log_artifact(artifact, aliases=["latest"])
+
+    def log_plot(self, key: str, path: Path) -> None:
+        """The image at ``path`` (a plot the run drew) under ``key``, after the run's last round."""
+        self.run.log({key: self._wandb.Image(str(path))})
 
     def finish(self, summary: dict[str, Any]) -> None:
         for key, value in summary.items():

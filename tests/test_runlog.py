@@ -73,6 +73,7 @@ class RecordingTracker:
         self.rows: list[dict[str, Any]] = []
         self.predictions: dict[int, Predictions] = {}
         self.models: list[tuple[Path, dict[str, Any]]] = []
+        self.plots: dict[str, Path] = {}
         self.summary: dict[str, Any] | None = None
 
     def log_round(self, row: dict[str, Any]) -> None:
@@ -84,6 +85,9 @@ class RecordingTracker:
 
     def log_model(self, path: Path, metadata: dict[str, Any]) -> None:
         self.models.append((path, metadata))
+
+    def log_plot(self, key: str, path: Path) -> None:
+        self.plots[key] = path
 
     def finish(self, summary: dict[str, Any]) -> None:
         self.summary = summary

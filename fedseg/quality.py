@@ -1,0 +1,123 @@
+"""How a run's quality is compared: convergence, fleet time and frames trained, read from ``metrics.jsonl`` rows.
+
+A federated run and ``fedseg-train`` write the same rows (``round`` = epoch for the baseline), so one
+reading serves both:
+
+* :func:`converged_at`: the round (epoch) at which held-out mIoU stopped improving, the rule
+  ``early_stop`` stops a run by and ``scripts/bench/fl_quality.py`` compares converged runs at;
+* :func:`progress`: mIoU against the *fleet's* wall time (vehicles in parallel: a round costs its
+  slowest vehicle's training, ``max(train_s)``; an epoch of the baseline its training time) and
+  against frames trained (every vehicle's, summed), the two axes of ``plots/time_to_accuracy.png``.
+  Evaluation and communication are left out of both clocks: the fleet's network and the server's
+  held-out set are not what the comparison is about.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+class Converged(Exception):  # noqa: N818  (not an error: the run is done)
+    """Raised after the round at which a run with ``early_stop.window`` converged; the run finishes there."""
+
+    def __init__(self, round_: int, window: int, min_delta: float, unit: str = "round") -> None:
+        super().__init__(f"converged at {unit} {round_}: held-out mIoU rose no more than {min_delta:g} in the "
+                         f"last {window} {unit}s (early_stop)")
+        self.round = round_
+
+
+def converged_at(miou: Sequence[float | None], *, window: int, min_delta: float) -> int | None:
+    """The first index ``r`` (a round, or an epoch: ``miou[0]`` is the initial model) at which none of the
+    last ``window`` values rose more than ``min_delta`` above the best before them; None if none yet.
+
+    ``miou[r - window + 1 .. r]`` against ``max(miou[0 .. r - window])``: a run that plateaus for
+    ``window`` rounds stops ``window`` rounds after its last real gain.
+    """
+    best: list[float] = []  # best[i]: max of miou[0..i]
+    for value in miou:
+        best.append(max(best[-1] if best else float("-inf"), float("-inf") if value is None else value))
+    for r in range(window, len(miou)):
+        if best[r] <= best[r - window] + min_delta:
+            return r
+    return None
+
+
+def check_convergence(rows: Sequence[dict[str, Any]], *, window: int | None, min_delta: float,
+                      unit: str = "round") -> None:
+    """Raise :class:`Converged` when ``rows``' last round (``unit``: epoch for fedseg-train) is where the run
+    converged (``window`` None: never)."""
+    if window is None or not rows:
+        return
+    r = converged_at([row.get("miou") for row in rows], window=window, min_delta=min_delta)
+    if r is not None and r == len(rows) - 1:
+        raise Converged(int(rows[-1]["round"]), window, min_delta, unit)
+
+
+def fleet_seconds(row: dict[str, Any]) -> float:
+    """A round's training time with its vehicles in parallel: its slowest vehicle's ``train_s``; a row
+    without per-vehicle times (``fedseg-train``'s epochs) its ``round_s``."""
+    per_vehicle = row.get("train_s")
+    if isinstance(per_vehicle, dict) and per_vehicle:
+        return max(float(v) for v in per_vehicle.values())
+    return float(row.get("round_s") or 0.0)
+
+
+@dataclass(frozen=True)
+class Progress:
+    """A run's held-out mIoU against the fleet's cumulative training seconds and frames trained."""
+
+    label: str
+    seconds: list[float]
+    frames: list[int]
+    miou: list[float]
+
+
+def progress(rows: Sequence[dict[str, Any]], label: str) -> Progress:
+    """:class:`Progress` of one run's rows (round 0, the initial model, at zero)."""
+    seconds, frames, miou = [], [], []
+    t, n = 0.0, 0
+    for row in rows:
+        if row.get("round", 0) > 0:
+            t += fleet_seconds(row)
+            n += int(row.get("examples") or 0)
+        if row.get("miou") is not None:
+            seconds.append(t)
+            frames.append(n)
+            miou.append(float(row["miou"]))
+    return Progress(label, seconds, frames, miou)
+
+
+def read_rows(run_dir: Path) -> list[dict[str, Any]]:
+    """``run_dir/metrics.jsonl``'s rows."""
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def run_label(summary: dict[str, Any]) -> str:
+    """What a run is, for a legend: centralized, or federated with its strategy."""
+    mode = summary.get("mode", "run")
+    return f"{mode} ({summary['strategy']})" if mode == "federated" and summary.get("strategy") else str(mode)
+
+
+def check_compare(compare: str | None, *, data: dict[str, Any], seed: int) -> Path | None:
+    """The directory ``compare=`` names, if it is a finished run on the same data and seed; a one-line
+    ``ValueError`` naming ``compare`` and what differs otherwise."""
+    if compare is None:
+        return None
+    run_dir = Path(compare)
+    summary_path = run_dir / "summary.json"
+    if not (run_dir / "metrics.jsonl").is_file() or not summary_path.is_file():
+        raise ValueError(f"compare={compare}: not a finished fedseg-sim or fedseg-train run directory (it needs "
+                         "metrics.jsonl and summary.json)")
+    config = json.loads(summary_path.read_text()).get("config") or {}
+    theirs = {"seed": config.get("seed", 0), **{f"data.{k}": v for k, v in (config.get("data") or {}).items()}}
+    ours = {"seed": seed, **{f"data.{k}": v for k, v in data.items()}}
+    differ = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
+    if differ:
+        k = differ[0]
+        raise ValueError(f"compare={compare}: that run's {k}={theirs.get(k)!r}, this run's {ours.get(k)!r}; "
+                         "a time-to-accuracy comparison needs the same data and seed")
+    return run_dir
