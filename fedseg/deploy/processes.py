@@ -98,9 +98,14 @@ def tagged_pids(tag: str, variable: str = TAG, ray_nodes: set[str] | None = None
     return pids
 
 
-def stop_tagged(tag: str, grace: float = 10.0, ray_nodes: set[str] | None = None) -> set[str]:
+def stop_tagged(tag: str, grace: float = 10.0, ray_nodes: set[str] | None = None, *,
+                follow_ray_nodes: bool = True) -> set[str]:
     """SIGTERM every process tagged ``tag`` (and of the Ray nodes they run: :func:`tagged_pids`); SIGKILL
     those left after ``grace`` s. Returns those Ray nodes (with ``ray_nodes``, which it extends).
+
+    ``follow_ray_nodes=False``: the tagged processes only. A command attached to a Ray cluster it did not
+    start (``fedseg-sim ray.address=...``) must never signal that cluster's raylets, agents or workers,
+    whatever node id a tagged process may carry.
 
     Each phase signals processes that appear while it waits too (Ray's raylet starts workers, and
     restarts its agents, while its driver shuts down), so none is left because it was born after the
@@ -112,7 +117,7 @@ def stop_tagged(tag: str, grace: float = 10.0, ray_nodes: set[str] | None = None
     for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 15.0)):
         deadline, signalled, empty_looks = time.monotonic() + wait, set[int](), 0
         while True:
-            pids = set(tagged_pids(tag, ray_nodes=nodes))
+            pids = set(tagged_pids(tag, ray_nodes=nodes if follow_ray_nodes else None))
             if not pids:
                 empty_looks += 1
                 if empty_looks == 3:

@@ -44,12 +44,16 @@ LAST_LOOKS = 6  # after "done": looks 0.5 s apart for a tagged straggler
 
 
 class Watchdog:
-    """A watchdog for the processes tagged ``tag`` (and ``remove``, folders it deletes) while this process lives."""
+    """A watchdog for the processes tagged ``tag`` (and ``remove``, folders it deletes) while this process lives.
 
-    def __init__(self, tag: str, *remove: Path) -> None:
+    ``follow_ray_nodes=False``: it stops the tagged processes only, never those of a Ray node one of them
+    runs on (a command attached to a cluster it did not start; :func:`~fedseg.deploy.processes.stop_tagged`)."""
+
+    def __init__(self, tag: str, *remove: Path, follow_ray_nodes: bool = True) -> None:
         env = {k: v for k, v in os.environ.items() if k != TAG}  # untagged: the command's own stop spares it
-        self.proc = subprocess.Popen([sys.executable, "-m", "fedseg.deploy.watchdog", tag, *map(str, remove)],
-                                     stdin=subprocess.PIPE, env=env, start_new_session=True)
+        flags = [] if follow_ray_nodes else ["--no-ray-nodes"]
+        self.proc = subprocess.Popen([sys.executable, "-m", "fedseg.deploy.watchdog", *flags, tag,
+                                      *map(str, remove)], stdin=subprocess.PIPE, env=env, start_new_session=True)
 
     def stand_down(self, ray_nodes: set[str] | None = None) -> None:
         """The command stopped its processes itself (``ray_nodes``: the Ray nodes its sweep met,
@@ -73,17 +77,17 @@ class Watchdog:
                 self.proc.stdin.close()
 
 
-def watch(tag: str, remove: list[str]) -> None:
+def watch(tag: str, remove: list[str], *, follow_ray_nodes: bool = True) -> None:
     """Wait for the command's end; unless it said ``done``, stop what it started and remove ``remove``."""
     said = sys.stdin.buffer.read()
     if said.startswith(DONE):
-        nodes = {n.decode() for n in said[len(DONE):].split()}
+        nodes = {n.decode() for n in said[len(DONE):].split()} if follow_ray_nodes else None
         for _ in range(LAST_LOOKS):
             if tagged_pids(tag, ray_nodes=nodes):
-                stop_tagged(tag, ray_nodes=nodes)
+                stop_tagged(tag, ray_nodes=nodes, follow_ray_nodes=follow_ray_nodes)
             time.sleep(0.5)
         return
-    stop_tagged(tag)
+    stop_tagged(tag, follow_ray_nodes=follow_ray_nodes)
     for path in remove:
         shutil.rmtree(path, ignore_errors=True)
 
@@ -92,8 +96,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m fedseg.deploy.watchdog", description=__doc__.splitlines()[0])
     parser.add_argument("tag", help="the command's process tag (FEDSEG_PROCESS_TAG)")
     parser.add_argument("remove", nargs="*", help="folders to delete after stopping")
+    parser.add_argument("--no-ray-nodes", dest="follow_ray_nodes", action="store_false",
+                        help="stop the tagged processes only, not the Ray nodes they run on (an attached cluster)")
     args = parser.parse_args(argv)
-    watch(args.tag, args.remove)
+    watch(args.tag, args.remove, follow_ray_nodes=args.follow_ray_nodes)
 
 
 if __name__ == "__main__":
