@@ -339,6 +339,30 @@ class TrainSpec:
     epochs: int | None = bounded(None, ge=1)  # None: rounds x local_epochs of the federated run
 
 
+def check_ray_address(address: str, *, key: str) -> None:
+    """``address`` names a Ray cluster's head as Ray's own drivers do (``HOST:PORT``, or ``auto``: the one
+    started on this machine); a one-line ``ValueError`` naming ``key`` otherwise. A Ray Client address
+    (``ray://``) is refused: Flower's simulation calls ``ray.init`` with arguments Ray Client does not take,
+    and its driver must run on a node of the cluster."""
+    host, _, port = address.rpartition(":")
+    if "://" in address:
+        raise ValueError(f"{key}={address}: Ray Client addresses are not supported; run fedseg-sim on a node of "
+                         "the cluster (the head) with its GCS address, e.g. HEAD:6379")
+    if address != "auto" and not (host and port.isdigit() and 0 < int(port) < 65536):
+        raise ValueError(f"{key}={address!r}: expected HOST:PORT of the cluster's head (e.g. 10.0.0.5:6379) or auto")
+
+
+@dataclass(frozen=True)
+class RaySpec:
+    """Where the simulation runs (the ``ray`` block): ``address`` of an existing Ray cluster, or None."""
+
+    address: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.address is not None:
+            check_ray_address(self.address, key="ray.address")
+
+
 DEVICES = ("cpu", "cuda", "cuda:N", "auto")
 
 
