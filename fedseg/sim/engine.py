@@ -24,6 +24,7 @@ from pathlib import Path
 from fedseg.config import RunConfig, resolve_device
 from fedseg.deploy.outputs import write_app_config
 from fedseg.deploy.processes import (
+    RAY_NODE,
     TAG,
     free_port,
     new_tag,
@@ -114,19 +115,33 @@ def check_devices(device: str, client_gpus: float) -> None:
     check_accelerators(device, client_gpus, gpus=torch.cuda.device_count() if torch.cuda.is_available() else 0)
 
 
+def ray_environment(env: dict[str, str], ray_address: str | None) -> dict[str, str]:
+    """``env`` for the processes of a run: ``RAY_ADDRESS`` exactly when attaching to a cluster (Flower's
+    simulation calls ``ray.init()`` with no address, so Ray reads it there), and no inherited ``RAY_NODE_ID``
+    (set when fedseg-sim itself runs in a Ray job or task: its children would carry that node's id, and
+    :func:`~fedseg.deploy.processes.stop_tagged` stops every process of the Ray nodes its tagged ones name)."""
+    env = {k: v for k, v in env.items() if k not in (RAY_NODE, "RAY_ADDRESS")}
+    return env if ray_address is None else {**env, "RAY_ADDRESS": ray_address}
+
+
 def run_federation(run_config: RunConfig, *, num_vehicles: int, client_cpus: int, client_gpus: float,
-                   app_dir: Path, verbose: bool = False, ray_cpus: int | None = None) -> None:
+                   app_dir: Path, verbose: bool = False, ray_cpus: int | None = None,
+                   ray_address: str | None = None) -> None:
     """Run the fedseg ServerApp and ``num_vehicles`` virtual ClientApps on Ray; raise if it failed.
 
     ``ray_cpus``: the CPUs Ray hands out (``None``: the machine's cores); Ray runs ``ray_cpus // client_cpus``
-    vehicles at once."""
+    vehicles at once. ``ray_address``: an existing cluster to run on (:mod:`fedseg.sim.cluster`), whose nodes
+    set their own CPUs (so not with ``ray_cpus``) and which the run never stops; None: a Ray of its own."""
+    if ray_address is not None and ray_cpus is not None:
+        raise ValueError(f"federation.ray_cpus={ray_cpus} with ray.address={ray_address}: set CPUs on the nodes")
     write_app_config(app_dir, run_config)
     home, tag, port = Path(tempfile.mkdtemp(prefix="fedseg-flwr-")), new_tag(), free_port()
-    env = with_this_environment_on_path({**os.environ, TAG: tag, "FLWR_HOME": str(home),
-                                         "FLWR_DISABLE_UPDATE_CHECK": "1", "RAY_DEDUP_LOGS": "0",
-                                         "PYTHONUNBUFFERED": "1"})
+    env = with_this_environment_on_path(ray_environment({**os.environ, TAG: tag, "FLWR_HOME": str(home),
+                                                         "FLWR_DISABLE_UPDATE_CHECK": "1", "RAY_DEDUP_LOGS": "0",
+                                                         "PYTHONUNBUFFERED": "1"}, ray_address))
+    own_ray = ray_address is None  # attached: every Ray process is the cluster's, none is followed or stopped
     # A SIGTERM'd run still stops what it started (the finally below); a SIGKILLed one, its watchdog.
-    with terminate_as_exit(), Watchdog(tag, home) as watchdog:
+    with terminate_as_exit(), Watchdog(tag, home, follow_ray_nodes=own_ray) as watchdog:
         try:
             with (home / "superlink.log").open("wb") as out:
                 link = subprocess.Popen(
@@ -151,6 +166,6 @@ def run_federation(run_config: RunConfig, *, num_vehicles: int, client_cpus: int
                 raise RuntimeError(f"flwr run exited with status {code}: " + " | ".join(lines[-5:]))
             _verdict(env, lines)
         finally:
-            ray_nodes = stop_tagged(tag)
+            ray_nodes = stop_tagged(tag, follow_ray_nodes=own_ray)
             shutil.rmtree(home, ignore_errors=True)
             watchdog.stand_down(ray_nodes)
