@@ -15,12 +15,13 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from fedseg.config import to_run_config
+from fedseg.config import RaySpec, parse_spec, to_run_config
 from fedseg.data import describe_sizes, fleet_frames
 from fedseg.runlock import RunDirLock
 from fedseg.server.compose import check_composition
 from fedseg.settings import RunSettings, check_choices
 from fedseg.sim._cli import CONF_DIR, check_start_file, resolve, user_errors
+from fedseg.sim.cluster import attach_address, check_cluster
 from fedseg.sim.engine import check_devices, run_federation
 
 log = logging.getLogger("fedseg")
@@ -44,6 +45,7 @@ def federate(raw: dict[str, Any]) -> dict:
     check_choices(settings)
     check_start_file(settings, resume=raw.get("resume"))  # a bad model.init or resume: one line, nothing started
     fed = settings.federation
+    ray_address = attach_address(parse_spec(RaySpec, raw.get("ray"), key="ray"), ray_cpus=fed.ray_cpus)
     check_devices(settings.device, fed.client_gpus)  # before data and Ray: Ray would wait or hide the GPU
     # A user's folder is listed and every file decoded here, so bad frames fail before any vehicle
     # starts, naming the file. The synthetic fleet is only described: each vehicle renders (and
@@ -52,6 +54,8 @@ def federate(raw: dict[str, Any]) -> dict:
                          progress=settings.run.progress)
     sizes = fleet.sizes()
     check_composition(settings, sizes)  # impossible combinations fail here, before Ray starts
+    if ray_address:  # each node can run the vehicles (same environment, data reachable), or one line naming it
+        check_cluster(ray_address, settings.data, client_cpus=fed.client_cpus)
     # A fleet larger than a round's sample rides a pool of simulation nodes (fedseg/vehicle_pool.py); the
     # resolved count travels in the run config, where it tells the server and the vehicles to pool.
     pool = fed.pool_size()
@@ -64,7 +68,7 @@ def federate(raw: dict[str, Any]) -> dict:
         keep_flower_off_the_console()
     run_federation(to_run_config(raw), num_vehicles=pool or fed.num_clients, client_cpus=fed.client_cpus,
                    client_gpus=fed.client_gpus, app_dir=out / "flwr_app", verbose=settings.run.verbose,
-                   ray_cpus=fed.ray_cpus)
+                   ray_cpus=fed.ray_cpus, ray_address=ray_address)
     summary = json.loads((out / "summary.json").read_text())
     final = summary["final"]
     log.info(f"fedseg-sim: done: round {final['round']} mIoU {final['miou']:.3f} "
