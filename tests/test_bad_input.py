@@ -45,6 +45,11 @@ CASES = [
     ("fedseg-sim", [*SMOKE, "data.image_size=[60,60]"], "data.image_size=[60, 60] must be multiples of 8"),
     ("fedseg-sim", [*SMOKE, "data=carla"], "data.root is required"),
     ("fedseg-sim", [*SMOKE, "data=carla", "data.root=/nonexistent/carla"], "/nonexistent/carla"),
+    # fedseg-sim: an existing Ray cluster (ray.address), checked before anything starts
+    ("fedseg-sim", [*SMOKE, "ray.address=headnode"], "ray.address='headnode': expected HOST:PORT"),
+    ("fedseg-sim", [*SMOKE, "ray.address=127.0.0.1:6379", "federation.ray_cpus=2"],
+     "federation.ray_cpus=2 with ray.address=127.0.0.1:6379: an existing cluster's CPUs are set on its nodes"),
+    ("fedseg-sim", [*SMOKE, "ray.address=127.0.0.1:1"], "ray.address=127.0.0.1:1: nothing answers there"),
     # fedseg-sim: privacy, secure aggregation, tracking, and how they combine
     ("fedseg-sim", [*SMOKE, "privacy=dpsgd", "privacy.target_epsilon=0.001"],
      "privacy.target_epsilon=0.001 is out of reach"),
