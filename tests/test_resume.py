@@ -121,11 +121,14 @@ def _kill_after_round_2_and_resume(run_dir: Path, cache: Path, rounds: int, *ove
 
 
 @pytest.mark.e2e
-def test_sim_killed_after_round_2_resumes_to_round_4_with_each_row_once(tmp_path: Path) -> None:
-    # Under DP-SGD: the plain run's resume, plus the vehicles' accountants continuing from disk.
+@pytest.mark.parametrize("nodes", [(), ("federation.sim_nodes=3",)], ids=["own-nodes", "pooled"])
+def test_sim_killed_after_round_2_resumes_to_round_4_with_each_row_once(nodes: tuple[str, ...],
+                                                                          tmp_path: Path) -> None:
+    # Under DP-SGD: the plain run's resume, plus the vehicles' accountants continuing from disk; pooled
+    # (fedseg/vehicle_pool.py), a new node carries each vehicle after the resume.
     run_dir = tmp_path / "run"
 
-    before, resumed = _kill_after_round_2_and_resume(run_dir, tmp_path / "cache", 4, "privacy=dpsgd")
+    before, resumed = _kill_after_round_2_and_resume(run_dir, tmp_path / "cache", 4, "privacy=dpsgd", *nodes)
 
     # Rounds 0..4 exactly once; the run's own config kept; epsilon never went down.
     assert resumed.returncode == 0, resumed.stderr[-3000:]
