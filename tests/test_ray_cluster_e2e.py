@@ -109,15 +109,12 @@ class SpreadWatch(threading.Thread):
 
 
 def test_smoke_run_attaches_to_a_two_node_cluster_spreads_and_leaves_it_running(tmp_path: Path) -> None:
+    """On the cluster: vehicles train on both nodes, the run finishes and leaves both nodes running; its
+    metrics are those of the same run on one machine."""
     with two_node_cluster() as cluster:
         watch = SpreadWatch(cluster.raylets)
         watch.start()
-        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-        run = subprocess.run(
-            [str(BIN / "fedseg-sim"), "experiment=smoke", "run.progress=false", f"ray.address={cluster.address}",
-             f"hydra.run.dir={tmp_path / 'run'}"],
-            env={**env, "FEDSEG_DATA_CACHE": str(tmp_path / "cache"), "WANDB_MODE": "offline"},
-            capture_output=True, text=True, timeout=900, check=False)
+        run = smoke(tmp_path / "run", f"ray.address={cluster.address}")
         watch.done.set()
         watch.join()
         assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
@@ -128,3 +125,20 @@ def test_smoke_run_attaches_to_a_two_node_cluster_spreads_and_leaves_it_running(
         # The run stopped what it started and nothing of the cluster: both nodes still run.
         assert all(Path(f"/proc/{pid}").exists() for pid in cluster.raylets), "fedseg-sim stopped the cluster"
         assert _raylets(cluster.tag) == cluster.raylets
+    # Where a vehicle trains changes nothing in what it computes: the same run on a Ray of its own.
+    alone = smoke(tmp_path / "alone")
+    assert alone.returncode == 0, (alone.stdout + alone.stderr)[-3000:]
+    assert learned(tmp_path / "run") == learned(tmp_path / "alone")
+
+
+def smoke(run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    return subprocess.run(
+        [str(BIN / "fedseg-sim"), "experiment=smoke", "run.progress=false", f"hydra.run.dir={run_dir}", *overrides],
+        env={**env, "FEDSEG_DATA_CACHE": str(run_dir.parent / "cache"), "WANDB_MODE": "offline"},
+        capture_output=True, text=True, timeout=900, check=False)
+
+
+def learned(run_dir: Path) -> list[tuple]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(r["round"], r["loss"], r["miou"], r["per_class_iou"], r["bytes_up"]) for r in rows]
