@@ -12,7 +12,7 @@ from flwr.compat.common import recorddict_compat as compat
 from smoke_runs import rows_of, run_sim
 from toy_fleet import EXAMPLES, Fleet, toy_updates
 
-from fedseg.clients.pool import pooled_vehicle_mod, requested_vehicle
+from fedseg.clients.pool import pooled_vehicle, requested_vehicle
 from fedseg.config import FederationSpec
 from fedseg.deploy.vehicle import NodeSpec
 from fedseg.packing import unpack_content
@@ -116,7 +116,7 @@ def test_the_node_holds_a_vehicles_state_only_while_it_is_that_vehicle(tmp_path:
         ctxt.state["privacy"] = ConfigRecord({"accountant": b"{}"})  # has its own file: not copied
         return _message(RecordDict())
 
-    mod = pooled_vehicle_mod(kept_elsewhere={"privacy"})
+    mod = pooled_vehicle(kept_elsewhere={"privacy"})
     for vehicle in (17, 3, 17):
         mod(_naming(vehicle), context, train)
     assert seen == [({"partition-id": 17, "num-partitions": 40}, []), ({"partition-id": 3, "num-partitions": 40}, []),

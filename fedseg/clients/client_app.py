@@ -33,7 +33,7 @@ from fedseg.clients.mods import (
     uses_secagg,
     when,
 )
-from fedseg.clients.pool import pooled_vehicle_mod
+from fedseg.clients.pool import pooled_vehicle
 from fedseg.config import resolve_device
 from fedseg.deploy.runconfig import expand_run_config
 from fedseg.deploy.vehicle import NodeSpec, load_vehicle, vehicle_id
@@ -161,7 +161,7 @@ VEHICLE_MODS: list[Mod] = [
     expand_settings,  # then: every mod after it reads the full run config
     # a pooled simulation node becomes the vehicle its message names (fedseg/clients/pool.py): its node
     # config and context.state; the accountant and the residual come from their own files
-    pooled_vehicle_mod(kept_elsewhere={STATE_KEY, RESIDUAL_RECORD}),
+    pooled_vehicle(kept_elsewhere={STATE_KEY, RESIDUAL_RECORD}),
     when(uses_secagg, secure_aggregation_mod),  # Flower's secaggplus_mod; the masked vector packed
     when(sends_encoded_update, encode_update_mod),  # weights -> the codec's encoded update (+ SecAgg+ range)
     when(uses_central_dp, fixedclipping_mod),  # Flower's clipping to the server's norm (central DP)

@@ -1,8 +1,9 @@
 """The vehicle's half of a pooled fleet (:mod:`fedseg.vehicle_pool`): a simulation node becomes, for one
 message, the vehicle the message names.
 
-:func:`pooled_vehicle_mod` (in ``VEHICLE_MODS`` right after the run config is expanded) reads the
-vehicle's number from the message, and for everything inside it the node config is that vehicle's
+The mod :func:`pooled_vehicle` makes (``pooled_vehicle_mod``, in ``VEHICLE_MODS`` right after the run config
+is expanded) reads the vehicle's number from the message, and for everything inside it the node config is
+that vehicle's
 (``partition-id``: its frames, seeds, privacy and residual files) and ``context.state`` holds that
 vehicle's records, loaded from its file in the run's ``vehicles/`` folder and written back when the
 message is answered; between messages the node keeps none of them. Records that already have a file of
@@ -49,10 +50,10 @@ def requested_vehicle(msg: Message, node: NodeSpec, fed: FederationSpec) -> int 
     return value
 
 
-def pooled_vehicle_mod(kept_elsewhere: Collection[str]) -> Mod:
+def pooled_vehicle(kept_elsewhere: Collection[str]) -> Mod:
     """The mod of the module docstring; ``kept_elsewhere``: ``context.state`` records with their own files."""
 
-    def mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
+    def pooled_vehicle_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
         settings = settings_of(ctxt.run_config)
         fed = settings.federation
         vehicle = requested_vehicle(msg, NodeSpec.from_node_config(ctxt.node_config), fed)
@@ -78,7 +79,7 @@ def pooled_vehicle_mod(kept_elsewhere: Collection[str]) -> Mod:
             _clear(ctxt.state)
         return reply
 
-    return mod
+    return pooled_vehicle_mod
 
 
 def _clear(state: RecordDict) -> None:
