@@ -18,7 +18,7 @@ from fedseg.deploy.watchdog import Watchdog
 from fedseg.sim.cluster import NodeReport, attach_address, first_difference, node_facts
 from fedseg.sim.engine import ray_environment
 
-HERE = {"python": "3.11.7", "fedseg": "0.1.0", "flwr": "1.42.0", "torch": "2.14.1", "ray": "2.55.1"}
+HERE = {"python": "3.11", "fedseg": "0.1.0", "flwr": "1.42.0", "torch": "2.14.1", "ray": "2.55.1"}
 
 
 def node(ip: str, **facts: str) -> NodeReport:
@@ -93,6 +93,7 @@ def test_node_facts_report_versions_and_whether_the_data_is_usable(tmp_path: Pat
     facts = node_facts(str(tmp_path / "cache" / "synthetic"), data_read=False)  # rendered: a writable ancestor
     assert set(facts) == {"python", "fedseg", "flwr", "torch", "ray", "data"} and facts["data"] == "ok"
     assert "+" not in facts["torch"]  # a GPU node's +cu124 build is the same torch as a CPU head's
+    assert facts["python"] == f"{sys.version_info.major}.{sys.version_info.minor}"
     assert node_facts(str(tmp_path), data_read=True)["data"] == "ok"
     assert node_facts(str(tmp_path / "carla"), data_read=True)["data"] == \
         f"data.root={tmp_path / 'carla'} is not a folder here (it must be reachable on every node)"

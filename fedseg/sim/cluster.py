@@ -54,14 +54,14 @@ def attach_address(spec: RaySpec, *, ray_cpus: int | None, environ: Mapping[str,
 
 
 def node_facts(data_root: str | None, *, data_read: bool) -> dict[str, str]:
-    """What a node must share with the driver: versions (``torch`` without its build tag: a GPU node's
-    ``+cu124`` and a CPU head's ``+cpu`` are the same code), and ``data``: ``ok`` or why the run's data is
-    not usable here. Runs on each node, so it imports only the standard library."""
+    """What a node must share with the driver: versions (Python's major.minor; ``torch`` without its build
+    tag: a GPU node's ``+cu124`` and a CPU head's ``+cpu`` are the same code), and ``data``: ``ok`` or why
+    the run's data is not usable here. Runs on each node, so it imports only the standard library."""
     import importlib.metadata
     import platform
     from pathlib import Path
 
-    facts = {"python": platform.python_version()}
+    facts = {"python": ".".join(platform.python_version_tuple()[:2])}  # pickles cross patch releases, not minor
     for package in PACKAGES:
         try:
             facts[package] = importlib.metadata.version(package).split("+")[0]
