@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from flwr.app import ConfigRecord, Message, Metadata, RecordDict
+from flwr.app.message import make_message
 from flwr.serverapp import Grid
 
 from fedseg.errors import RunFailed
@@ -71,5 +72,5 @@ class VehicleGrid(GridWrapper):
                             group_id=md.group_id, created_at=md.created_at, ttl=md.ttl,
                             message_type=md.message_type)
         if reply.has_error():
-            return Message(error=reply.error, metadata=metadata)
-        return Message(content=reply.content, metadata=metadata)
+            return make_message(metadata, error=reply.error)
+        return make_message(metadata, content=reply.content)
