@@ -1,10 +1,12 @@
-"""How a federated run scales with its fleet: start-up, round time and peak memory at 10 to 10,000 vehicles.
+"""How a federated run scales with its fleet: start-up, round time and peak memory at 10 to 100,000 vehicles.
 
 Each fleet size is one real ``fedseg-sim`` run (Flower's Simulation Engine, 10 vehicles sampled per
 round: ``federation.fraction_fit`` = 10/n, ``federation.min_fit_clients=10``), ``experiment=smoke``
-unless Hydra overrides say otherwise; every extra argument is passed to every run. Each run gets an
-empty synthetic cache of its own, so its vehicles render their frames when first sampled, as on a
-first run. Measured, with ratios against the 10-vehicle run of the same invocation:
+unless Hydra overrides say otherwise; every extra argument is passed to every run. A fleet larger than
+a round's sample rides as many simulation nodes as a round samples (``federation.sim_nodes``,
+fedseg/vehicle_pool.py), so the 10-vehicle run has 10 nodes and so has the 100,000-vehicle run. Each
+run gets an empty synthetic cache of its own, so its vehicles render their frames when first sampled,
+as on a first run. Measured, with ratios against the 10-vehicle run of the same invocation:
 
 * ``startup_s``: from launching ``fedseg-sim`` to the round-0 row in ``metrics.jsonl`` (the initial
   model evaluated on the held-out set, the server's last step before round 1 samples its vehicles):
@@ -14,7 +16,10 @@ first run. Measured, with ratios against the 10-vehicle run of the same invocati
   unless ``federation.rounds`` says otherwise). Round 1 also starts the Ray workers (each imports
   torch and the model code) and meets 10 new vehicles at every fleet size; in later rounds a large
   fleet still meets new vehicles (each renders its frames, about 0.25 s of one core at 64x64) while
-  a 10-vehicle fleet's frames are cached.
+  a 10-vehicle fleet's frames are cached: ``new_per_round`` counts them (vehicles of rounds 2+ in no
+  earlier round's ``train_s``). ``round_ratio_100k`` (on the ``--json`` line, null without a
+  100,000-vehicle run): its median round over the baseline's, goal at most 1.2; beside it its
+  ``startup_ratio_100k`` and ``peak_pss_mb_100k``.
 * ``peak_mb``: the largest sum, over one poll, of the resident memory (RSS) of every process of the
   run (``fedseg-sim``, its SuperLink, the simulation and Ray processes), found by an environment
   tag they all inherit; shared pages count once per process, so this is an upper bound.
@@ -22,7 +27,7 @@ first run. Measured, with ratios against the 10-vehicle run of the same invocati
   measure the 8 GB goal is judged by (summed RSS counts torch's shared libraries once for each of
   the run's Python processes). ``pss_mb_at_peak`` splits that peak by process.
 
-    python scripts/bench/scale.py --json                               # 10, 100, 1,000, 10,000 (~10 min)
+    python scripts/bench/scale.py --json                               # 10 to 100,000 (~15 min)
     python scripts/bench/scale.py --fleets 10,1000 --resnet34 --json   # plus UNet-ResNet34 at 1,000
     python scripts/bench/scale.py --fleets 10,100 federation.rounds=6   # more rounds for the median
 """
@@ -43,11 +48,12 @@ from typing import Any
 
 from fedseg.deploy.processes import tagged_pids
 
-FLEETS = "10,100,1000,10000"
+FLEETS = "10,100,1000,10000,100000"
 SAMPLED = 10  # vehicles per round at every fleet size
 ROUNDS = 4  # round 1 starts the Ray workers; the median is over rounds 2-4
 RESNET34_FLEET = 1000
 GOAL_MB, GOAL_STARTUP_RATIO = 8192, 2.0  # the bar this bench checks: all processes within 8 GB, start-up within 2x
+GOAL_ROUND_RATIO, FLAT_FLEET = 1.2, 100_000  # and the median round at 100,000 vehicles within 1.2x of 10's
 BENCH_TAG = "FEDSEG_SCALE_BENCH"
 
 
@@ -108,14 +114,37 @@ def run_fleet(vehicles: int, overrides: list[str], out: Path, poll: float) -> di
     if proc.returncode != 0:
         print(f"scale bench: {run_dir.name} failed (exit {proc.returncode}); see {log.name}", flush=True)
         return {"run": run_dir.name, "vehicles": vehicles, "error": f"exit {proc.returncode}, see {log.name}"}
-    times = [json.loads(line)["round_s"] for line in metrics.read_text().splitlines()][1:]
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()][1:]
+    times = [row["round_s"] for row in rows]
     return {"run": run_dir.name, "vehicles": vehicles, "startup_s": round(startup or wall, 1),
             "first_round_s": round(times[0], 2), "median_round_s": round(statistics.median(times[1:] or times), 2),
-            "rounds": len(times), "peak_mb": round(peak / 1024), "peak_pss_mb": round(peak_pss / 1024),
+            "rounds": len(times), "new_per_round": new_vehicles(rows),
+            "peak_mb": round(peak / 1024), "peak_pss_mb": round(peak_pss / 1024),
             "processes": most,
             "pss_mb_at_peak": {name: round(kb / 1024) for name, kb in sorted(at_peak.items(), key=lambda x: -x[1])},
             "wall_s": round(wall, 1), "load_at_start": round(load, 1),
             "run_dir": str(run_dir)}
+
+
+def new_vehicles(rows: list[dict[str, Any]]) -> list[int]:
+    """For rounds 2+: how many of the round's vehicles (``train_s`` keys) trained in no earlier round."""
+    seen: set[str] = set()
+    counts = []
+    for row in rows:
+        trained = set(row.get("train_s") or {})
+        counts.append(len(trained - seen))
+        seen |= trained
+    return counts[1:]
+
+
+def flat_fleet(results: list[dict[str, Any]], vehicles: int = FLAT_FLEET) -> dict[str, Any]:
+    """The ``vehicles`` run against the baseline, if both finished: ``round_ratio_100k`` (median round over
+    the baseline's), ``startup_ratio_100k`` and ``peak_pss_mb_100k``; empty without such a run."""
+    run = next((r for r in results[1:] if r["vehicles"] == vehicles and "median_round_ratio" in r), None)
+    if run is None:
+        return {}
+    return {"round_ratio_100k": run["median_round_ratio"], "startup_ratio_100k": run.get("startup_ratio"),
+            "peak_pss_mb_100k": run["peak_pss_mb"]}
 
 
 def add_ratios(results: list[dict[str, Any]]) -> None:
@@ -170,12 +199,18 @@ def main() -> None:
              "peak_within_8gb": all(r["peak_pss_mb"] <= GOAL_MB for r in finished),  # PSS: see the docstring
              "startup_within_2x": all(r.get("startup_ratio", GOAL_STARTUP_RATIO + 1) <= GOAL_STARTUP_RATIO
                                       for r in finished)}  # no ratio without the baseline
+    flat = flat_fleet(results)
+    if flat:
+        goals["round_within_1.2x_at_100k"] = flat["round_ratio_100k"] <= GOAL_ROUND_RATIO
     print(f"goals: every run finished: {goals['all_finished']}; of those, all processes within {GOAL_MB} MB (PSS): "
           f"{goals['peak_within_8gb']}; start-up within "
-          f"{GOAL_STARTUP_RATIO:g}x of {results[0]['run']}: {goals['startup_within_2x']}")
+          f"{GOAL_STARTUP_RATIO:g}x of {results[0]['run']}: {goals['startup_within_2x']}"
+          + (f"; median round at {FLAT_FLEET:,} vehicles {flat['round_ratio_100k']:.2f}x (goal "
+             f"{GOAL_ROUND_RATIO:g}x)" if flat else ""))
     if args.json:
         print(json.dumps({"overrides": overrides, "cores": os.cpu_count(), "load": [round(x, 1) for x in load],
-                          "results": results, "goals": goals}))
+                          "results": results, "round_ratio_100k": flat.get("round_ratio_100k"),
+                          **{k: v for k, v in flat.items() if k != "round_ratio_100k"}, "goals": goals}))
 
 
 if __name__ == "__main__":
