@@ -35,6 +35,7 @@ CASES = [
     ("fedseg-sim", [*SMOKE, "+federation.roundz=3"], "unknown federation keys ['roundz']"),
     ("fedseg-sim", [*SMOKE, "seed=abc"], "seed='abc': expected an integer"),
     ("fedseg-sim", [*SMOKE, "federation.min_fit_clients=5"], "federation.min_fit_clients=5 exceeds"),
+    ("fedseg-sim", [*SMOKE, "federation.sim_nodes=2"], "federation.sim_nodes=2: a round samples 3 of 3 vehicles"),
     ("fedseg-sim", [*SMOKE, "federation.optimizer=rmsprop"], "federation.optimizer=rmsprop: valid:"),
     # fedseg-sim: registries and data
     ("fedseg-sim", [*SMOKE, "model.name=nope"], "unknown backbone 'nope'; valid:"),
