@@ -126,14 +126,23 @@ def test_the_node_holds_a_vehicles_state_only_while_it_is_that_vehicle(tmp_path:
     assert "privacy" not in VehicleStore(tmp_path / "vehicles").load(17)
 
 
-@pytest.mark.parametrize("secagg", [{"name": "none"}, SECAGG], ids=["plain", "secaggplus"])
-def test_a_pooled_fleet_on_as_many_nodes_as_vehicles_aggregates_the_same(secagg: dict, tmp_path: Path) -> None:
-    own = Fleet(toy_updates(), list(EXAMPLES), secagg, rounds=2, output_dir=str(tmp_path / "own")).run()
+TOPK = {"name": "topk", "fraction": 0.5, "dense_below": 1, "values": "float32"}  # error feedback: a residual
+
+
+@pytest.mark.parametrize(("secagg", "codec"), [({"name": "none"}, None), (SECAGG, None), ({"name": "none"}, TOPK)],
+                         ids=["plain", "secaggplus", "topk-residual"])
+def test_a_pooled_fleet_on_as_many_nodes_as_vehicles_aggregates_the_same(secagg: dict, codec: dict | None,
+                                                                         tmp_path: Path) -> None:
+    own = Fleet(toy_updates(), list(EXAMPLES), secagg, rounds=2, output_dir=str(tmp_path / "own"),
+                compression=codec).run()
     pooled = Fleet(toy_updates(), list(EXAMPLES), secagg, rounds=2, output_dir=str(tmp_path / "pooled"),
-                   pool=len(EXAMPLES)).run()
+                   compression=codec, pool=len(EXAMPLES)).run()
     for a, b in zip(own.globals[-1], pooled.globals[-1], strict=True):
         np.testing.assert_array_equal(a, b)
     assert [r["clients"] for r in pooled.rows[1:]] == [3, 3]
+    if codec is not None:  # each vehicle's residual in its own file, as with a node of its own
+        assert sorted(p.name for p in (tmp_path / "pooled" / "compression").iterdir()) == \
+            [f"vehicle_{i}.npz" for i in range(3)]
 
 
 def test_a_fleet_larger_than_its_nodes_trains_the_vehicles_it_samples_on_distinct_nodes(tmp_path: Path) -> None:
