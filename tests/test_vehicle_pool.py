@@ -190,3 +190,13 @@ def test_a_pooled_run_on_as_many_nodes_as_vehicles_has_the_metrics_of_one_node_p
     assert [{k: r.get(k) for k in keys} for r in rows_of(pooled_out)] == \
         [{k: r.get(k) for k in keys} for r in rows_of(own_out)]
     assert sorted(p.name for p in (pooled_out / "vehicles").iterdir()) == [f"vehicle_{i}.pb" for i in range(3)]
+
+
+def test_a_deployed_server_refuses_to_pool_and_a_simulation_without_the_setting_does_not_pool() -> None:
+    from fedseg.server.server_app import simulation_pool
+
+    with pytest.raises(ValueError, match="federation.sim_nodes=4 pools .* drop the override"):
+        simulation_pool(POOLED, deployed=True)
+    assert simulation_pool(POOLED, deployed=False) == 4
+    # Only fedseg-sim writes the pool into the run config: without it, one node per vehicle.
+    assert simulation_pool(FederationSpec(num_clients=40, fraction_fit=0.1, min_fit_clients=2), deployed=False) is None
