@@ -72,7 +72,7 @@ def pooled_vehicle(kept_elsewhere: Collection[str]) -> Mod:
             _name_protocol_node(ctxt.state, vehicle)
             kept = {name: record for name, record in ctxt.state.items()
                     if name not in NODE_RECORDS and name not in kept_elsewhere}
-            if kept.keys() != loaded.keys() or any(record is not loaded[n] for n, record in kept.items()):
+            if set(kept) != set(loaded) or any(record is not loaded[n] for n, record in kept.items()):
                 store.save(vehicle, RecordDict(kept))
         finally:
             ctxt.node_config = node_config
