@@ -287,9 +287,18 @@ class FederationSpec:
     # mean/var, SiloBN); affine (stats and the BN weight/bias, FedBN). The server evaluates with the
     # frame-weighted mean of what the vehicles send.
     local_norm: Literal["none", "stats", "affine"] = "none"
+    # An equal global batch (Goyal et al. 2017; Lin et al. 2020): each vehicle trains at batch_size split
+    # over the vehicles a round samples, so a round's K vehicles together take batch_size frames a step,
+    # as fedseg-train does, and K times the steps of batch_size each (``local_batch_size``).
+    equal_global_batch: bool = False
     # fedseg-sim only: simulation nodes carrying the fleet (fedseg/vehicle_pool.py). None: one per vehicle
     # when every vehicle trains each round, else as many as a round samples; a number: that many, pooled.
     sim_nodes: int | None = bounded(None, ge=1)
+
+    @property
+    def local_batch_size(self) -> int:
+        """Frames a vehicle's step takes: ``batch_size``, or its share of it under ``equal_global_batch``."""
+        return max(1, self.batch_size // self.vehicles_per_round) if self.equal_global_batch else self.batch_size
 
     @property
     def vehicles_per_round(self) -> int:
@@ -337,6 +346,17 @@ class TrainSpec:
     """``fedseg-train`` (the ``train`` block): epochs of the centralized baseline."""
 
     epochs: int | None = bounded(None, ge=1)  # None: rounds x local_epochs of the federated run
+
+
+@dataclass(frozen=True)
+class EarlyStopSpec:
+    """Stop at convergence (the ``early_stop`` block), fedseg-sim by round and fedseg-train by epoch alike
+    (:func:`fedseg.quality.converged_at`)."""
+
+    # Stop once held-out mIoU has not risen more than min_delta above the best before the last `window`
+    # rounds (epochs); None: run every round. federation.rounds / train.epochs stay the cap.
+    window: int | None = bounded(None, ge=1)
+    min_delta: float = bounded(0.005, ge=0)
 
 
 def check_ray_address(address: str, *, key: str) -> None:

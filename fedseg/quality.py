@@ -6,8 +6,10 @@ reading serves both:
 * :func:`converged_at`: the round (epoch) at which held-out mIoU stopped improving, the rule
   ``early_stop`` stops a run by and ``scripts/bench/fl_quality.py`` compares converged runs at;
 * :func:`progress`: mIoU against the *fleet's* wall time (vehicles in parallel: a round costs its
-  slowest vehicle's training, ``max(train_s)``; an epoch of the baseline its training time) and
-  against frames trained (every vehicle's, summed), the two axes of ``plots/time_to_accuracy.png``.
+  slowest vehicle's training, ``max(train_s)``; an epoch of the baseline its training time), against
+  frames trained (every vehicle's, summed) and against sequential optimizer steps (a round: its
+  busiest vehicle's ``steps``), the axes of ``plots/time_to_accuracy.png`` and of the equal-fleet-time
+  comparison (``scripts/bench/fl_quality.py``).
   Evaluation and communication are left out of both clocks: the fleet's network and the server's
   held-out set are not what the comparison is about.
 """
@@ -21,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 
-class Converged(Exception):  # noqa: N818  (not an error: the run is done)
+class Converged(Exception):  # not an error: the run is done
     """Raised after the round at which a run with ``early_stop.window`` converged; the run finishes there."""
 
     def __init__(self, round_: int, window: int, min_delta: float, unit: str = "round") -> None:
@@ -57,6 +59,15 @@ def check_convergence(rows: Sequence[dict[str, Any]], *, window: int | None, min
         raise Converged(int(rows[-1]["round"]), window, min_delta, unit)
 
 
+def sequential_steps(row: dict[str, Any]) -> int:
+    """A round's optimizer steps one after another: its busiest vehicle's (vehicles in parallel); an epoch
+    of ``fedseg-train`` its steps."""
+    steps = row.get("steps")
+    if isinstance(steps, dict):
+        return max((int(v) for v in steps.values()), default=0)
+    return int(steps or 0)
+
+
 def fleet_seconds(row: dict[str, Any]) -> float:
     """A round's training time with its vehicles in parallel: its slowest vehicle's ``train_s``; a row
     without per-vehicle times (``fedseg-train``'s epochs) its ``round_s``."""
@@ -68,27 +79,39 @@ def fleet_seconds(row: dict[str, Any]) -> float:
 
 @dataclass(frozen=True)
 class Progress:
-    """A run's held-out mIoU against the fleet's cumulative training seconds and frames trained."""
+    """A run's held-out mIoU against the fleet's cumulative training seconds, frames trained and sequential
+    optimizer steps."""
 
     label: str
     seconds: list[float]
     frames: list[int]
+    steps: list[int]
     miou: list[float]
 
 
-def progress(rows: Sequence[dict[str, Any]], label: str) -> Progress:
-    """:class:`Progress` of one run's rows (round 0, the initial model, at zero)."""
-    seconds, frames, miou = [], [], []
-    t, n = 0.0, 0
+def progress(rows: Sequence[dict[str, Any]], label: str, *, local_epochs: int = 1) -> Progress:
+    """:class:`Progress` of one run's rows (round 0, the initial model, at zero); ``local_epochs``: the
+    passes a vehicle makes over the frames a federated row counts (``examples``)."""
+    seconds, frames, steps, miou = [], [], [], []
+    t, n, k = 0.0, 0, 0
     for row in rows:
         if row.get("round", 0) > 0:
             t += fleet_seconds(row)
-            n += int(row.get("examples") or 0)
+            n += int(row.get("examples") or 0) * local_epochs
+            k += sequential_steps(row)
         if row.get("miou") is not None:
             seconds.append(t)
             frames.append(n)
+            steps.append(k)
             miou.append(float(row["miou"]))
-    return Progress(label, seconds, frames, miou)
+    return Progress(label, seconds, frames, steps, miou)
+
+
+def run_progress(rows: Sequence[dict[str, Any]], meta: dict[str, Any], label: str | None = None) -> Progress:
+    """:func:`progress` of a run described by ``meta`` (its ``summary.json`` or checkpoint metadata)."""
+    federated = meta.get("mode") == "federated"
+    epochs = int(((meta.get("config") or {}).get("federation") or {}).get("local_epochs", 1)) if federated else 1
+    return progress(rows, label or run_label(meta), local_epochs=epochs)
 
 
 def read_rows(run_dir: Path) -> list[dict[str, Any]]:

@@ -8,6 +8,7 @@ can be compared key for key.
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -16,12 +17,14 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from fedseg.config import EarlyStopSpec
 from fedseg.data import FleetData
 from fedseg.data.normalize import denormalize
 from fedseg.labels import class_colors
 from fedseg.metrics import scores
 from fedseg.models import count_parameters
-from fedseg.plots import plot_curves, plot_examples
+from fedseg.plots import plot_curves, plot_examples, plot_time_to_accuracy
+from fedseg.quality import check_convergence, read_rows, run_progress
 from fedseg.runlog import RunLog, format_row
 from fedseg.tracking import Predictions, Tracker
 
@@ -34,7 +37,11 @@ class RunReporter:
 
     def __init__(self, *, model: torch.nn.Module, data: FleetData, out_dir: Path, tracker: Tracker,
                  meta: dict[str, Any], total_rounds: int, batch_size: int = 16, device: str = "cpu",
-                 example_images: int = 4, resume_after: int | None = None) -> None:
+                 example_images: int = 4, resume_after: int | None = None, early_stop: EarlyStopSpec | None = None,
+                 compare: Path | None = None) -> None:
+        """``early_stop``: :meth:`record` raises :class:`~fedseg.quality.Converged` after the round the run
+        converged at; ``compare``: another run's directory, whose curve joins this one's in
+        ``plots/time_to_accuracy.png`` (:func:`fedseg.quality.check_compare` checked it)."""
         self.model = model.to(device)
         self.data = data
         self.log = RunLog(out_dir, resume_after=resume_after)
@@ -44,6 +51,8 @@ class RunReporter:
         self.device = device
         self.example_images = example_images
         self.loader = make_loader(data.heldout, batch_size=batch_size, shuffle=False, seed=0)
+        self.early_stop = early_stop or EarlyStopSpec()
+        self.compare = compare
 
     def evaluate(self) -> tuple[float, dict[str, float]]:
         """Held-out loss and metrics of ``self.model`` from one summed confusion matrix."""
@@ -70,11 +79,18 @@ class RunReporter:
         self.tracker.log_round(row)
         state = {**resume, "tracker_id": self.tracker.run_id} if resume is not None else {}
         self.log.save_checkpoint(self.model, {**self.meta, "round": row["round"], "resume": state})
+        check_convergence(self.log.rows, window=self.early_stop.window, min_delta=self.early_stop.min_delta,
+                          unit="epoch" if self.meta.get("mode") == "centralized" else "round")
 
     def finish(self, extra: dict[str, Any]) -> dict[str, Any]:
         """Plots, the example sheet, ``summary.json``, and the tracker's summary and final model."""
         plots = self.log.out_dir / "plots"
         plot_curves(self.log.rows, plots, title=str(self.meta.get("backbone", "")))
+        curves = [run_progress(self.log.rows, self.meta)]
+        if self.compare is not None:
+            curves.append(run_progress(read_rows(self.compare), json.loads((self.compare / "summary.json").read_text())))
+        self.tracker.log_plot("time_to_accuracy", plot_time_to_accuracy(
+            curves, plots / "time_to_accuracy.png", title=str(self.meta.get("backbone", ""))))
         examples = self._heldout_examples()
         if examples is not None:
             batch, labels, preds = examples

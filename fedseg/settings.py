@@ -17,6 +17,7 @@ from typing import Any
 from fedseg.compression import CompressionSpec, NoCompression, parse_compression
 from fedseg.config import (
     DataSpec,
+    EarlyStopSpec,
     FederationSpec,
     ModelSpec,
     RunConfig,
@@ -50,6 +51,8 @@ class RunSettings:
     tracking: TrackingSpec = field(default_factory=NoTracking)
     run: RunOptions = field(default_factory=RunOptions)
     train: TrainSpec = field(default_factory=TrainSpec)
+    early_stop: EarlyStopSpec = field(default_factory=EarlyStopSpec)
+    compare: str | None = None  # another run's directory: plots/time_to_accuracy.png shows both runs
     seed: int = 0
     device: str = "cpu"
     output_dir: str = "."
@@ -69,6 +72,8 @@ class RunSettings:
             tracking=parse_tracking(cfg.get("tracking")),
             run=parse_spec(RunOptions, cfg.get("run"), key="run"),
             train=parse_spec(TrainSpec, cfg.get("train"), key="train"),
+            early_stop=parse_spec(EarlyStopSpec, cfg.get("early_stop"), key="early_stop"),
+            compare=None if cfg.get("compare") is None else str(cfg["compare"]),
             seed=_integer("seed", cfg.get("seed", 0)),
             device=str(cfg.get("device", "cpu")),
             output_dir=str(cfg.get("output_dir", ".")),

@@ -67,7 +67,7 @@ class VehicleClient(NumPyClient):
         model = model_with_weights(self.settings.model, self.num_classes, parameters, dp=self.settings.group_norm)
         self._keep_local_norm(model, restore=True)
         torch.manual_seed(seed)
-        loader = make_loader(augmented(self.dataset, fed.augment), batch_size=fed.batch_size, shuffle=True,
+        loader = make_loader(augmented(self.dataset, fed.augment), batch_size=fed.local_batch_size, shuffle=True,
                              seed=seed)
         # The server's lr schedule sends the round's lr (fedseg.training.scheduled_lr).
         optimizer = make_optimizer(model, name=fed.optimizer, lr=float(config.get("lr", fed.lr)))
@@ -110,7 +110,7 @@ class VehicleClient(NumPyClient):
         fed = self.settings.federation
         saved = self.state[STATE_KEY]["accountant"] if STATE_KEY in self.state else None
         return self.settings.privacy.vehicle_trainer(VehicleBudget(
-            vehicle=self.partition_id, num_examples=len(self.dataset), batch_size=fed.batch_size,
+            vehicle=self.partition_id, num_examples=len(self.dataset), batch_size=fed.local_batch_size,
             rounds=fed.rounds, local_epochs=fed.local_epochs,
             state_dir=Path(self.settings.output_dir) / "privacy",
             saved_state=saved if isinstance(saved, bytes) else None))

@@ -70,7 +70,7 @@ from fedseg.server.replies import ReplyRules, example_cap
 from fedseg.server.resume import RoundOffset
 from fedseg.server.secagg import SecAggPlusFit, SecureSumStrategy
 from fedseg.server.statistics_mean import StatisticsMean
-from fedseg.server.strategies import STRATEGIES, build_strategy, strategy_entry
+from fedseg.server.strategies import STRATEGIES, FedExP, build_strategy, strategy_entry
 from fedseg.settings import RunSettings
 from fedseg.training import scheduled_lr
 
@@ -110,10 +110,10 @@ def check_composition(settings: RunSettings, partition_sizes: Sequence[int] | No
         raise ValueError(f"federation.min_fit_clients={fed.min_fit_clients} exceeds "
                          f"federation.num_clients={fed.num_clients}: no round could start")
     if partition_sizes:
-        settings.privacy.check_fleet(partition_sizes, batch_size=fed.batch_size, rounds=fed.rounds,
+        settings.privacy.check_fleet(partition_sizes, batch_size=fed.local_batch_size, rounds=fed.rounds,
                                      local_epochs=fed.local_epochs)
     entry, name = strategy_entry(settings.strategy.name), settings.strategy.name
-    sums = [key for key, e in STRATEGIES.items() if e.weighted_sum]
+    sums = [key for key, e in STRATEGIES.items() if not e.secagg_refusal]
     if isinstance(settings.privacy, CentralDPSpec):
         if not entry.noise_on_mean:
             means = [key for key, e in STRATEGIES.items() if e.noise_on_mean]
@@ -122,9 +122,9 @@ def check_composition(settings: RunSettings, partition_sizes: Sequence[int] | No
         sampled_vehicles(settings.privacy, fed)
     if not isinstance(settings.secagg, SecAggSpec):
         return
-    if not entry.weighted_sum:
+    if entry.secagg_refusal:
         raise ValueError(f"secagg=secaggplus reveals only the weighted sum of the vehicles' updates, but "
-                         f"strategy={name} needs each update; valid: {sums}")
+                         f"strategy={name} {entry.secagg_refusal}; valid: {sums}")
     codec = settings.compression
     if not codec.secagg_compatible:
         valid = [name for name, spec in CODECS.items() if spec().secagg_compatible]
@@ -164,6 +164,8 @@ def compose_server(settings: RunSettings, *, on_round: OnRound,
         fraction_evaluate=0.0, min_evaluate_clients=0,  # evaluation is server-side, on the held-out set
         evaluate_fn=evaluate_fn, on_fit_config_fn=fit_config, initial_parameters=initial_parameters,
         fit_metrics_aggregation_fn=mean_train_loss)
+    if isinstance(base, FedExP):  # its step's norms are over trained weights, not BatchNorm statistics
+        base.statistics = list(statistics or [])
     strategy = StatisticsMean(base, statistics)
     central = settings.privacy if isinstance(settings.privacy, CentralDPSpec) else None
     if central is not None:
@@ -180,7 +182,9 @@ def compose_server(settings: RunSettings, *, on_round: OnRound,
         if codec.sends_update:
             strategy = DecodingStrategy(strategy, notes, codec, run_seed=settings.seed,
                                         clipping_norm=central.clipping_norm if central else None)
-    recorder = RoundRecorder(strategy, notes, on_round=on_round, min_replies=fed.min_fit_clients,
+    alone = strategy_entry(settings.strategy.name).vehicles_per_round  # cyclic: one vehicle a round
+    recorder = RoundRecorder(strategy, notes, on_round=on_round, min_replies=min(fed.min_fit_clients, alone or
+                                                                                   fed.min_fit_clients),
                              central_dp=central_accounting(central, fed) if central else None, replies=replies)
     outer: Strategy = recorder
     fit = None

@@ -142,6 +142,8 @@ class RoundRecorder(StrategyWrapper):
             examples=n,
             # Each vehicle's training seconds (its `train_s` metric): how much of round_s is training.
             train_s={vehicle_of(p): float(r.metrics["train_s"]) for p, r in trained if "train_s" in r.metrics},
+            # and its optimizer steps: the round's sequential steps are the most of them (fedseg/quality.py)
+            steps={vehicle_of(p): int(r.metrics["steps"]) for p, r in trained if "steps" in r.metrics},
             **({"clipped": screened.clipped} if screened.clipped else {}),
         )
         if errors:

@@ -27,6 +27,7 @@ from fedseg.deploy.runconfig import OVERRIDES_KEY, deploy_spec, expand_run_confi
 from fedseg.deploy.vehicle import load_heldout
 from fedseg.errors import RunFailed
 from fedseg.models import build_run_model, get_weights, set_weights
+from fedseg.quality import Converged, check_compare
 from fedseg.reporting import RunReporter
 from fedseg.runlock import JOIN, RunDirLock, RunDirLocked
 from fedseg.server.compose import compose_server
@@ -57,7 +58,8 @@ def make_reporter(settings: RunSettings, raw: dict[str, Any], data: FleetData,
     return RunReporter(model=model, data=data, out_dir=out_dir, tracker=tracker, meta=meta,
                        total_rounds=settings.federation.rounds, batch_size=max(settings.federation.batch_size, 8),
                        device=resolve_device(settings.device), example_images=settings.run.example_images,
-                       resume_after=point.round if point else None)
+                       resume_after=point.round if point else None, early_stop=settings.early_stop,
+                       compare=check_compare(settings.compare, data=raw.get("data") or {}, seed=settings.seed))
 
 
 def simulation_pool(fed: FederationSpec, *, deployed: bool) -> int | None:
@@ -114,6 +116,7 @@ def serve(grid: Grid, context: Context, held: contextlib.ExitStack) -> None:
         set_weights(reporter.model, arrays)
         return reporter.evaluate()
 
+    converged: int | None = None  # early_stop's round, if the run converged
     try:
         joined = wait_for_vehicles(grid, wanted=pool or fed.num_clients, minimum=fed.min_fit_clients,
                                    timeout=deploy.join_timeout)
@@ -130,6 +133,9 @@ def serve(grid: Grid, context: Context, held: contextlib.ExitStack) -> None:
         parts.run(grid, context, fed.rounds - start,
                   client_manager=FleetClientManager(minimum=fed.min_fit_clients, timeout=deploy.join_timeout),
                   pooled_fleet=fed.num_clients if pool else None)
+    except Converged as done:  # early_stop: held-out mIoU stopped improving
+        log.info(f"fedseg: {done}")
+        converged = done.round
     except (RunFailed, ValueError) as err:  # too few vehicles joined or answered; an impossible combination
         reporter.finish({"experiment": settings.experiment, "stopped": str(err)})  # the rounds run so far
         raise _stop(err) from None
@@ -140,4 +146,5 @@ def serve(grid: Grid, context: Context, held: contextlib.ExitStack) -> None:
         "privacy": spec_block(settings.privacy),
         "secagg": spec_block(settings.secagg),
         "compression": spec_block(settings.compression),
+        "converged_round": converged,
     })

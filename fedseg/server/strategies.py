@@ -88,7 +88,7 @@ class Cyclic(FedAvg):
 
     def configure_fit(self, server_round: int, parameters: Parameters, client_manager: ClientManager
                       ) -> list[tuple[ClientProxy, FitIns]]:
-        client_manager.wait_for(self.min_available_clients)
+        client_manager.wait_for(self.min_available_clients, timeout=86400)  # the fleet's manager caps the wait
         vehicles = sorted(client_manager.all().values(), key=lambda proxy: str(proxy.cid))
         if not vehicles:
             return []
@@ -114,6 +114,9 @@ class FedExP(FedAvg):
         self.epsilon = epsilon
         self.statistics: list[bool | str] = []
         self.server_step: float | None = None  # the last round's eta
+
+    def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
+        return self.initial_parameters  # kept (Flower's FedAvg drops it): the model the next step starts from
 
     def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]],
                       failures: list[Any]) -> tuple[Parameters | None, dict[str, Scalar]]:

@@ -23,6 +23,7 @@ from fedseg.checkpoints import checkpoint_meta, load_initial_weights
 from fedseg.config import resolve_device
 from fedseg.data import load_data
 from fedseg.models import build_run_model
+from fedseg.quality import Converged, check_compare
 from fedseg.reporting import RunReporter
 from fedseg.runlog import metrics_row
 from fedseg.settings import RunSettings, check_choices
@@ -47,6 +48,7 @@ def run(cfg: DictConfig) -> dict:
     s = RunSettings.from_config(raw)
     check_choices(s)
     check_start_file(s)  # a bad model.init: one line before any frame is rendered
+    compare = check_compare(s.compare, data=raw.get("data") or {}, seed=s.seed)  # likewise a bad compare=
     fed, progress = s.federation, s.run.progress
     epochs = s.train.epochs or fed.rounds * fed.local_epochs
     data = load_data(s.data, num_clients=fed.num_clients, seed=s.seed, progress=progress)
@@ -60,12 +62,14 @@ def run(cfg: DictConfig) -> dict:
                            meta=checkpoint_meta(s.model, s.data, data.label_map,
                                                 {"mode": "centralized", "config": raw}),
                            total_rounds=epochs, batch_size=max(fed.batch_size, 8), device=device,
-                           example_images=s.run.example_images)
+                           example_images=s.run.example_images, early_stop=s.early_stop,
+                           compare=compare)
     log.info(f"fedseg-train: {len(pooled)} pooled frames, {len(data.heldout)} held-out, {s.model.name}, "
              f"{epochs} epochs -> {out}")
     loss, metrics = reporter.evaluate()
     reporter.record(_row(0, loss, metrics, train_loss=None, seconds=0.0, examples=0))
     optimizer = make_optimizer(model, name=fed.optimizer, lr=fed.lr)
+    converged = None
     for epoch in range(1, epochs + 1):
         t0 = time.perf_counter()
         as_round = epoch_round(epoch, epochs=epochs, rounds=fed.rounds)
@@ -76,14 +80,20 @@ def run(cfg: DictConfig) -> dict:
                        progress=f"epoch {epoch}/{epochs}" if progress else None)
         seconds = time.perf_counter() - t0
         loss, metrics = reporter.evaluate()
-        reporter.record(_row(epoch, loss, metrics, result.loss, seconds, result.num_examples))
-    return reporter.finish({"experiment": s.experiment, "epochs": epochs, "privacy": None})
+        try:
+            reporter.record(_row(epoch, loss, metrics, result.loss, seconds, result.num_examples, result.steps))
+        except Converged as done:  # early_stop: held-out mIoU stopped improving
+            log.info(f"fedseg-train: {done}")
+            converged = epoch
+            break
+    return reporter.finish({"experiment": s.experiment, "epochs": epochs, "privacy": None,
+                            "converged_round": converged})
 
 
 def _row(epoch: int, loss: float, metrics: dict, train_loss: float | None, seconds: float,
-         examples: int) -> dict:
+         examples: int, steps: int = 0) -> dict:
     return metrics_row(epoch, loss, metrics, epsilon=None, delta=None, bytes_up=0, bytes_down=0,
-                       round_s=seconds, clients=1, train_loss=train_loss, examples=examples)
+                       round_s=seconds, clients=1, train_loss=train_loss, examples=examples, steps=steps)
 
 
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")

@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fedseg.config import RaySpec, parse_spec, to_run_config
 from fedseg.data import describe_sizes, fleet_frames
+from fedseg.quality import check_compare
 from fedseg.runlock import RunDirLock
 from fedseg.server.compose import check_composition
 from fedseg.settings import RunSettings, check_choices
@@ -44,6 +45,7 @@ def federate(raw: dict[str, Any]) -> dict:
     settings = RunSettings.from_config(raw)
     check_choices(settings)
     check_start_file(settings, resume=raw.get("resume"))  # a bad model.init or resume: one line, nothing started
+    check_compare(settings.compare, data=raw.get("data") or {}, seed=settings.seed)  # likewise a bad compare=
     fed = settings.federation
     ray_address = attach_address(parse_spec(RaySpec, raw.get("ray"), key="ray"), ray_cpus=fed.ray_cpus)
     check_devices(settings.device, fed.client_gpus)  # before data and Ray: Ray would wait or hide the GPU

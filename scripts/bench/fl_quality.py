@@ -1,19 +1,33 @@
-"""Federated learning quality against the centralized model: an ablation of the levers, one invocation.
+"""Federated against centralized quality, compared three ways, and the levers that give steps back; one invocation.
 
-Runs ``fedseg-train`` (the centralized baseline) and ``fedseg-sim`` once per lever combination, one
-run at a time, with the same seed and data; ``train.epochs`` stays null, so the baseline trains the
-same total local epochs as the federated run (``federation.rounds x federation.local_epochs``).
-Levers that change what training does to frames (``federation.augment``, ``federation.lr_schedule``)
-apply to the baseline too, so a combination with them gets its own baseline run, and every ratio is
-federated mIoU over the centralized mIoU *with the same shared levers*. Every setting names each
-lever (strategy, local BatchNorm, augmentation, schedule), so the table does not move when the
-defaults do. Extra arguments are Hydra overrides for every run. Wall time is per run; the machine's
-load average (1 min) is printed before each run.
+Every run is a real ``fedseg-sim`` or ``fedseg-train`` (the centralized baseline: every vehicle's frames
+pooled), one at a time, the same seed and data. Federated over centralized held-out mIoU:
 
-    python scripts/bench/fl_quality.py --json                                  # the default experiment
-    python scripts/bench/fl_quality.py --json federation.rounds=6              # the screening proxy
-    python scripts/bench/fl_quality.py --only fedavg,fedavgm --reuse federation.rounds=6
-    python scripts/bench/fl_quality.py experiment=smoke --out /tmp/flq --json  # seconds, a plumbing check
+* ``equal_epochs``: the default experiment (UNet-ResNet34, 4 non-IID vehicles, 12 rounds x 2 local
+  epochs) against ``fedseg-train`` at the same 24 epochs;
+* ``equal_fleet_time``: the same federated run against the baseline after as many *sequential* steps
+  as the fleet took with its vehicles in parallel (each round its busiest vehicle's steps, recorded
+  per vehicle: 12 rounds x 2 epochs x 8 batches = 192; 6 epochs of the pooled 256 frames), read off
+  the same baseline run's per-epoch rows (constant lr, so its epoch 6 is a 6-epoch run's end);
+* ``converged``: both trained until held-out mIoU stops improving (``early_stop``: no gain above
+  0.5 points in a window of 5 rounds / epochs), on a backbone and size for which that fits in the
+  bench's time (``CONVERGE``: UNet-ResNet18 at 64x96, the same fleet); caps 60 rounds and 100 epochs.
+
+Then each lever, a setting, federated on the ``CONVERGE`` setup for 12 rounds' worth of epochs (24),
+each row's ratio at equal epochs and at equal fleet time against the ``converged`` baseline's curve
+(interpolated between epochs where the sequential steps fall between). The ``default`` row is the
+converged run's first 12 rounds (constant lr: what a 12-round run writes).
+
+Writes ``<out>/plots/time_to_accuracy.png`` (the default experiment's pair) and
+``time_to_accuracy_levers.png`` (the converged pair and every lever): mIoU against the fleet's
+training seconds (vehicles in parallel) and against frames trained. Each federated run is also
+started with ``compare=`` its baseline, so its own ``plots/time_to_accuracy.png`` holds both curves.
+Wall time is per run; the machine's load average (1 min) is printed before each run.
+
+    python scripts/bench/fl_quality.py --json                             # everything (~1 h alone on 2 cores)
+    python scripts/bench/fl_quality.py --json --levers cyclic,fedexp      # some levers
+    python scripts/bench/fl_quality.py --json --reuse                     # runs already under --out count
+    python scripts/bench/fl_quality.py --smoke --json --out /tmp/flq      # minutes: a plumbing check
 """
 
 from __future__ import annotations
@@ -27,97 +41,174 @@ import time
 from pathlib import Path
 from typing import Any
 
-OFF = ["strategy=fedavg", "federation.local_norm=none", "federation.augment=[]",
-       "federation.lr_schedule=constant"]
-COSINE, AUGMENT = "federation.lr_schedule=cosine", "federation.augment=[hflip,scale,color]"
-# Each setting's overrides on top of OFF (later overrides win in Hydra).
-SETTINGS: dict[str, list[str]] = {
-    "fedavg": [],
-    "fedprox": ["strategy=fedprox"],
-    "fedavgm": ["strategy=fedavgm"],
-    "silobn": ["federation.local_norm=stats"],
-    "fedbn": ["federation.local_norm=affine"],
-    "augment": [AUGMENT],
-    "cosine": [COSINE],
-    "fedavgm+cosine": ["strategy=fedavgm", COSINE],
-    "fedavgm+cosine+silobn": ["strategy=fedavgm", COSINE, "federation.local_norm=stats"],
-    "fedavgm+cosine+augment": ["strategy=fedavgm", COSINE, AUGMENT],
+import numpy as np
+
+from fedseg.plots import plot_time_to_accuracy
+from fedseg.quality import Progress, converged_at, read_rows, run_progress
+
+WINDOW, MIN_DELTA = 5, 0.005  # convergence: no gain above half a point in 5 rounds (epochs)
+DEFAULT: list[str] = []  # the default experiment as `fedseg-sim` runs it
+CONVERGE = ["model=resnet18", "data.image_size=[64,96]"]
+CAPS = {"rounds": 60, "epochs": 100}
+LEVER_ROUNDS = 12
+# Each lever: its federated overrides, and how many rounds make LEVER_ROUNDS rounds' epochs.
+LEVERS: dict[str, tuple[list[str], int]] = {
+    "default": ([], 1),  # the default experiment's aggregation (FedBN): the converged run's first 12 rounds
+    "cyclic": (["strategy=cyclic"], 4),  # one vehicle a round: 4 rounds see what one FedAvg round sees
+    "equal_global_batch": (["federation.equal_global_batch=true"], 1),  # vehicles at batch 8 / 4 = 2
+    "fedexp": (["strategy=fedexp"], 1),
+    # Server momentum at an effective rate eta / (1 - beta) of 1 (FedAvg's), and of 2.
+    "fedavgm_eff1": (["strategy=fedavgm", "strategy.server_momentum=0.9", "strategy.server_learning_rate=0.1"], 1),
+    "fedavgm_eff2": (["strategy=fedavgm", "strategy.server_momentum=0.5", "strategy.server_learning_rate=1.0"], 1),
 }
-SHARED = ("federation.augment=", "federation.lr_schedule=", "federation.lr_final=")  # the baseline's too
-
-
-def shared_levers(overrides: list[str]) -> list[str]:
-    """The overrides the centralized baseline takes as well (augmentation, lr schedule), last one wins."""
-    chosen: dict[str, str] = {}
-    for item in overrides:
-        for prefix in SHARED:
-            if item.startswith(prefix):
-                chosen[prefix] = item
-    return list(chosen.values())
+SMOKE = ["experiment=smoke", "federation.num_clients=4", "federation.min_fit_clients=4", "federation.local_epochs=2"]
 
 
 def run(exe: str, overrides: list[str], run_dir: Path, reuse: bool) -> dict[str, Any]:
-    """One ``fedseg-sim``/``fedseg-train`` run into ``run_dir``: its final row and wall time (``--reuse``:
-    a finished run's own record)."""
+    """One ``fedseg-sim``/``fedseg-train`` run into ``run_dir``: its rows, summary, wall time and load
+    (``--reuse``: a finished run's own record)."""
     record = run_dir / "bench.json"
-    if reuse and record.exists():
-        return json.loads(record.read_text())
-    load = os.getloadavg()[0]
-    print(f"{exe} {' '.join(overrides)}  (load {load:.1f})", file=sys.stderr, flush=True)
-    t0 = time.perf_counter()
-    proc = subprocess.run([str(Path(sys.executable).with_name(exe)), *overrides, f"hydra.run.dir={run_dir}",
-                           "run.progress=false"], check=False, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"{exe} {' '.join(overrides)} failed:\n{proc.stderr[-2000:]}")
-    final = json.loads((run_dir / "summary.json").read_text())["final"]
-    result = {"miou": final["miou"], "loss": final["loss"], "wall_s": time.perf_counter() - t0, "load": load,
-              "overrides": overrides}
-    record.write_text(json.dumps(result))
-    return result
+    if not (reuse and record.exists()):
+        load = os.getloadavg()[0]
+        print(f"{exe} {' '.join(overrides)}  (load {load:.1f})", file=sys.stderr, flush=True)
+        t0 = time.perf_counter()
+        proc = subprocess.run([str(Path(sys.executable).with_name(exe)), *overrides, f"hydra.run.dir={run_dir}",
+                               "run.progress=false"], check=False, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise SystemExit(f"{exe} {' '.join(overrides)} failed:\n{proc.stderr[-2000:]}")
+        record.write_text(json.dumps({"wall_s": time.perf_counter() - t0, "load": load, "overrides": overrides}))
+    summary = json.loads((run_dir / "summary.json").read_text())
+    return {**json.loads(record.read_text()), "rows": read_rows(run_dir), "summary": summary, "dir": run_dir}
 
 
-def slug(text: str) -> str:
-    return "".join(c if c.isalnum() or c in "+-" else "_" for c in text)
+def run_config(result: dict[str, Any]) -> dict[str, Any]:
+    return result["summary"].get("config") or {}
+
+
+def curve(result: dict[str, Any], label: str | None = None) -> Progress:
+    """The run's mIoU against fleet seconds, frames and sequential steps (:func:`fedseg.quality.run_progress`)."""
+    return run_progress(result["rows"], result["summary"], label)
+
+
+def central_at(central: dict[str, Any], steps: float) -> float:
+    """The baseline's held-out mIoU after ``steps`` sequential steps, interpolated between its epochs
+    (flat past its last epoch)."""
+    c = curve(central)
+    return float(np.interp(steps, c.steps, c.miou))
+
+
+def central_at_epoch(central: dict[str, Any], epoch: int) -> float:
+    return float(np.interp(epoch, [r["round"] for r in central["rows"]], [r["miou"] for r in central["rows"]]))
+
+
+def converged_miou(result: dict[str, Any], window: int) -> tuple[int, float, bool]:
+    """(round or epoch, mIoU, whether it converged) where ``result`` converged by the bench's rule, else its
+    last row (it hit the cap)."""
+    miou = [r["miou"] for r in result["rows"]]
+    at = converged_at(miou, window=window, min_delta=MIN_DELTA)
+    done, at = at is not None, len(miou) - 1 if at is None else at
+    return int(result["rows"][at]["round"]), float(miou[at]), done
+
+
+def truncated(result: dict[str, Any], rounds: int) -> dict[str, Any]:
+    """``result`` as if it had stopped after ``rounds`` rounds (constant lr: the same rows a shorter run writes)."""
+    return {**result, "rows": [r for r in result["rows"] if r["round"] <= rounds]}
+
+
+def lever_row(fed: dict[str, Any], central: dict[str, Any], epochs: int) -> dict[str, Any]:
+    steps, miou = curve(fed).steps[-1], fed["rows"][-1]["miou"]
+    return {"miou": miou, "rounds": fed["rows"][-1]["round"], "sequential_steps": steps,
+            "ratio_equal_epochs": miou / central_at_epoch(central, epochs),
+            "ratio_equal_fleet_time": miou / central_at(central, steps),
+            "wall_s": fed["wall_s"], "load": fed["load"]}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every run")
-    parser.add_argument("--only", default=",".join(SETTINGS), help=f"settings to run, of {list(SETTINGS)}")
+    parser.add_argument("--levers", default=",".join(LEVERS), help=f"levers to run, of {list(LEVERS)}")
     parser.add_argument("--out", type=Path, default=Path("outputs/bench_fl_quality"))
     parser.add_argument("--reuse", action="store_true", help="reuse runs already finished under --out")
+    parser.add_argument("--smoke", action="store_true", help="tiny runs (experiment=smoke): checks the plumbing")
     parser.add_argument("--json", action="store_true", help="print the results as JSON on the last line")
     args = parser.parse_args()
-    names = [n for n in args.only.split(",") if n]
-    if unknown := [n for n in names if n not in SETTINGS]:
-        raise SystemExit(f"--only: unknown {unknown}; valid: {list(SETTINGS)}")
+    levers = [n for n in args.levers.split(",") if n]
+    if unknown := [n for n in levers if n not in LEVERS]:
+        raise SystemExit(f"--levers: unknown {unknown}; valid: {list(LEVERS)}")
+    base = [*(SMOKE if args.smoke else []), *args.overrides]
+    rounds, lever_rounds = (4, 2) if args.smoke else (None, LEVER_ROUNDS)
+    caps = {"rounds": 8, "epochs": 12} if args.smoke else CAPS
+    span = 2 if args.smoke else WINDOW
+    window = [f"early_stop.window={span}", f"early_stop.min_delta={MIN_DELTA}"]
+    out, plots = args.out, args.out / "plots"
+
+    # (a), (b): the default experiment and its baseline at the same epochs.
+    sized = [*base, *([f"federation.rounds={rounds}"] if rounds else [])]
+    central = run("fedseg-train", sized, out / "central", args.reuse)
+    fed = run("fedseg-sim", [*sized, f"compare={out / 'central'}"], out / "federated", args.reuse)
+    epochs = run_config(fed)["federation"]["rounds"] * run_config(fed)["federation"]["local_epochs"]
+    fed_miou = fed["rows"][-1]["miou"]
+    # (c): both until they stop improving, on the converging setup.
+    converge = [*base, *([] if args.smoke else CONVERGE)]
+    central_c = run("fedseg-train", [*converge, f"train.epochs={caps['epochs']}", *window], out / "central_converged",
+                    args.reuse)
+    fed_c = run("fedseg-sim", [*converge, f"federation.rounds={caps['rounds']}", *window,
+                               f"compare={out / 'central_converged'}"], out / "federated_converged", args.reuse)
+    (c_epoch, c_miou, c_done), (f_round, f_miou, f_done) = converged_miou(central_c, span), converged_miou(fed_c, span)
+
     rows: dict[str, dict[str, Any]] = {}
-    central: dict[str, dict[str, Any]] = {}
-    for name in names:
-        overrides = [*OFF, *SETTINGS[name], *args.overrides]
-        shared = shared_levers(overrides)
-        key = " ".join(shared)
-        if key not in central:
-            central[key] = run("fedseg-train", [*args.overrides, *shared], args.out / slug(f"central {key}"),
-                               args.reuse)
-        rows[name] = {**run("fedseg-sim", overrides, args.out / slug(name), args.reuse), "central": key}
-    print(f"\noverrides: {' '.join(args.overrides) or '(none)'}")
-    print("| setting | fedseg-sim mIoU | fedseg-train mIoU | x centralized | sim wall s | train wall s | load |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    lever_epochs = lever_rounds * run_config(fed_c)["federation"]["local_epochs"]
+    curves = [curve(central_c, "centralized"), curve(fed_c, "federated (default)")]
+    for name in levers:
+        overrides, per_round = LEVERS[name]
+        if not overrides and fed_c["rows"][-1]["round"] >= lever_rounds:  # the converged run's first rounds
+            result = {**truncated(fed_c, lever_rounds), "wall_s": None, "load": fed_c["load"]}
+        else:
+            result = run("fedseg-sim", [*converge, *overrides, f"federation.rounds={lever_rounds * per_round}",
+                                        f"compare={out / 'central_converged'}"], out / f"lever_{name}", args.reuse)
+            curves.append(curve(result, name))
+        rows[name] = lever_row(result, central_c, lever_epochs)
+    plot_time_to_accuracy([curve(central, "centralized"), curve(fed, "federated")], plots / "time_to_accuracy.png",
+                          title="default experiment")
+    plot_time_to_accuracy(curves, plots / "time_to_accuracy_levers.png", title=" ".join(converge) or "converged")
+    fed_steps = curve(fed).steps[-1]
+    central_steps = fed_steps / (curve(central).steps[-1] / max(len(central["rows"]) - 1, 1))  # in epochs
+
+    ratio = {"equal_epochs": fed_miou / central_at_epoch(central, epochs),
+             "equal_fleet_time": fed_miou / central_at(central, fed_steps),
+             "converged": f_miou / c_miou}
+    print(f"\noverrides: {' '.join(base) or '(none)'}; converged on: {' '.join(converge)}")
+    print("| comparison | federated mIoU | centralized mIoU | x centralized | federated took | centralized took |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    print(f"| equal epochs | {fed_miou:.3f} | {central_at_epoch(central, epochs):.3f} | {ratio['equal_epochs']:.2f} | "
+          f"{len(fed['rows']) - 1} rounds | {epochs} epochs |")
+    print(f"| equal fleet time | {fed_miou:.3f} | {central_at(central, fed_steps):.3f} | "
+          f"{ratio['equal_fleet_time']:.2f} | {fed_steps} sequential steps | {central_steps:g} epochs |")
+    print(f"| converged | {f_miou:.3f} | {c_miou:.3f} | {ratio['converged']:.2f} | {f_round} rounds"
+          f"{'' if f_done else ' (cap)'} | {c_epoch} epochs{'' if c_done else ' (cap)'} |")
+    print("\n| lever | mIoU | rounds | sequential steps | x centralized, equal epochs | x centralized, equal fleet time "
+          "| wall s | load |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for name, r in rows.items():
-        c = central[r["central"]]
-        print(f"| {name} | {r['miou']:.3f} | {c['miou']:.3f} | {r['miou'] / c['miou']:.2f} | {r['wall_s']:.0f} | "
-              f"{c['wall_s']:.0f} | {r['load']:.1f} |")
+        wall = "-" if r["wall_s"] is None else f"{r['wall_s']:.0f}"
+        print(f"| {name} | {r['miou']:.3f} | {r['rounds']} | {r['sequential_steps']} | {r['ratio_equal_epochs']:.2f} | "
+              f"{r['ratio_equal_fleet_time']:.2f} | {wall} | {r['load']:.1f} |")
     if args.json:
-        ratios = {name: r["miou"] / central[r["central"]]["miou"] for name, r in rows.items()}
         print(json.dumps({
-            "overrides": args.overrides,
-            "miou": {name: r["miou"] for name, r in rows.items()},
-            "central_miou": {key or "plain": c["miou"] for key, c in central.items()},
-            "ratio": ratios,
-            "best": max(ratios, key=lambda n: ratios[n]),
-            "wall_s": {name: r["wall_s"] for name, r in rows.items()},
-            "central_wall_s": {key or "plain": c["wall_s"] for key, c in central.items()},
+            "overrides": base, "converge_overrides": converge,
+            "ratio": ratio,
+            "miou": {"federated": fed_miou, "centralized_equal_epochs": central_at_epoch(central, epochs),
+                     "centralized_equal_fleet_time": central_at(central, fed_steps),
+                     "federated_converged": f_miou, "centralized_converged": c_miou},
+            "took": {"equal_epochs": {"rounds": len(fed["rows"]) - 1, "epochs": epochs},
+                     "equal_fleet_time": {"sequential_steps": fed_steps, "epochs": central_steps},
+                     "converged": {"rounds": f_round, "epochs": c_epoch, "window": span, "min_delta": MIN_DELTA,
+                                   "federated_converged": f_done, "centralized_converged": c_done, "caps": caps}},
+            "levers": rows,
+            "wall_s": {"central": central["wall_s"], "federated": fed["wall_s"],
+                       "central_converged": central_c["wall_s"], "federated_converged": fed_c["wall_s"]},
+            "load": {"central": central["load"], "federated": fed["load"]},
+            "plots": [str(plots / "time_to_accuracy.png"), str(plots / "time_to_accuracy_levers.png")],
         }))
 
 
