@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
@@ -147,12 +148,17 @@ def test_wandb_offline_logs_overlays_with_class_names_the_model_and_the_group(
         tracker.log_predictions(shown, step=step)
         tracker.log_round({"round": step, "miou": 0.1 * step})
     tracker.log_model(checkpoint, {"backbone": "tiny", "class_names": ["road", "sky"], "miou": 0.1})
+    plot = tmp_path / "time_to_accuracy.png"
+    plt.imsave(plot, np.zeros((4, 4, 3), np.uint8))
+    tracker.log_plot("time_to_accuracy", plot)
     tracker.finish({"miou": 0.1})
 
     records = offline_records(tmp_path)
     (run,) = of_kind(records, "run")
     assert run.run_group == "sweep-7"
     assert logged(records, "miou") == [0, 0.1]
+    assert logged(records, "time_to_accuracy", "_type") == ["image-file"]  # after the last round
+    assert logged(records, "time_to_accuracy", "width") == logged(records, "time_to_accuracy", "height") == [4]
     masks = logged(records, "predictions", "all_masks")
     assert len(masks) == 2 and all(set(m[0]) == {"prediction", "ground_truth"} for m in masks)  # each round
     class_labels = json.loads(next(i.value_json for i in of_kind(records, "config")[-1].update
