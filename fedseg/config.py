@@ -230,7 +230,7 @@ class DataSpec:
 
 
 # Which parameters local training updates (``privacy.trainable``; fedseg.models.set_trainable).
-TrainablePart = Literal["all", "decoder"]
+TrainablePart = Literal["all", "decoder", "norm", "head"]
 
 
 @dataclass(frozen=True)

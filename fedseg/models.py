@@ -157,12 +157,38 @@ TRAINABLE_PARTS: tuple[TrainablePart, ...] = typing.get_args(TrainablePart)
 
 def set_trainable(model: nn.Module, part: str) -> int:
     """Freeze all but ``part`` of a UNet (``all``; ``decoder``: decoder and segmentation head, the
-    encoder frozen, so no gradient flows through it). Returns the number of trainable parameters."""
-    if part not in TRAINABLE_PARTS:
-        raise ValueError(f"trainable={part!r}; valid: {list(TRAINABLE_PARTS)}")
+    encoder frozen, so no gradient flows through it; ``norm``: every normalization layer's affine
+    weight and bias, and the head; ``head``: the segmentation head alone). Returns the number of
+    trainable parameters."""
+    trained = trained_names(model, part)
     for name, param in model.named_parameters():
-        param.requires_grad_(part == "all" or not name.startswith("encoder."))
+        param.requires_grad_(name in trained)
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+_NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+
+
+def trained_names(model: nn.Module, part: str) -> set[str]:
+    """Names of the parameters ``privacy.trainable=part`` trains (``set_trainable``)."""
+    if part not in TRAINABLE_PARTS:
+        raise ValueError(f"privacy.trainable={part!r}; valid: {list(TRAINABLE_PARTS)}")
+    names = {name for name, _ in model.named_parameters()}
+    if part == "all":
+        return names
+    if part == "decoder":
+        return {name for name in names if not name.startswith("encoder.")}
+    head = {name for name in names if name.startswith("segmentation_head.")}
+    if part == "head":
+        return head
+    return head | {f"{prefix}.{name}" if prefix else name for prefix, module in model.named_modules()
+                   if isinstance(module, _NORMS) for name, _ in module.named_parameters(recurse=False)}
+
+
+def trained_mask(model: nn.Module, part: str) -> list[bool]:
+    """Which arrays of :func:`get_weights` (state-dict order) ``part`` trains; buffers never are."""
+    trained = trained_names(model, part)
+    return [key in trained for key in model.state_dict()]
 
 
 def count_parameters(model: nn.Module) -> int:

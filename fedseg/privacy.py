@@ -25,6 +25,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from fedseg.config import TrainablePart, bounded, parse_choice
+from fedseg.models import set_trainable
 from fedseg.training import RoundOutcome, steps_per_epoch, train
 
 # Measured on UNet-ResNet34 (scripts/bench/dp_step.py --json, quiet machine; numbers in
@@ -37,6 +38,9 @@ Accountant = Literal["rdp", "prv"]
 # What one round spends on a vehicle's frames under DP-SGD: (noise multiplier, sample rate, steps), the
 # entries of Opacus' accountant history. None: the round has no per-frame noise on the vehicle.
 Mechanism = tuple[float, float, int]
+# How privacy=central bounds a vehicle's update: a fixed clipping norm, or Andrew et al.'s (2021) adaptive
+# one, tracking a quantile of the vehicles' update norms (Flower's *AdaptiveClipping wrapper and mod).
+Clipping = Literal["fixed", "adaptive"]
 
 
 
@@ -68,10 +72,17 @@ class VehicleBudget:
 
 
 class PlainTrainer:
-    """No per-frame privacy: ``training.train`` as it is (also under client-level DP, which the mods add)."""
+    """No per-frame privacy: ``training.train`` as it is (also under client-level DP, which the mods add).
+    ``trainable``: the part of the model it trains (``fedseg.models.set_trainable``); the rest is left
+    exactly as received, so its update is zero."""
+
+    def __init__(self, trainable: TrainablePart = "all") -> None:
+        self.trainable = trainable
 
     def train_round(self, model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, *,
                     epochs: int, seed: int | None, proximal_mu: float, device: str) -> RoundOutcome:
+        if self.trainable != "all":  # frozen parameters get no gradient, so no optimizer (or decay) moves them
+            set_trainable(model, self.trainable)
         return RoundOutcome(train(model, loader, optimizer, epochs=epochs, proximal_mu=proximal_mu,
                                   device=device))
 
@@ -176,10 +187,11 @@ class DPSpec:
 
 @dataclass(frozen=True)
 class CentralDPSpec:
-    """Client-level DP (``conf/privacy/central.yaml``) for Flower's client-side fixed clipping.
+    """Client-level DP (``conf/privacy/central.yaml``) for Flower's client-side fixed or adaptive clipping.
 
-    The vehicle trains plainly; ``fixedclipping_mod`` clips its update and the server wrapper adds the
-    noise (both composed in ``clients/`` and ``fedseg/server/compose.py``).
+    The vehicle trains plainly (only ``trainable``); ``fixedclipping_mod`` (``adaptiveclipping_mod``) clips
+    its update and the server wrapper adds the noise (composed in ``clients/`` and
+    ``fedseg/server/compose.py``; the accounting in ``fedseg/server/central_dp.py``).
     """
 
     name: ClassVar[str] = "central"
@@ -189,13 +201,19 @@ class CentralDPSpec:
     noise_multiplier: float = bounded(0.5, ge=0)
     clipping_norm: float = bounded(1.0, gt=0)
     num_sampled_clients: int | None = bounded(None, ge=1)  # None: the vehicles sampled per round
+    # What vehicles train and the server noises (fedseg.models.TRAINABLE_PARTS); the rest stays model.init's.
+    trainable: TrainablePart = "all"
+    clipping: Clipping = "fixed"  # adaptive: clipping_norm is the initial norm (Flower's names below)
+    target_clipped_quantile: float = bounded(0.5, ge=0, le=1)
+    clip_norm_lr: float = bounded(0.2, gt=0)
+    clipped_count_stddev: float | None = bounded(None, gt=0)  # None: Flower's num_sampled_clients / 20
 
     def check_fleet(self, partition_sizes: Sequence[int], *, batch_size: int, rounds: int,
                     local_epochs: int) -> None:
         """Nothing per vehicle: the server's accountant covers the fleet (``fedseg/server/compose.py``)."""
 
     def vehicle_trainer(self, budget: VehicleBudget) -> LocalTrainer:
-        return PlainTrainer()
+        return PlainTrainer(self.trainable)
 
 
 PrivacySpec = NoPrivacy | DPSpec | CentralDPSpec

@@ -70,7 +70,7 @@ def settings(**blocks: object) -> RunSettings:
 
 
 @pytest.mark.parametrize("cfg, message", [
-    ({"strategy": {"name": "fedadam"}}, r"strategy=fedadam steps a server optimizer"),
+    ({"strategy": {"name": "fedexp"}}, r"strategy=fedexp scales its server step"),
     ({"strategy": {"name": "fedmedian"}}, r"strategy=fedmedian is not a mean"),
     ({"privacy": {"name": "central", "num_sampled_clients": 2}}, r"num_sampled_clients=2 but Flower samples 4"),
 ])

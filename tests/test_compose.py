@@ -39,16 +39,19 @@ def architecture_chain() -> list[str]:
 
 def composed_layers(**blocks: Any) -> list[str]:
     """Layer class names of the composed chain, innermost first, read from its ``repr``."""
-    start_round = blocks.pop("start_round", 0)
+    start_round, trained = blocks.pop("start_round", 0), blocks.pop("trained", None)
     settings = RunSettings.from_config({"federation": {"num_clients": 3, "min_fit_clients": 3}, **blocks})
     parts = compose_server(settings, on_round=lambda row, resume: None, partition_sizes=[8, 8, 8],
-                           start_round=start_round)
+                           start_round=start_round, trained=trained)
     return list(reversed(re.findall(r"(\w+)\(", repr(parts.strategy))))
 
 
 PLAIN = composed_layers()
 CENTRAL_TOPK_RESUMED = composed_layers(privacy={"name": "central"}, compression={"name": "topk"}, start_round=2)
 SECAGG_RESUMED = composed_layers(secagg={"name": "secaggplus"}, start_round=2)
+HEAD_MOMENTUM = composed_layers(privacy={"name": "central", "trainable": "head"}, strategy={"name": "fedavgm"},
+                                trained=[False, True])
+CENTRAL_HEAD_MOMENTUM = ["FedAvg", *HEAD_MOMENTUM[1:]]  # the documented item 1: FedAvg or the run's strategy
 
 
 def test_repr_lists_every_layer_of_the_chain_with_its_settings() -> None:
@@ -68,6 +71,9 @@ def test_the_chain_is_what_compose_builds() -> None:
                                     "DifferentialPrivacyClientSideFixedClipping", "UpdateGuard",
                                     "DecodingStrategy", "RoundRecorder", "RoundOffset"]
     assert SECAGG_RESUMED == ["FedAvg", "StatisticsMean", "RoundRecorder", "SecureSumStrategy", "RoundOffset"]
+    assert HEAD_MOMENTUM == ["InPlaceFedAvgM", "PlainMean", "StatisticsMean", "EqualWeights",
+                             "DifferentialPrivacyClientSideFixedClipping", "TrainedOnly", "ServerStep",
+                             "UpdateGuard", "RoundRecorder"]
 
 
 @pytest.mark.parametrize("where", ["docs/ARCHITECTURE.md", "fedseg/server/compose.py"])
@@ -76,10 +82,10 @@ def test_documented_chain_matches_the_composed_one(where: str) -> None:
     # order compose builds them (each chain above is the documented list with the layers its
     # settings leave out removed).
     documented = architecture_chain() if where.endswith(".md") else documented_layers(compose.__doc__ or "")
-    every_layer = dict.fromkeys(CENTRAL_TOPK_RESUMED + SECAGG_RESUMED + PLAIN)
+    every_layer = dict.fromkeys(CENTRAL_TOPK_RESUMED + SECAGG_RESUMED + PLAIN + CENTRAL_HEAD_MOMENTUM)
 
     # Assert: the same layers, and each composed chain in the documented order
     assert sorted(documented) == sorted(every_layer), f"{where} lists {documented}"
-    for chain in (PLAIN, CENTRAL_TOPK_RESUMED, SECAGG_RESUMED):
+    for chain in (PLAIN, CENTRAL_TOPK_RESUMED, SECAGG_RESUMED, CENTRAL_HEAD_MOMENTUM):
         assert [name for name in documented if name in chain] == chain, f"{where}: {documented} vs {chain}"
-    assert len(documented) == 9
+    assert len(documented) == 12

@@ -35,8 +35,9 @@ class Fleet:
                  send: dict[int, Callable[[list[np.ndarray]], list[np.ndarray]]] | None = None,
                  federation: dict[str, Any] | None = None, compression: dict[str, Any] | None = None,
                  output_dir: str | None = None, claims: dict[int, dict[str, Any]] | None = None,
-                 pool: int | None = None) -> None:
-        """``pool``: the vehicles ride that many simulation nodes (``fedseg/vehicle_pool.py``)."""
+                 pool: int | None = None, trained: list[bool] | None = None) -> None:
+        """``pool``: the vehicles ride that many simulation nodes (``fedseg/vehicle_pool.py``); ``trained``:
+        the arrays ``privacy.trainable`` trains (``fedseg.models.trained_mask``)."""
         n, crashed = len(updates), set[int]()
         options = {"fedprox": {"proximal_mu": 0.01}}.get(strategy, {})
         # min_fit_clients n - 1: a round survives one vehicle lost (all n are still sampled: n x 1.0).
@@ -77,6 +78,7 @@ class Fleet:
                                      state=RecordDict(), run_config=run_config) for i in range(pool or n)}
         self.grid = LoopbackGrid(app, contexts)
         self.updates, self.examples, self.rounds, self.n, self.pool = updates, examples, rounds, n, pool
+        self.trained = trained
         self.globals: list[list[np.ndarray]] = []  # round 0 (initial), 1, 2, ...
         self.rows: list[dict[str, Any]] = []
         self.resume: dict[str, Any] = {}  # what the last round's checkpoint would hold to continue
@@ -96,7 +98,8 @@ class Fleet:
         start = initial if initial is not None else [np.full_like(u, START) for u in self.updates[0]]
         self.parts = compose_server(self.settings, on_round=self.record, evaluate_fn=evaluate_fn,
                                     initial_parameters=ndarrays_to_parameters(start),
-                                    partition_sizes=list(self.examples), start_round=start_round)
+                                    partition_sizes=list(self.examples), start_round=start_round,
+                                    trained=self.trained)
         if state is not None:
             restore(state, self.parts.base, self.parts.recorder)
         server = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})

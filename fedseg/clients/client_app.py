@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from flwr.app import Message
 from flwr.client import Client, ClientApp, NumPyClient
-from flwr.client.mod import fixedclipping_mod
+from flwr.client.mod import adaptiveclipping_mod, fixedclipping_mod
 from flwr.clientapp.typing import ClientAppCallable, Mod
 from flwr.common import ArrayRecord, ConfigRecord, Context
 
@@ -29,7 +29,8 @@ from fedseg.clients.mods import (
     packed_transport_mod,
     secure_aggregation_mod,
     sends_encoded_update,
-    uses_central_dp,
+    uses_adaptive_clipping,
+    uses_fixed_clipping,
     uses_secagg,
     when,
 )
@@ -164,7 +165,8 @@ VEHICLE_MODS: list[Mod] = [
     pooled_vehicle(kept_elsewhere={STATE_KEY, RESIDUAL_RECORD}),
     when(uses_secagg, secure_aggregation_mod),  # Flower's secaggplus_mod; the masked vector packed
     when(sends_encoded_update, encode_update_mod),  # weights -> the codec's encoded update (+ SecAgg+ range)
-    when(uses_central_dp, fixedclipping_mod),  # Flower's clipping to the server's norm (central DP)
+    when(uses_fixed_clipping, fixedclipping_mod),  # Flower's clipping to the server's norm (central DP)
+    when(uses_adaptive_clipping, adaptiveclipping_mod),  # the same to the round's adaptive norm, + its bit
 ]
 
 app = ClientApp(client_fn=client_fn, mods=VEHICLE_MODS)

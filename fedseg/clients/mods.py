@@ -1,5 +1,5 @@
 """The vehicle's mods: Flower's SecAgg+ (its masked vector packed for the wire), the update encoding, and
-Flower's central-DP clipping.
+Flower's central-DP clipping (fixed or adaptive).
 
 ``fedseg/clients/client_app.py`` lists them once, outermost first, in ``VEHICLE_MODS``, and Flower's
 ``ClientApp`` chains them. The ClientApp is a module-level object, but whether a run uses SecAgg+, a
@@ -10,7 +10,9 @@ For a training message that is the chain of Flower's ``fl-dp-sa`` example plus t
 
 * SecAgg+: ``secure_aggregation_mod (secaggplus_mod, packed on the wire) -> encode_update_mod (delta +
   codec + range check) -> fixedclipping_mod -> client``;
-* otherwise: ``encode_update_mod (codec) -> fixedclipping_mod -> client`` (no encoding for ``none``).
+* otherwise: ``encode_update_mod (codec) -> fixedclipping_mod -> client`` (no encoding for ``none``);
+
+``adaptiveclipping_mod`` takes ``fixedclipping_mod``'s place under ``privacy.clipping=adaptive``.
 
 Clipping sees the weights it expects (it computes the update itself); the codec then turns the
 clipped weights into the encoded update (``fedseg/clients/codecs.py``: why after clipping, and how the
@@ -78,9 +80,15 @@ def sends_encoded_update(settings: RunSettings) -> bool:
     return uses_secagg(settings) or settings.compression.sends_update
 
 
-def uses_central_dp(settings: RunSettings) -> bool:
-    """Central-DP runs: the server's DifferentialPrivacyClientSideFixedClipping sends the clipping norm."""
-    return isinstance(settings.privacy, CentralDPSpec)
+def uses_fixed_clipping(settings: RunSettings) -> bool:
+    """Central-DP runs with a fixed norm: the server's DifferentialPrivacyClientSideFixedClipping sends it."""
+    return isinstance(settings.privacy, CentralDPSpec) and settings.privacy.clipping == "fixed"
+
+
+def uses_adaptive_clipping(settings: RunSettings) -> bool:
+    """Central-DP runs with adaptive clipping: the server's ...AdaptiveClipping sends the round's norm, and
+    the vehicle answers with its update clipped to it and whether it was within it."""
+    return isinstance(settings.privacy, CentralDPSpec) and settings.privacy.clipping == "adaptive"
 
 
 def secure_aggregation_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:

@@ -10,14 +10,29 @@ it is enforced:
   C / m; :class:`EqualWeights` gives every vehicle the same weight before averaging;
 * exactly ``m`` updates in the average (fewer would be under-noised): :class:`EqualWeights` discards a
   round with any missing vehicle, and ``num_sampled_clients`` must be what Flower samples;
-* the noise lands on a mean of clipped updates: strategies that transform the mean (FedAdam's server
-  optimizer, robust aggregators) are refused (``StrategyEntry.noise_on_mean``).
+* the noise lands on a mean of clipped updates: strategies that pick or trim updates (robust
+  aggregators) are refused (``StrategyEntry.noise_on_mean``); a server optimizer (FedAvgM, FedAdam)
+  steps after the noise, on the noised mean (``fedseg/server/noised_mean.py``).
 
 Accounting: Flower samples exactly ``m`` of the ``n`` vehicles without replacement each round, so the
 neighbouring relation is "replace one vehicle" (n is public) and sampling is without replacement:
 Flower 1.42's own ``RdpAccountant`` (Google's dp-accounting underneath) for that model. Replacing one
 vehicle moves the sum of clipped updates by up to 2C while the noise std on the sum is
 ``noise_multiplier * C``, so the accountant is given the effective multiplier ``noise_multiplier / 2``.
+
+Adaptive clipping (``privacy.clipping=adaptive``, Andrew et al. 2021, Flower's
+``DifferentialPrivacyClientSideAdaptiveClipping``): each vehicle also reports whether its update was
+within the round's norm, and the server noises that count with std ``clipped_count_stddev`` (sigma_b)
+to move the norm towards ``target_clipped_quantile``. Flower then adds the update noise with the
+larger multiplier ``z_update = (z^-2 - (2 sigma_b)^-2)^(-1/2)`` (:func:`update_noise_multiplier`), so that
+the update and the count together are one Gaussian mechanism with multiplier ``z = noise_multiplier``
+(Andrew et al., Thm 1, for add/remove one; replacing one vehicle doubles both sensitivities, 2C and 1,
+so ``z / 2`` again). The accountant is therefore the same call with the configured ``noise_multiplier``.
+Flower 1.42's vehicles report whether their update *was clipped*, and its norm update
+``C *= exp(-clip_norm_lr (clipped fraction - target))`` then shrinks C when too many are clipped
+(Andrew et al. count the updates within C); :class:`AdaptiveClipping` hands Flower's update the
+within-norm bits and ``1 - target_clipped_quantile``, which is Andrew et al.'s rule for the target
+clipped fraction. Which bit is counted changes neither sensitivity nor the accounting.
 """
 
 from __future__ import annotations
@@ -28,7 +43,12 @@ from typing import Any
 
 from flwr.common import FitRes, Parameters, Scalar
 from flwr.server.client_proxy import ClientProxy
-from flwr.server.strategy import DifferentialPrivacyClientSideFixedClipping, Strategy
+from flwr.server.strategy import (
+    DifferentialPrivacyClientSideAdaptiveClipping,
+    DifferentialPrivacyClientSideFixedClipping,
+    Strategy,
+)
+from flwr.supercore.differential_privacy import KEY_NORM_BIT, compute_adaptive_noise_params
 from flwr.supercore.privacy_accounting import (
     GaussianPrivacyEvent,
     NeighboringRelation,
@@ -65,6 +85,20 @@ class EqualWeights(StrategyWrapper):
         return self.inner.aggregate_fit(server_round, equal, failures)
 
 
+class AdaptiveClipping(DifferentialPrivacyClientSideAdaptiveClipping):
+    """Flower's client-side adaptive-clipping wrapper with its norm moving the right way (module docstring):
+    too many updates clipped raises the norm, too few lowers it, towards ``target_clipped_quantile``."""
+
+    def __init__(self, inner: Strategy, *, target_clipped_quantile: float, **flower: Any) -> None:
+        super().__init__(inner, target_clipped_quantile=1 - target_clipped_quantile, **flower)
+
+    def _update_clip_norm(self, results: list[tuple[ClientProxy, FitRes]]) -> None:
+        within = [(proxy, FitRes(res.status, res.parameters, res.num_examples,
+                                 {**res.metrics, KEY_NORM_BIT: not res.metrics[KEY_NORM_BIT]}))
+                  if KEY_NORM_BIT in res.metrics else (proxy, res) for proxy, res in results]
+        super()._update_clip_norm(within)  # Flower names a vehicle that sent no bit
+
+
 def sampled_vehicles(spec: CentralDPSpec, fed: FederationSpec) -> int:
     """Vehicles in each round's average; ``num_sampled_clients`` may only restate what Flower samples."""
     sampled = fed.vehicles_per_round
@@ -76,11 +110,48 @@ def sampled_vehicles(spec: CentralDPSpec, fed: FederationSpec) -> int:
 
 
 def wrap_central_dp(strategy: Strategy, spec: CentralDPSpec, fed: FederationSpec) -> Strategy:
-    """Flower's client-side fixed-clipping DP wrapper around equal-weight averaging."""
+    """Flower's client-side fixed- or adaptive-clipping DP wrapper around equal-weight averaging."""
     sampled = sampled_vehicles(spec, fed)
+    if spec.clipping == "adaptive":
+        return AdaptiveClipping(
+            EqualWeights(strategy, sampled), noise_multiplier=spec.noise_multiplier, num_sampled_clients=sampled,
+            initial_clipping_norm=spec.clipping_norm, target_clipped_quantile=spec.target_clipped_quantile,
+            clip_norm_lr=spec.clip_norm_lr, clipped_count_stddev=spec.clipped_count_stddev)
     return DifferentialPrivacyClientSideFixedClipping(
         EqualWeights(strategy, sampled), noise_multiplier=spec.noise_multiplier,
         clipping_norm=spec.clipping_norm, num_sampled_clients=sampled)
+
+
+def update_noise_multiplier(spec: CentralDPSpec, sampled: int) -> float:
+    """The multiplier of the noise on the update: ``noise_multiplier`` under fixed clipping; under adaptive
+    clipping Flower's ``z_update`` (module docstring). One line naming the keys where Flower refuses."""
+    if spec.clipping != "adaptive":
+        return spec.noise_multiplier
+    try:
+        return compute_adaptive_noise_params(spec.noise_multiplier, sampled, spec.clipped_count_stddev)[1]
+    except ValueError:
+        stddev = spec.clipped_count_stddev if spec.clipped_count_stddev is not None else sampled / 20
+        raise ValueError(f"privacy.clipping=adaptive: privacy.noise_multiplier={spec.noise_multiplier:g} needs "
+                         f"privacy.clipped_count_stddev above {spec.noise_multiplier / 2:g} (got {stddev:g}; "
+                         f"null: {sampled} vehicles / 20): raise it or sample more vehicles") from None
+
+
+def calibrate_noise_multiplier(target_epsilon: float, *, vehicles: int, sampled: int, rounds: int,
+                               delta: float) -> float:
+    """The smallest noise multiplier (to 0.1%) whose :func:`central_epsilon` is at most ``target_epsilon``."""
+    low, high = 0.0, 1.0
+    while central_epsilon(high, vehicles=vehicles, sampled=sampled, rounds=rounds, delta=delta) > target_epsilon:
+        low, high = high, high * 2
+        if high > 1e4:
+            raise ValueError(f"epsilon {target_epsilon:g} is out of reach for {rounds} rounds of {sampled} of "
+                             f"{vehicles} vehicles")
+    while high - low > 1e-3 * high:
+        mid = (low + high) / 2
+        if central_epsilon(mid, vehicles=vehicles, sampled=sampled, rounds=rounds, delta=delta) > target_epsilon:
+            low = mid
+        else:
+            high = mid
+    return high
 
 
 def central_accounting(spec: CentralDPSpec, fed: FederationSpec) -> Callable[[int], tuple[float, float]]:

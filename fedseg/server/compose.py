@@ -6,26 +6,33 @@ outermost first; ``tests/test_compose.py`` checks this list and docs/ARCHITECTUR
 
 1. ``FedAvg``, or the run's other strategy from :data:`~fedseg.server.strategies.STRATEGIES` (FedProx,
    FedAvgM, FedAdam, FedMedian, FedTrimmedAvg, Krum): Flower's aggregation, evaluating server-side;
-2. :class:`~fedseg.server.statistics_mean.StatisticsMean`: BatchNorm statistics leave each round as
+2. :class:`~fedseg.server.noised_mean.PlainMean` (``privacy=central`` with FedAvgM or FedAdam): the
+   strategy only averages here, with FedAvg's arithmetic; its optimizer steps outside the noise (7);
+3. :class:`~fedseg.server.statistics_mean.StatisticsMean`: BatchNorm statistics leave each round as
    the statistics of all the vehicles' frames together (the variance that of the mixture); no server
    optimizer steps them, and Flower's in-place mean no longer zeroes integer counters;
-3. :class:`~fedseg.server.central_dp.EqualWeights` (``privacy=central``): every vehicle weighs the
+4. :class:`~fedseg.server.central_dp.EqualWeights` (``privacy=central``): every vehicle weighs the
    same, and a round missing a sampled vehicle is discarded;
-4. ``DifferentialPrivacyClientSideFixedClipping`` (``privacy=central``): Flower's wrapper, noise on
-   the mean of the updates the vehicles clipped with ``fixedclipping_mod``;
-5. :class:`~fedseg.server.guard.UpdateGuard` (without SecAgg+): drops non-finite, misshapen and
+5. ``DifferentialPrivacyClientSideFixedClipping`` (``privacy=central``; ``...AdaptiveClipping`` under
+   ``privacy.clipping=adaptive``): Flower's wrapper, noise on the mean of the updates the vehicles
+   clipped with ``fixedclipping_mod`` (``adaptiveclipping_mod``);
+6. :class:`~fedseg.server.noised_mean.TrainedOnly` (``privacy=central``, ``privacy.trainable`` other
+   than ``all``): the wrapper sees and noises only the trained arrays; the frozen ones stay the global's;
+7. :class:`~fedseg.server.noised_mean.ServerStep` (``privacy=central`` with FedAvgM or FedAdam): the
+   strategy's server optimizer steps on the noised mean;
+8. :class:`~fedseg.server.guard.UpdateGuard` (without SecAgg+): drops non-finite, misshapen and
    outsized updates before anything averages them;
-6. :class:`~fedseg.server.codecs.DecodingStrategy` (without SecAgg+, ``compression`` other than
+9. :class:`~fedseg.server.codecs.DecodingStrategy` (without SecAgg+, ``compression`` other than
    ``none``): each vehicle's encoded update back into weights (under central DP clipped again to the
    clipping norm) before the guard, the DP wrapper and the strategy see it;
-7. :class:`~fedseg.server.recorder.RoundRecorder`: the run-output contract (one row per round, with
+10. :class:`~fedseg.server.recorder.RoundRecorder`: the run-output contract (one row per round, with
    what a checkpoint needs to resume); stops the run when fewer than ``min_fit_clients`` vehicles
    answer a round or every update is rejected; outside the decoder, so its ``bytes_up`` are the
    encoded bytes as they travelled;
-8. :class:`~fedseg.server.secagg.SecureSumStrategy` (``secagg=secaggplus``): the vehicles' masked
+11. :class:`~fedseg.server.secagg.SecureSumStrategy` (``secagg=secaggplus``): the vehicles' masked
    deltas become weights again before anything inside sees them: it decodes the one unmasked sum
    with the run's codec (SecAgg+ admits only codecs that decode linearly) and adds the global weights;
-9. :class:`~fedseg.server.resume.RoundOffset` (``resume=``): Flower counts rounds from 1 again in a
+12. :class:`~fedseg.server.resume.RoundOffset` (``resume=``): Flower counts rounds from 1 again in a
    resumed process; everything inside sees the run's own round numbers.
 
 One :class:`~fedseg.server.notes.RoundNotes` is made first and handed to every part that reports on
@@ -59,10 +66,16 @@ from flwr.server.workflow import DefaultWorkflow
 from fedseg.compression import CODECS, SEED_KEY, round_seed
 from fedseg.privacy import CentralDPSpec
 from fedseg.secagg import FixedPoint, SecAggSpec, auto_quantization_range, resolve_max_weight, validate_secagg
-from fedseg.server.central_dp import central_accounting, sampled_vehicles, wrap_central_dp
+from fedseg.server.central_dp import (
+    central_accounting,
+    sampled_vehicles,
+    update_noise_multiplier,
+    wrap_central_dp,
+)
 from fedseg.server.codecs import DecodingStrategy
 from fedseg.server.grids import PackingGrid, PollingGrid, TimeoutGrid
 from fedseg.server.guard import UpdateGuard
+from fedseg.server.noised_mean import PlainMean, ServerStep, TrainedOnly
 from fedseg.server.notes import RoundNotes
 from fedseg.server.pool import VehicleGrid
 from fedseg.server.recorder import OnRound, RoundRecorder, mean_train_loss
@@ -115,11 +128,12 @@ def check_composition(settings: RunSettings, partition_sizes: Sequence[int] | No
     entry, name = strategy_entry(settings.strategy.name), settings.strategy.name
     sums = [key for key, e in STRATEGIES.items() if not e.secagg_refusal]
     if isinstance(settings.privacy, CentralDPSpec):
-        if not entry.noise_on_mean:
-            means = [key for key, e in STRATEGIES.items() if e.noise_on_mean]
+        if not (entry.noise_on_mean or entry.server_optimizer):
+            means = [key for key, e in STRATEGIES.items() if e.noise_on_mean or e.server_optimizer]
             raise ValueError(f"privacy=central calibrates its noise to a mean of clipped updates, but "
                              f"strategy={name} {entry.why_not_mean}; valid: {means}")
-        sampled_vehicles(settings.privacy, fed)
+        update_noise_multiplier(settings.privacy, sampled_vehicles(settings.privacy, fed))
+        _check_adaptive(settings)
     if not isinstance(settings.secagg, SecAggSpec):
         return
     if entry.secagg_refusal:
@@ -136,13 +150,16 @@ def check_composition(settings: RunSettings, partition_sizes: Sequence[int] | No
 def compose_server(settings: RunSettings, *, on_round: OnRound,
                    evaluate_fn: EvaluateFn | None = None, initial_parameters: Parameters | None = None,
                    partition_sizes: Sequence[int] | None = None, start_round: int = 0,
-                   statistics: Sequence[bool | str] | None = None) -> ServerParts:
+                   statistics: Sequence[bool | str] | None = None, trained: Sequence[bool] | None = None
+                   ) -> ServerParts:
     """The strategy chain of the module docstring and the matching fit workflow; ``on_round(row, resume)``
     gets each round's row and what its checkpoint needs to continue the run.
 
     ``start_round`` > 0 continues a run after that round (``fedseg/server/resume.py``): Flower's rounds are
     shifted so everything inside sees the run's own numbers. ``statistics`` tags the arrays that
-    are BatchNorm statistics (``fedseg.training.statistics_mask``), pooled each round.
+    are BatchNorm statistics (``fedseg.training.statistics_mask``), pooled each round; ``trained`` the
+    arrays ``privacy.trainable`` trains (``fedseg.models.trained_mask``), needed under central DP when
+    that is not ``all``.
     """
     check_composition(settings, partition_sizes)
     fed = settings.federation
@@ -157,7 +174,7 @@ def compose_server(settings: RunSettings, *, on_round: OnRound,
             config[SEED_KEY] = round_seed(settings.seed, server_round)
         return config
 
-    strategy = base = build_strategy(
+    base = build_strategy(
         settings.strategy.name, settings.strategy.options,
         fraction_fit=fed.fraction_fit, min_fit_clients=fed.min_fit_clients,
         min_available_clients=fed.num_clients,
@@ -166,10 +183,18 @@ def compose_server(settings: RunSettings, *, on_round: OnRound,
         fit_metrics_aggregation_fn=mean_train_loss)
     if isinstance(base, FedExP):  # its step's norms are over trained weights, not BatchNorm statistics
         base.statistics = list(statistics or [])
-    strategy = StatisticsMean(base, statistics)
     central = settings.privacy if isinstance(settings.privacy, CentralDPSpec) else None
+    steps_after_noise = central is not None and strategy_entry(settings.strategy.name).server_optimizer
+    strategy: Strategy = StatisticsMean(PlainMean(base) if steps_after_noise else base, statistics)
     if central is not None:
         strategy = wrap_central_dp(strategy, central, fed)
+        if central.trainable != "all":
+            if trained is None:
+                raise ValueError(f"privacy.trainable={central.trainable}: the server needs the model's trained "
+                                 "arrays (compose_server(trained=fedseg.models.trained_mask(...)))")
+            strategy = TrainedOnly(strategy, trained)
+        if steps_after_noise:
+            strategy = ServerStep(strategy, base)
     secagg = settings.secagg if isinstance(settings.secagg, SecAggSpec) else None
     fixed_point = _fixed_point(secagg, settings, partition_sizes) if secagg is not None else None
     replies = ReplyRules(example_cap(fed.max_examples, partition_sizes,
@@ -196,6 +221,19 @@ def compose_server(settings: RunSettings, *, on_round: OnRound,
     if start_round:
         outer = RoundOffset(outer, start_round)
     return ServerParts(outer, recorder, fit, base, fed.round_timeout)
+
+
+def _check_adaptive(settings: RunSettings) -> None:
+    """Adaptive clipping's norm changes every round and each vehicle reports its clipped bit in clear."""
+    if not isinstance(settings.privacy, CentralDPSpec) or settings.privacy.clipping != "adaptive":
+        return
+    secure = isinstance(settings.secagg, SecAggSpec)
+    if secure:
+        raise ValueError("privacy.clipping=adaptive sends each vehicle's clipped bit in clear, which "
+                         "secagg=secaggplus would not hide; valid with SecAgg+: privacy.clipping=fixed")
+    if settings.compression.sends_update:
+        raise ValueError(f"privacy.clipping=adaptive cannot take compression={settings.compression.name}: the "
+                         "server re-clips decoded updates to a fixed norm; valid: compression=none")
 
 
 def _fixed_point(spec: SecAggSpec, settings: RunSettings, partition_sizes: Sequence[int] | None) -> FixedPoint:

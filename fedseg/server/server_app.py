@@ -26,7 +26,7 @@ from fedseg.deploy.outputs import drop_stop_tracebacks, log_to_console, log_to_f
 from fedseg.deploy.runconfig import OVERRIDES_KEY, deploy_spec, expand_run_config
 from fedseg.deploy.vehicle import load_heldout
 from fedseg.errors import RunFailed
-from fedseg.models import build_run_model, get_weights, set_weights
+from fedseg.models import build_run_model, get_weights, set_weights, trained_mask
 from fedseg.quality import Converged, check_compare
 from fedseg.reporting import RunReporter
 from fedseg.runlock import JOIN, RunDirLock, RunDirLocked
@@ -126,7 +126,8 @@ def serve(grid: Grid, context: Context, held: contextlib.ExitStack) -> None:
         fleet = dataclasses.replace(settings, federation=dataclasses.replace(fed, num_clients=joined))
         parts = compose_server(fleet, on_round=reporter.record, evaluate_fn=evaluate_fn,
                                initial_parameters=ndarrays_to_parameters(get_weights(reporter.model)),
-                               partition_sizes=sizes, start_round=start, statistics=statistics_mask(reporter.model))
+                               partition_sizes=sizes, start_round=start, statistics=statistics_mask(reporter.model),
+                               trained=trained_mask(reporter.model, getattr(settings.privacy, "trainable", "all")))
         if point is not None:
             log.info(f"fedseg: resuming after round {start} of {fed.rounds}")
             restore(point.state, parts.base, parts.recorder)

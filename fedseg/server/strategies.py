@@ -16,7 +16,7 @@ import numpy as np
 from flwr.common import FitIns, FitRes, Parameters, Scalar, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
-from flwr.server.strategy import FedAdam, FedAvg, FedAvgM, FedMedian, FedProx, FedTrimmedAvg, Krum, Strategy
+from flwr.server.strategy import FedAdam, FedAvg, FedAvgM, FedMedian, FedProx, FedTrimmedAvg, Krum
 from flwr.server.strategy.aggregate import aggregate_inplace
 
 log = logging.getLogger("fedseg")
@@ -36,6 +36,9 @@ class StrategyEntry:
     why_not_secagg: str | None = None
     # Vehicles it trains a round whatever federation.fraction_fit says (None: Flower's sampling).
     vehicles_per_round: int | None = None
+    # A server optimizer stepping from a plain mean: under central DP it steps outside the noise, on the
+    # noised mean (post-processing; fedseg/server/noised_mean.py), so central DP admits it.
+    server_optimizer: bool = False
 
     @property
     def noise_on_mean(self) -> bool:
@@ -150,11 +153,10 @@ STRATEGIES: dict[str, StrategyEntry] = {
     "fedavg": StrategyEntry(FedAvg),
     "fedprox": StrategyEntry(FedProx),
     # Server momentum (Hsu et al., 2019): Flower's FedAvgM, server_learning_rate and server_momentum.
-    "fedavgm": StrategyEntry(InPlaceFedAvgM, why_not_mean=(
-        "steps a server optimizer (momentum) on the mean, and Flower's wrapper noises the optimizer's output")),
-    "fedadam": StrategyEntry(FedAdam, why_not_mean=(
-        "steps a server optimizer whose adaptive scale changes the mean's sensitivity, and Flower's "
-        "wrapper noises the optimizer's output")),
+    "fedavgm": StrategyEntry(InPlaceFedAvgM, server_optimizer=True, why_not_mean=(
+        "steps a server optimizer (momentum) on the mean")),
+    "fedadam": StrategyEntry(FedAdam, server_optimizer=True, why_not_mean=(
+        "steps a server optimizer (Adam) on the mean")),
     # Levers that give back sequential steps (docs/PERFORMANCE.md "Federated vs centralized").
     "cyclic": StrategyEntry(Cyclic, vehicles_per_round=1, why_not_mean=(
         "trains one vehicle a round: the new model is that vehicle's model, not a mean over vehicles"),
@@ -175,7 +177,7 @@ def strategy_entry(name: str) -> StrategyEntry:
     return STRATEGIES[name]
 
 
-def build_strategy(name: str, options: dict[str, Any], **common: Any) -> Strategy:
+def build_strategy(name: str, options: dict[str, Any], **common: Any) -> FedAvg:
     """Instantiate Flower's strategy ``name`` with its own options plus the shared arguments."""
     return strategy_entry(name).flower(**common, **options)
 
