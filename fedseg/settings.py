@@ -125,8 +125,8 @@ def check_choices(settings: RunSettings) -> None:
     trainable = getattr(settings.privacy, "trainable", "all")
     if trainable != "all" and settings.model.init is None:
         logging.getLogger("fedseg").warning(
-            f"fedseg: privacy.trainable={trainable} and no model.init: DP-SGD will train the "
-            "decoder on a randomly initialised encoder. Pretrain on public data first (README, 'Privacy': "
+            f"fedseg: privacy.trainable={trainable} and no model.init: the vehicles will train only "
+            f"{trainable} of a randomly initialised model. Pretrain on public data first (README, 'Privacy': "
             "fedseg-train experiment=dp_pretrain, then model.init=<its checkpoints/global.pt>), or set "
             "privacy.trainable=all")
     factor = 2**backbone.encoder_depth
