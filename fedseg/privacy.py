@@ -100,6 +100,8 @@ class NoPrivacy:
     name: ClassVar[str] = "none"
     dp_model: ClassVar[bool] = False  # the plain (BatchNorm) UNet
 
+    audit: bool = False  # the per-frame canary audit without noise: the audit's power (fedseg/server/audit.py)
+
     def check_fleet(self, partition_sizes: Sequence[int], *, batch_size: int, rounds: int,
                     local_epochs: int) -> None:
         """Nothing to check: no accountant."""
@@ -132,6 +134,7 @@ class DPSpec:
     max_epsilon: float | None = bounded(None, gt=0)  # a vehicle stops training before it would pass this
     secure_rng: bool = False  # cryptographic RNG for noise and sampling (needs torchcsprng)
     state_dir: str | None = None  # None: <run dir>/privacy
+    audit: bool = False  # Steinke et al.'s one-run audit in a separate audit run (fedseg/server/audit.py)
 
     def __post_init__(self) -> None:
         if (self.noise_multiplier is None) == (self.target_epsilon is None):
@@ -201,6 +204,7 @@ class CentralDPSpec:
     noise_multiplier: float = bounded(0.5, ge=0)
     clipping_norm: float = bounded(1.0, gt=0)
     num_sampled_clients: int | None = bounded(None, ge=1)  # None: the vehicles sampled per round
+    audit: bool = False  # Andrew et al.'s canary vehicles in a separate audit run (fedseg/server/audit.py)
     # What vehicles train and the server noises (fedseg.models.TRAINABLE_PARTS); the rest stays model.init's.
     trainable: TrainablePart = "all"
     clipping: Clipping = "fixed"  # adaptive: clipping_norm is the initial norm (Flower's names below)
