@@ -30,6 +30,7 @@ from fedseg.models import build_run_model, get_weights, set_weights, trained_mas
 from fedseg.quality import Converged, check_compare
 from fedseg.reporting import RunReporter
 from fedseg.runlock import JOIN, RunDirLock, RunDirLocked
+from fedseg.server.audit import audit_after_run, run_epsilon
 from fedseg.server.compose import compose_server
 from fedseg.server.fleet import FleetClientManager, wait_for_vehicles
 from fedseg.server.resume import ResumePoint, restore
@@ -140,6 +141,8 @@ def serve(grid: Grid, context: Context, held: contextlib.ExitStack) -> None:
     except (RunFailed, ValueError) as err:  # too few vehicles joined or answered; an impossible combination
         reporter.finish({"experiment": settings.experiment, "stopped": str(err)})  # the rounds run so far
         raise _stop(err) from None
+    audit = (audit_after_run(fleet, data, out, run_epsilon=run_epsilon(parts.recorder, fed.rounds))
+             if settings.privacy.audit else {})
     reporter.finish({
         "experiment": settings.experiment,
         "clients": joined,
@@ -148,4 +151,5 @@ def serve(grid: Grid, context: Context, held: contextlib.ExitStack) -> None:
         "secagg": spec_block(settings.secagg),
         "compression": spec_block(settings.compression),
         "converged_round": converged,
+        **audit,  # privacy.audit: audit_epsilon beside the accountant's (fedseg/server/audit.py)
     })
