@@ -239,6 +239,15 @@ def test_central_dp_admits_a_server_optimizer(strategy: str) -> None:
     check_composition(settings(privacy={"name": "central"}, strategy={"name": strategy}), [8, 8, 8, 8])
 
 
+def test_layers_inside_the_trained_part_see_its_statistics_tags_only() -> None:
+    from fedseg.server.statistics_mean import StatisticsMean
+
+    parts = compose_server(settings(privacy={"name": "central", "trainable": "head"}), on_round=lambda r, s: None,
+                           statistics=["", "running_mean", ""], trained=[True, False, True])
+
+    assert layer(parts.strategy, StatisticsMean).statistics == ["", ""]
+
+
 def test_a_trained_part_needs_the_model_mask() -> None:
     with pytest.raises(ValueError, match=r"privacy.trainable=head: the server needs the model's trained arrays"):
         compose_server(settings(privacy={"name": "central", "trainable": "head"}), on_round=lambda r, s: None)

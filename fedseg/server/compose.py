@@ -185,14 +185,14 @@ def compose_server(settings: RunSettings, *, on_round: OnRound,
         base.statistics = list(statistics or [])
     central = settings.privacy if isinstance(settings.privacy, CentralDPSpec) else None
     steps_after_noise = central is not None and strategy_entry(settings.strategy.name).server_optimizer
+    part = _trained_part(central, trained)
+    if part is not None and statistics is not None:  # the layers inside TrainedOnly see the trained arrays
+        statistics = [tag for tag, keep in zip(statistics, part, strict=True) if keep]
     strategy: Strategy = StatisticsMean(PlainMean(base) if steps_after_noise else base, statistics)
     if central is not None:
         strategy = wrap_central_dp(strategy, central, fed)
-        if central.trainable != "all":
-            if trained is None:
-                raise ValueError(f"privacy.trainable={central.trainable}: the server needs the model's trained "
-                                 "arrays (compose_server(trained=fedseg.models.trained_mask(...)))")
-            strategy = TrainedOnly(strategy, trained)
+        if part is not None:
+            strategy = TrainedOnly(strategy, part)
         if steps_after_noise:
             strategy = ServerStep(strategy, base)
     secagg = settings.secagg if isinstance(settings.secagg, SecAggSpec) else None
@@ -221,6 +221,16 @@ def compose_server(settings: RunSettings, *, on_round: OnRound,
     if start_round:
         outer = RoundOffset(outer, start_round)
     return ServerParts(outer, recorder, fit, base, fed.round_timeout)
+
+
+def _trained_part(central: CentralDPSpec | None, trained: Sequence[bool] | None) -> Sequence[bool] | None:
+    """The arrays central DP noises when ``privacy.trainable`` is a part; None: every array."""
+    if central is None or central.trainable == "all":
+        return None
+    if trained is None:
+        raise ValueError(f"privacy.trainable={central.trainable}: the server needs the model's trained "
+                         "arrays (compose_server(trained=fedseg.models.trained_mask(...)))")
+    return trained
 
 
 def _check_adaptive(settings: RunSettings) -> None:

@@ -1,0 +1,183 @@
+"""Vehicle-level DP at fleet scale: no DP vs vehicle-level epsilon 8 and 3 on one fleet, one invocation.
+
+1. Public pretraining: ``fedseg-train experiment=dp_pretrain`` with the fleet's model (the embedded
+   synthetic towns are public; other towns than the fleet's), cached in ``<out>/public_pretraining``
+   and reused by later invocations with the same settings. Its checkpoint is every run's initial model.
+2. ``fedseg-sim experiment=vehicle_dp`` (2,000 vehicles x 8 frames, 200 sampled a round without
+   replacement, 25 rounds; conf/experiment/vehicle_dp.yaml says why) with no DP, and with
+   ``privacy=central`` at vehicle-level epsilon 8 and 3: the noise multiplier is calibrated here with
+   the run's own accountant (``fedseg.server.central_dp.calibrate_noise_multiplier``, delta =
+   min(1e-5, 0.1 / vehicles) <= 1 / fleet size). The private runs use the levers on by default below:
+   only normalization affines and the head trained (``privacy.trainable=norm``), adaptive clipping, and
+   server momentum on the noised mean.
+
+Prints final mIoU of the pretrained start (round 0 of the no-DP run), no DP, eps8 and eps3; ratios to
+no DP and the share of the no-DP gain over the start that epsilon 8 keeps; epsilon and delta per row;
+wall time per run and the load average around the invocation. ``--ablation`` adds epsilon-8 rows with
+one lever changed each. Extra Hydra overrides go to every federated run.
+
+    python scripts/bench/vehicle_dp.py --json                  # ~85 min on 2 idle cores (estimate)
+    python scripts/bench/vehicle_dp.py --ablation --json       # + 5 epsilon-8 rows (~2.5 h more)
+    python scripts/bench/vehicle_dp.py --smoke --json          # plumbing check: tiny model and fleet, ~3 min
+    python scripts/bench/vehicle_dp.py --rounds 10 --vehicles 1000 --per-round 100
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from fedseg.privacy import default_delta
+from fedseg.server.central_dp import calibrate_noise_multiplier
+
+# The private runs' levers (each one changed alone in --ablation). clipping_norm: adaptive clipping's
+# initial norm (Flower's default 0.1), also the fixed norm of the fixed-clipping row.
+PRIVATE = ["privacy=central", "privacy.trainable=norm", "privacy.clipping=adaptive", "privacy.clipping_norm=0.1"]
+ABLATION = {  # epsilon 8, one lever changed; (overrides, (vehicles, per round) or None: the bench's fleet)
+    "eps8 trainable=head": (["privacy.trainable=head"], None),
+    "eps8 trainable=all": (["privacy.trainable=all"], None),
+    "eps8 fixed clipping": (["privacy.clipping=fixed"], None),
+    "eps8 fedavg": (["strategy.server_momentum=0.0", "strategy.server_learning_rate=1.0"], None),  # = FedAvg
+    "eps8 fleet / 4": ([], 4),
+}
+SMOKE = {"model": "tiny", "image_size": "[32,32]", "vehicles": 20, "per_round": 4, "rounds": 2, "frames": 4,
+         "heldout": 8, "pretrain": ["train.epochs=1", "data.frames_per_vehicle=8", "federation.num_clients=2",
+                                    "data.heldout_frames=8"]}
+
+
+def run(command: str, name: str, overrides: list[str], run_dir: Path) -> dict:
+    """One ``fedseg-sim``/``fedseg-train`` run: its summary's final row, its round-0 mIoU and wall time."""
+    exe = Path(sys.executable).with_name(command)
+    print(f"{name}: {command} {' '.join(overrides)}", flush=True)
+    t0 = time.perf_counter()
+    proc = subprocess.run([str(exe), *overrides, f"hydra.run.dir={run_dir}", "run.progress=false"],
+                          check=False, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:  # reported in its row; the other rows still run
+        lines = [line for line in proc.stderr.strip().splitlines() if "HYDRA_FULL_ERROR" not in line]
+        error = (lines or ["no output"])[-1][:300]
+        print(f"{name}: {command} failed: {error}", flush=True)
+        return {"miou": None, "error": error, "run_dir": str(run_dir), "wall_s": wall}
+    summary = json.loads((run_dir / "summary.json").read_text())
+    first = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])
+    return {**summary["final"], "start_miou": first.get("miou"), "run_dir": str(run_dir), "wall_s": wall}
+
+
+def pretrained(out: Path, overrides: list[str]) -> dict:
+    """The public pretraining, reused from ``out`` when a finished one has the same overrides."""
+    run_dir = out / "public_pretraining"
+    key = run_dir / "bench_overrides.json"
+    if (run_dir / "checkpoints" / "global.pt").exists() and key.exists() and json.loads(key.read_text()) == overrides:
+        print(f"public pretraining: reusing {run_dir}", flush=True)
+        return {**json.loads((run_dir / "summary.json").read_text())["final"], "run_dir": str(run_dir),
+                "wall_s": 0.0, "cached": True}
+    result = run("fedseg-train", "public pretraining", overrides, run_dir)
+    if "error" not in result:
+        key.write_text(json.dumps(overrides))
+    return {**result, "cached": False}
+
+
+def fleet_overrides(vehicles: int, per_round: int, rounds: int) -> list[str]:
+    return [f"federation.num_clients={vehicles}", f"federation.fraction_fit={per_round / vehicles}",
+            f"federation.min_fit_clients={per_round}", f"federation.rounds={rounds}"]
+
+
+def private(epsilon: float, vehicles: int, per_round: int, rounds: int) -> tuple[list[str], float]:
+    """Overrides for vehicle-level ``epsilon`` on this fleet: the noise multiplier the accountant calibrates.
+    Adaptive clipping's count noise is Flower's per_round / 20 (Andrew et al.'s choice) where that is
+    above z / 2, else z (a small fleet: the update noise rises to 1.15 z)."""
+    z = calibrate_noise_multiplier(epsilon, vehicles=vehicles, sampled=per_round, rounds=rounds,
+                                   delta=default_delta(vehicles))
+    count = [] if per_round / 20 > z / 2 else [f"privacy.clipped_count_stddev={z:.4f}"]
+    return [*PRIVATE, f"privacy.noise_multiplier={z:.4f}", *count], z
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides for every federated run")
+    parser.add_argument("--out", type=Path, default=Path("outputs/bench_vehicle_dp"))
+    parser.add_argument("--vehicles", type=int, default=2000, help="fleet size")
+    parser.add_argument("--per-round", type=int, default=200, help="vehicles sampled each round")
+    parser.add_argument("--rounds", type=int, default=25)
+    parser.add_argument("--ablation", action="store_true", help="also epsilon-8 rows with one lever changed")
+    parser.add_argument("--smoke", action="store_true", help="tiny model and fleet: a plumbing check")
+    parser.add_argument("--json", action="store_true", help="print the results as JSON on the last line")
+    args = parser.parse_args()
+    t0, load_start = time.perf_counter(), os.getloadavg()
+    fleet, pretrain_extra = ["experiment=vehicle_dp"], ["model=mobilenet_v2"]
+    vehicles, per_round, rounds = args.vehicles, args.per_round, args.rounds
+    if args.smoke:
+        vehicles, per_round, rounds = SMOKE["vehicles"], SMOKE["per_round"], SMOKE["rounds"]
+        shape = [f"model={SMOKE['model']}", f"data.image_size={SMOKE['image_size']}"]
+        fleet += [*shape, f"data.frames_per_vehicle={SMOKE['frames']}", f"data.heldout_frames={SMOKE['heldout']}",
+                  "federation.local_epochs=1", "federation.batch_size=4"]
+        pretrain_extra = [*shape, *SMOKE["pretrain"]]
+    pretrain = pretrained(args.out, ["experiment=dp_pretrain", *pretrain_extra])
+    if "error" in pretrain:
+        raise SystemExit(f"vehicle_dp: the public pretraining failed: {pretrain['error']}")
+    fleet += [f"model.init={Path(pretrain['run_dir']).resolve() / 'checkpoints' / 'global.pt'}", *args.overrides]
+    sizes = fleet_overrides(vehicles, per_round, rounds)
+    rows, noise = {"no_dp": run("fedseg-sim", "no_dp", [*fleet, *sizes], args.out / "no_dp")}, {}
+    for name, eps in (("eps8", 8.0), ("eps3", 3.0)):
+        extra, noise[name] = private(eps, vehicles, per_round, rounds)
+        rows[name] = run("fedseg-sim", name, [*fleet, *sizes, *extra], args.out / name)
+    if args.ablation:
+        for name, (levers, shrink) in ABLATION.items():
+            n, m = (vehicles // shrink, per_round // shrink) if shrink else (vehicles, per_round)
+            extra, noise[name] = private(8.0, n, m, rounds)
+            run_dir = args.out / "".join(c if c.isalnum() else "_" for c in name)
+            rows[name] = run("fedseg-sim", name, [*fleet, *fleet_overrides(n, m, rounds), *extra, *levers], run_dir)
+    report(rows, noise, pretrain, vehicles=vehicles, per_round=per_round, rounds=rounds, fleet=fleet,
+           wall_s=time.perf_counter() - t0, load=(load_start, os.getloadavg()), as_json=args.json)
+
+
+def report(rows: dict[str, dict], noise: dict[str, float], pretrain: dict, *, vehicles: int, per_round: int,
+           rounds: int, fleet: list[str], wall_s: float, load: tuple, as_json: bool) -> None:
+    """The table, and (``as_json``) one JSON object on the last line; a failed row is null and in "errors"."""
+    if "error" in rows["no_dp"]:
+        raise SystemExit(f"vehicle_dp: the no-DP run failed ({rows['no_dp']['error']}): no ratio to report")
+    base, start = rows["no_dp"]["miou"], rows["no_dp"]["start_miou"]
+
+    def ratio(r: dict) -> float | None:
+        return None if r["miou"] is None else r["miou"] / base
+
+    def gain_kept(r: dict) -> float | None:
+        return None if r["miou"] is None or base == start else (r["miou"] - start) / (base - start)
+
+    print(f"\nfleet: {vehicles} vehicles, {per_round} a round, {rounds} rounds; pretrained start mIoU {start:.3f}")
+    print("| row | final mIoU | x no-DP | gain kept | epsilon | delta | noise multiplier | wall s |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for name, r in rows.items():
+        if "error" in r:
+            print(f"| {name} | failed: {r['error']} | - | - | - | - | - | {r['wall_s']:.0f} |")
+            continue
+        eps = f"{r['epsilon']:.2f}" if r.get("epsilon") is not None else "-"
+        delta = f"{r['delta']:.1e}" if r.get("delta") is not None else "-"
+        z = f"{noise[name]:.3f}" if name in noise else "-"
+        print(f"| {name} | {r['miou']:.3f} | {ratio(r):.2f} | {gain_kept(r) or 0:.2f} | {eps} | {delta} | {z} | "
+              f"{r['wall_s']:.0f} |")
+    if not as_json:
+        return
+    ablation = {n: {"miou": r["miou"], "ratio": ratio(r), "gain_kept": gain_kept(r), "epsilon": r.get("epsilon")}
+                for n, r in rows.items() if n in ABLATION}
+    print(json.dumps({
+        "pretrained": start, "no_dp": base, "eps8": rows["eps8"]["miou"], "eps3": rows["eps3"]["miou"],
+        "ratio": {"eps8": ratio(rows["eps8"]), "eps3": ratio(rows["eps3"])},
+        "gain_kept": {"eps8": gain_kept(rows["eps8"])},
+        "vehicles": vehicles, "vehicles_per_round": per_round, "rounds": rounds,
+        "epsilon": {n: r.get("epsilon") for n, r in rows.items()}, "delta": {n: r.get("delta") for n, r in rows.items()},
+        "noise_multiplier": noise, "ablation": ablation, "fleet": fleet,
+        "pretraining": {"miou_own_heldout": pretrain.get("miou"), "cached": pretrain["cached"]},
+        "errors": {n: r["error"] for n, r in rows.items() if "error" in r},
+        "wall_s": {"public pretraining": pretrain["wall_s"], **{n: r["wall_s"] for n, r in rows.items()},
+                   "total": wall_s},
+        "load": {"start": list(load[0]), "end": list(load[1])}}))
+
+
+if __name__ == "__main__":
+    main()
