@@ -84,8 +84,9 @@ def test_set_trainable_counts_and_refuses_unknown_parts() -> None:
     decoder = set_trainable(model, "decoder")
     assert 0 < decoder < total
     assert set_trainable(model, "all") == total
-    with pytest.raises(ValueError, match=r"trainable='head'; valid: \['all', 'decoder'\]"):
-        set_trainable(model, "head")
+    assert 0 < set_trainable(model, "head") < set_trainable(model, "norm") < decoder
+    with pytest.raises(ValueError, match=r"trainable='bias'; valid: \['all', 'decoder', 'norm', 'head'\]"):
+        set_trainable(model, "bias")
 
 
 def test_expected_batch_larger_than_a_vehicle_is_refused() -> None:
