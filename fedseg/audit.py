@@ -292,7 +292,8 @@ def audit_dpsgd(model: nn.Module, dataset: Dataset, spec: Any, *, batch_size: in
     accountant = privacy.epsilon() if privacy.noise_multiplier > 0 else None
     return AuditResult(
         method="one-run (Steinke, Nasr, Jagielski 2023): white-box gradient canaries", canaries=canaries,
-        delta=privacy.delta, accountant_epsilon=accountant, audit_epsilon=best.pop("epsilon"), confidence=confidence,
+        delta=privacy.delta, accountant_epsilon=accountant, audit_epsilon=best.pop("epsilon"),
+        confidence=confidence,
         details=best | {"included": int(gradient.included.sum()), "steps": planned,
                         "sample_rate": privacy.sample_rate, "noise_multiplier": privacy.noise_multiplier,
                         "max_grad_norm": spec.max_grad_norm, "dimensions": start.numel(),

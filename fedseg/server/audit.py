@@ -137,8 +137,12 @@ def audit_after_run(settings: RunSettings, data: FleetData, out_dir: Path, *,
                     run_epsilon: float | None) -> dict[str, Any]:
     """The run's audit on a fresh copy of its initial model (``model.init``, else the seeded random one)
     and the server's held-out frames; writes ``privacy_audit.json``, returns what goes into the summary."""
-    model = build_run_model(settings.model, data.label_map.num_classes, seed=settings.seed, dp=settings.group_norm)
-    load_initial_weights(model, settings.model)
+    # Per-frame audits need the GroupNorm UNet; a BatchNorm run (privacy=none) starts that one at random,
+    # since its model.init does not fit it (the audit measures the mechanism, not the start)
+    dp = settings.group_norm or not isinstance(settings.privacy, CentralDPSpec)
+    model = build_run_model(settings.model, data.label_map.num_classes, seed=settings.seed, dp=dp)
+    if dp == settings.group_norm:
+        load_initial_weights(model, settings.model)
     try:
         result = audit_run(settings.privacy, settings.federation, model, data.heldout, seed=settings.seed)
     except (ValueError, RuntimeError) as err:  # the run's model stands; the summary says why no audit
