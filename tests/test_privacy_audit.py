@@ -121,16 +121,17 @@ def test_per_frame_audit_is_below_the_accountant_and_has_power(one_thread: None)
 
 def test_vehicle_audit_is_below_the_accountant_and_has_power(caplog: pytest.LogCaptureFixture) -> None:
     """Andrew et al.'s canary vehicles through Flower's clipping and DP wrapper: 1000 vehicles, 100 a round,
-    10 rounds, 500 canaries, 4000 coordinates. Epsilon 8 and 1: the estimate below the accountant's; no
-    noise: far above 1."""
+    10 rounds, 500 canaries, 4000 coordinates. Epsilon 8 and 1, and 8 with adaptive clipping (the canaries
+    at each round's norm, their clipped bits counted): the estimate below the accountant's; no noise: far
+    above 1."""
     caplog.set_level(logging.WARNING)
     vehicles, sampled, rounds = 1000, 100, 10
     fed = FederationSpec(num_clients=vehicles, fraction_fit=sampled / vehicles, min_fit_clients=sampled,
                          rounds=rounds)
     shapes = [(40, 50), (2000,)]
-    for target in (8.0, 1.0):
+    for target, clipping in ((8.0, "fixed"), (1.0, "fixed"), (8.0, "adaptive")):
         noise = calibrate_noise_multiplier(target, vehicles=vehicles, sampled=sampled, rounds=rounds, delta=1e-5)
-        spec = CentralDPSpec(noise_multiplier=noise)
+        spec = CentralDPSpec(noise_multiplier=noise, clipping=clipping, clipping_norm=0.1)  # type: ignore[arg-type]
         result = audit_central(spec, fed, shapes, rounds=rounds, canaries=500, seed=0)
         assert result.accountant_epsilon == pytest.approx(target, rel=1e-2)
         assert result.accountant_epsilon is not None and 0 <= result.audit_epsilon <= result.accountant_epsilon

@@ -7,11 +7,11 @@ are the same with and without the audit (same seed, same metrics).
 * ``privacy=central`` (a vehicle): :func:`audit_central`, Andrew et al.'s canary vehicles. A fleet
   of ``num_clients`` vehicles, ``m`` sampled a round without replacement for ``rounds`` rounds, as in
   the run; the first ``canaries`` of them are canary vehicles whose update is a fixed random unit
-  direction times the clipping norm, the others send no change. Every canary passes through Flower's
-  own client-side clipping (``compute_clip_model_update``, what ``fixedclipping_mod`` calls) and the
-  run's own DP wrapper (:func:`~fedseg.server.central_dp.wrap_central_dp`: equal weights, the mean,
-  Flower's noise of std ``noise_multiplier * C / m``) around FedAvg, on arrays of the run model's
-  shapes. Silent other vehicles are the worst case for the fleet: nothing else hides a canary, so
+  direction times the round's clipping norm, the others send no change. Every canary passes through
+  Flower's own client-side clipping (what ``fixedclipping_mod`` or ``adaptiveclipping_mod`` calls, with
+  the clipped bit adaptive clipping counts) and the run's own DP wrapper
+  (:func:`~fedseg.server.central_dp.wrap_central_dp`: equal weights, the mean, Flower's noise of std
+  ``noise_multiplier * C / m``) around FedAvg, on arrays of the shapes the run noises. Silent other vehicles are the worst case for the fleet: nothing else hides a canary, so
   the estimate is as high as this mechanism allows.
 * ``privacy=dpsgd`` (a frame): :func:`fedseg.audit.audit_dpsgd` on a copy of the run's initial model
   and the server's held-out frames, standing in for one vehicle's (the canaries measure the mechanism:
@@ -34,10 +34,14 @@ from typing import Any, cast
 
 import numpy as np
 import torch
-from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common import Code, FitRes, Scalar, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import FedAvg
-from flwr.supercore.differential_privacy import compute_clip_model_update
+from flwr.supercore.differential_privacy import (
+    KEY_NORM_BIT,
+    compute_adaptive_clip_model_update,
+    compute_clip_model_update,
+)
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -62,9 +66,6 @@ GRADIENT_CANARIES = 1000  # Steinke et al.'s per-frame canaries
 def audit_central(spec: CentralDPSpec, fed: FederationSpec, shapes: Sequence[tuple[int, ...]], *, rounds: int,
                   canaries: int = CANARY_VEHICLES, nulls: int = NULL_DIRECTIONS, seed: int = 0) -> AuditResult:
     """Andrew et al.'s canary vehicles through the run's clipping and DP wrapper (module docstring)."""
-    if spec.clipping != "fixed":
-        raise ValueError(f"privacy.audit covers privacy.clipping=fixed; got {spec.clipping}: audit with fixed "
-                         "clipping at the same noise multiplier, or drop privacy.audit")
     vehicles, sampled = fed.num_clients, sampled_vehicles(spec, fed)
     canaries = min(canaries, vehicles // 2)
     if canaries < 2:
@@ -78,7 +79,8 @@ def audit_central(spec: CentralDPSpec, fed: FederationSpec, shapes: Sequence[tup
     np.random.seed(int(np.random.SeedSequence([seed, 3]).generate_state(1)[0]))
     try:
         for round_ in range(1, rounds + 1):
-            replies = [_reply(global_, vehicle, canaries, spec.clipping_norm, seed, sizes)
+            clip = float(cast(Any, strategy).clipping_norm)  # adaptive clipping moves it each round
+            replies = [_reply(global_, vehicle, canaries, clip, seed, sizes, adaptive=spec.clipping == "adaptive")
                        for vehicle in rng.choice(vehicles, size=sampled, replace=False)]
             aggregated, _ = strategy.aggregate_fit(round_, replies, [])
             if aggregated is None:
@@ -100,16 +102,21 @@ def audit_central(spec: CentralDPSpec, fed: FederationSpec, shapes: Sequence[tup
 
 
 def _reply(global_: list[np.ndarray], vehicle: int, canaries: int, clip: float, seed: int,
-           sizes: Sequence[int]) -> tuple[ClientProxy, FitRes]:
-    """One sampled vehicle's reply: a canary's direction times the clip, clipped by Flower, else no change
+           sizes: Sequence[int], *, adaptive: bool) -> tuple[ClientProxy, FitRes]:
+    """One sampled vehicle's reply: a canary's direction times the round's clipping norm, clipped by Flower's
+    function of ``fixedclipping_mod`` (``adaptiveclipping_mod``, with its clipped bit), else no change
     (Flower's clipping divides by the update's norm: a zero update, within any norm, skips it)."""
     weights = [a.copy() for a in global_]
+    metrics: dict[str, Scalar] = {KEY_NORM_BIT: False} if adaptive else {}
     if vehicle < canaries:
         update = (canary_direction(seed, vehicle, sum(sizes)) * clip).numpy()
         parts = np.split(update, np.cumsum(sizes)[:-1])
         weights = [w + p.reshape(w.shape) for w, p in zip(weights, parts, strict=True)]
-        compute_clip_model_update(weights, global_, clip)  # in place, as fixedclipping_mod does
-    res = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(weights), 1, {})
+        if adaptive:
+            metrics[KEY_NORM_BIT] = compute_adaptive_clip_model_update(weights, global_, clip)
+        else:
+            compute_clip_model_update(weights, global_, clip)  # in place
+    res = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(weights), 1, metrics)
     return cast(ClientProxy, None), res  # no proxy: nothing in the DP chain reads it
 
 
