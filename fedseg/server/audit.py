@@ -28,6 +28,7 @@ import copy
 import dataclasses
 import json
 import logging
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, cast
@@ -72,7 +73,8 @@ def audit_central(spec: CentralDPSpec, fed: FederationSpec, shapes: Sequence[tup
         raise ValueError(f"privacy.audit needs a fleet of at least 4 vehicles for canary vehicles, got {vehicles}")
     sizes = [int(np.prod(s)) for s in shapes]
     dim = sum(sizes)
-    strategy = wrap_central_dp(FedAvg(fraction_evaluate=0.0, min_evaluate_clients=0), spec, fed)
+    strategy = wrap_central_dp(FedAvg(fraction_evaluate=0.0, min_evaluate_clients=0,
+                                      fit_metrics_aggregation_fn=lambda _: {}), spec, fed)  # no metrics to merge
     rng = np.random.default_rng([seed, 2])
     global_ = [np.zeros(s, dtype=np.float32) for s in shapes]
     saved = np.random.get_state()  # Flower's noise draws from numpy's global generator: seed it, then restore
@@ -167,7 +169,8 @@ def run_epsilon(recorder: RoundRecorder, rounds: int) -> float | None:
 
 def write_audit(out_dir: Path, result: AuditResult, *, run_epsilon: float | None) -> dict[str, Any]:
     """``privacy_audit.json`` (with the run's own accountant epsilon, if any) and its record."""
-    record = result.as_json() | {"run_accountant_epsilon": run_epsilon,
+    finite = run_epsilon is not None and math.isfinite(run_epsilon)  # no noise: unbounded, written as null
+    record = result.as_json() | {"run_accountant_epsilon": run_epsilon if finite else None,
                                  "separate_audit_run": True}  # canaries never touch the run's model
     atomic_write_text(out_dir / AUDIT_FILE, json.dumps(record, indent=2))
     log.info(f"fedseg: privacy audit: epsilon {record['audit_epsilon']} (accountant "
