@@ -77,9 +77,9 @@ class AuditResult:
 def one_run_p_value(canaries: int, guesses: int, correct: int, epsilon: float, delta: float) -> float:
     """Chance of ``correct`` or more right among ``guesses`` if the run is (epsilon, delta)-DP.
 
-    Steinke et al., Theorem 5.2 (their reference code): ``P[Binomial(r, q) >= v] + 2 m delta alpha``
-    with ``q = e^eps / (1 + e^eps)`` (eps-DP randomized response's accuracy) and ``alpha`` the largest
-    ``P[v > Binomial(r, q) >= v - i] / i`` over ``i = 1..v``.
+    Steinke et al.'s bound for (epsilon, delta)-DP, as their paper's reference code computes it:
+    ``P[Binomial(r, q) >= v] + 2 m delta alpha`` with ``q = e^eps / (1 + e^eps)`` (eps-DP randomized
+    response's accuracy) and ``alpha`` the largest ``P[v > Binomial(r, q) >= v - i] / i`` over ``i = 1..v``.
     """
     if not 0 <= correct <= guesses <= canaries:
         raise ValueError(f"need 0 <= correct <= guesses <= canaries, got {correct}, {guesses}, {canaries}")
