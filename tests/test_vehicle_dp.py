@@ -106,6 +106,21 @@ def test_frozen_arrays_leave_the_round_exactly_as_the_global_and_unnoised(traina
     assert np.array_equal(frozen, np.full(4, START, np.float32)) is not frozen_noised
 
 
+def test_under_secagg_the_frozen_arrays_also_leave_the_round_as_the_global() -> None:
+    # Prepare: SecAgg+ masks every array (zero updates in the frozen one); the noise goes on the trained one.
+    updates = [[u[0], np.zeros(4, np.float32)] for u in toy_updates()]
+    privacy = {"name": "central", "noise_multiplier": 1.0, "clipping_norm": 1.0, "trainable": "head"}
+    secagg = {"name": "secaggplus", "num_shares": 3, "reconstruction_threshold": 2}
+
+    # Execute
+    fleet = Fleet(updates, [1, 2, 3], secagg, privacy=privacy, federation={"min_fit_clients": 3},
+                  trained=[True, False]).run()
+
+    # Assert
+    trained, frozen = fleet.globals[-1]
+    assert np.array_equal(frozen, np.full(4, START, np.float32)) and not np.allclose(trained, START, atol=0.05)
+
+
 # --- adaptive clipping: its count noise in the accountant
 
 
