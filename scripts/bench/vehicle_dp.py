@@ -4,7 +4,8 @@
    synthetic towns are public; other towns than the fleet's), cached in ``<out>/public_pretraining``
    and reused by later invocations with the same settings. Its checkpoint is every run's initial model.
 2. ``fedseg-sim experiment=vehicle_dp`` (2,000 vehicles x 8 frames, 200 sampled a round without
-   replacement, 25 rounds; conf/experiment/vehicle_dp.yaml says why) with no DP, and with
+   replacement, 20 rounds, mobilenet_v2 with a narrow decoder at 64x96; conf/experiment/vehicle_dp.yaml
+   says why) with no DP, and with
    ``privacy=central`` at vehicle-level epsilon 8 and 3: the noise multiplier is calibrated here with
    the run's own accountant (``fedseg.server.central_dp.calibrate_noise_multiplier``, delta =
    min(1e-5, 0.1 / vehicles) <= 1 / fleet size). The private runs use the levers on by default below:
@@ -16,9 +17,9 @@ no DP and the share of the no-DP gain over the start that epsilon 8 keeps; epsil
 wall time per run and the load average around the invocation. ``--ablation`` adds epsilon-8 rows with
 one lever changed each. Extra Hydra overrides go to every federated run.
 
-    python scripts/bench/vehicle_dp.py --json                  # ~85 min on 2 idle cores (estimate)
-    python scripts/bench/vehicle_dp.py --ablation --json       # + 5 epsilon-8 rows (~2.5 h more)
-    python scripts/bench/vehicle_dp.py --smoke --json          # plumbing check: tiny model and fleet, ~3 min
+    python scripts/bench/vehicle_dp.py --json                  # ~80-90 min on 2 idle cores (estimate)
+    python scripts/bench/vehicle_dp.py --ablation --json       # + 5 epsilon-8 rows (~2 h more; one at 1/4 the fleet)
+    python scripts/bench/vehicle_dp.py --smoke --json          # plumbing check: tiny model and fleet, ~6 min
     python scripts/bench/vehicle_dp.py --rounds 10 --vehicles 1000 --per-round 100
 """
 
@@ -45,9 +46,13 @@ ABLATION = {  # epsilon 8, one lever changed; (overrides, (vehicles, per round) 
     "eps8 fedavg": (["strategy.server_momentum=0.0", "strategy.server_learning_rate=1.0"], None),  # = FedAvg
     "eps8 fleet / 4": ([], 4),
 }
-SMOKE = {"model": "tiny", "image_size": "[32,32]", "vehicles": 20, "per_round": 4, "rounds": 2, "frames": 4,
-         "heldout": 8, "pretrain": ["train.epochs=1", "data.frames_per_vehicle=8", "federation.num_clients=2",
-                                    "data.heldout_frames=8"]}
+# The fleet's model (conf/experiment/vehicle_dp.yaml), which the public pretraining must share.
+PRETRAIN_MODEL = ["model=mobilenet_v2", "model.decoder_channels=[128,64,32,16,8]"]
+# --smoke: 20 vehicles, 4 a round, 2 rounds; the tiny UNet at 32x32, 4 frames a vehicle; a 1-epoch pretraining.
+SMOKE_FLEET = ["model=tiny", "model.decoder_channels=null", "data.image_size=[32,32]", "data.frames_per_vehicle=4", "data.heldout_frames=8",
+               "federation.local_epochs=1", "federation.batch_size=4"]
+SMOKE_PRETRAIN = ["model=tiny", "data.image_size=[32,32]", "train.epochs=1", "data.frames_per_vehicle=8",
+                  "federation.num_clients=2", "data.heldout_frames=8"]
 
 
 def run(command: str, name: str, overrides: list[str], run_dir: Path) -> dict:
@@ -82,6 +87,11 @@ def pretrained(out: Path, overrides: list[str]) -> dict:
     return {**result, "cached": False}
 
 
+def merged(*groups: list[str]) -> list[str]:
+    """Hydra overrides, a later value of a key replacing an earlier one (a lever changes one setting)."""
+    return [f"{key}={value}" for key, value in dict(o.split("=", 1) for group in groups for o in group).items()]
+
+
 def fleet_overrides(vehicles: int, per_round: int, rounds: int) -> list[str]:
     return [f"federation.num_clients={vehicles}", f"federation.fraction_fit={per_round / vehicles}",
             f"federation.min_fit_clients={per_round}", f"federation.rounds={rounds}"]
@@ -103,20 +113,17 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("outputs/bench_vehicle_dp"))
     parser.add_argument("--vehicles", type=int, default=2000, help="fleet size")
     parser.add_argument("--per-round", type=int, default=200, help="vehicles sampled each round")
-    parser.add_argument("--rounds", type=int, default=25)
+    parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--ablation", action="store_true", help="also epsilon-8 rows with one lever changed")
     parser.add_argument("--smoke", action="store_true", help="tiny model and fleet: a plumbing check")
     parser.add_argument("--json", action="store_true", help="print the results as JSON on the last line")
     args = parser.parse_args()
     t0, load_start = time.perf_counter(), os.getloadavg()
-    fleet, pretrain_extra = ["experiment=vehicle_dp"], ["model=mobilenet_v2"]
+    fleet, pretrain_extra = ["experiment=vehicle_dp"], PRETRAIN_MODEL
     vehicles, per_round, rounds = args.vehicles, args.per_round, args.rounds
     if args.smoke:
-        vehicles, per_round, rounds = SMOKE["vehicles"], SMOKE["per_round"], SMOKE["rounds"]
-        shape = [f"model={SMOKE['model']}", f"data.image_size={SMOKE['image_size']}"]
-        fleet += [*shape, f"data.frames_per_vehicle={SMOKE['frames']}", f"data.heldout_frames={SMOKE['heldout']}",
-                  "federation.local_epochs=1", "federation.batch_size=4"]
-        pretrain_extra = [*shape, *SMOKE["pretrain"]]
+        vehicles, per_round, rounds = 20, 4, 2
+        fleet, pretrain_extra = [*fleet, *SMOKE_FLEET], SMOKE_PRETRAIN
     pretrain = pretrained(args.out, ["experiment=dp_pretrain", *pretrain_extra])
     if "error" in pretrain:
         raise SystemExit(f"vehicle_dp: the public pretraining failed: {pretrain['error']}")
@@ -131,7 +138,7 @@ def main() -> None:
             n, m = (vehicles // shrink, per_round // shrink) if shrink else (vehicles, per_round)
             extra, noise[name] = private(8.0, n, m, rounds)
             run_dir = args.out / "".join(c if c.isalnum() else "_" for c in name)
-            rows[name] = run("fedseg-sim", name, [*fleet, *fleet_overrides(n, m, rounds), *extra, *levers], run_dir)
+            rows[name] = run("fedseg-sim", name, merged(fleet, fleet_overrides(n, m, rounds), extra, levers), run_dir)
     report(rows, noise, pretrain, vehicles=vehicles, per_round=per_round, rounds=rounds, fleet=fleet,
            wall_s=time.perf_counter() - t0, load=(load_start, os.getloadavg()), as_json=args.json)
 
