@@ -165,7 +165,7 @@ def test_cyclic_trains_one_vehicle_a_round_in_a_fixed_order_and_takes_its_model(
 
 
 def test_cyclic_round_stops_only_when_its_one_vehicle_fails() -> None:
-    s = settings(strategy={"name": "cyclic"}, federation={"min_fit_clients": 3})
+    s = settings(strategy={"name": "cyclic"}, federation={"min_fit_clients": 3})  # local_norm none
     parts = compose_server(s, on_round=lambda row, resume: None,
                            initial_parameters=ndarrays_to_parameters([np.zeros(1, np.float32)]))
 
@@ -178,6 +178,9 @@ def test_cyclic_round_stops_only_when_its_one_vehicle_fails() -> None:
     ({"strategy": {"name": "cyclic"}, "privacy": {"name": "central"}},
      r"privacy=central .* strategy=cyclic trains one vehicle a round"),
     ({"strategy": {"name": "fedexp"}, "secagg": {"name": "secaggplus"}}, r"strategy=fedexp needs each update"),
+    ({"strategy": {"name": "cyclic"}, "federation": {"local_norm": "affine"}},
+     r"strategy=cyclic hands one vehicle's model to the next, but federation.local_norm=affine .*valid: "
+     r"federation.local_norm=none"),
     ({"strategy": {"name": "fedexp"}, "privacy": {"name": "central"}},
      r"strategy=fedexp scales its server step by the spread"),
 ])

@@ -127,6 +127,10 @@ def check_composition(settings: RunSettings, partition_sizes: Sequence[int] | No
                                      local_epochs=fed.local_epochs)
     entry, name = strategy_entry(settings.strategy.name), settings.strategy.name
     sums = [key for key, e in STRATEGIES.items() if not e.secagg_refusal]
+    if entry.vehicles_per_round == 1 and fed.local_norm != "none":  # cyclic passes one vehicle's model on
+        raise ValueError(f"strategy={name} hands one vehicle's model to the next, but federation.local_norm="
+                         f"{fed.local_norm} keeps each vehicle's BatchNorm: the global model would carry the last "
+                         "vehicle's alone (the server evaluates with it); valid: federation.local_norm=none")
     if isinstance(settings.privacy, CentralDPSpec):
         if not (entry.noise_on_mean or entry.server_optimizer):
             means = [key for key, e in STRATEGIES.items() if e.noise_on_mean or e.server_optimizer]

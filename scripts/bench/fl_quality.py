@@ -54,7 +54,8 @@ LEVER_ROUNDS = 6  # 12 epochs: the lever screening proxy of earlier measurements
 # Each lever: its federated overrides, and how many rounds make LEVER_ROUNDS rounds' epochs.
 LEVERS: dict[str, tuple[list[str], int]] = {
     "default": ([], 1),  # the default experiment's aggregation (FedBN): the converged run's first rounds
-    "cyclic": (["strategy=cyclic"], 4),  # one vehicle a round: 4 rounds see what one FedAvg round sees
+    # One vehicle a round: 4 rounds see what one FedAvg round sees; BatchNorm travels with the model.
+    "cyclic": (["strategy=cyclic", "federation.local_norm=none"], 4),
     "equal_global_batch": (["federation.equal_global_batch=true"], 1),  # vehicles at batch 8 / 4 = 2
     "fedexp": (["strategy=fedexp"], 1),
     # Server momentum at an effective rate eta / (1 - beta) of 1 (FedAvg's), and of 2.
