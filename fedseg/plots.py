@@ -87,15 +87,18 @@ def plot_examples(
 
 
 def plot_time_to_accuracy(curves: Sequence[Progress], path: Path, *, title: str = "") -> Path:
-    """``time_to_accuracy.png``: held-out mIoU against the fleet's training seconds (vehicles in parallel)
-    and against frames trained, one line per run (:func:`fedseg.quality.progress`)."""
-    fig, (by_time, by_frames) = plt.subplots(1, 2, figsize=(11, 4))
+    """``time_to_accuracy.png``: held-out mIoU against the fleet's training seconds (vehicles in parallel:
+    as measured, so threads and load show), against sequential optimizer steps (the same, independent of
+    the hardware) and against frames trained, one line per run (:func:`fedseg.quality.progress`)."""
+    fig, (by_time, by_steps, by_frames) = plt.subplots(1, 3, figsize=(15, 4))
     for curve in curves:
         by_time.plot(curve.seconds, curve.miou, "o-", markersize=3, label=curve.label)
+        by_steps.plot(curve.steps, curve.miou, "o-", markersize=3, label=curve.label)
         by_frames.plot(curve.frames, curve.miou, "o-", markersize=3, label=curve.label)
     by_time.set_xlabel("fleet training time, s (vehicles in parallel)")
+    by_steps.set_xlabel("sequential optimizer steps (vehicles in parallel)")
     by_frames.set_xlabel("frames trained (all vehicles)")
-    for ax in (by_time, by_frames):
+    for ax in (by_time, by_steps, by_frames):
         ax.set_ylabel("held-out mIoU")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
