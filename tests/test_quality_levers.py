@@ -179,8 +179,8 @@ def test_cyclic_round_stops_only_when_its_one_vehicle_fails() -> None:
      r"privacy=central .* strategy=cyclic trains one vehicle a round"),
     ({"strategy": {"name": "fedexp"}, "secagg": {"name": "secaggplus"}}, r"strategy=fedexp needs each update"),
     ({"strategy": {"name": "cyclic"}, "federation": {"local_norm": "affine"}},
-     r"strategy=cyclic hands one vehicle's model to the next, but federation.local_norm=affine .*valid: "
-     r"federation.local_norm=none"),
+     (r"strategy=cyclic hands one vehicle's model to the next, but federation.local_norm=affine .*valid: "
+      r"federation.local_norm=none")),
     ({"strategy": {"name": "fedexp"}, "privacy": {"name": "central"}},
      r"strategy=fedexp scales its server step by the spread"),
 ])
