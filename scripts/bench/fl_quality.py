@@ -80,7 +80,7 @@ def run(exe: str, overrides: list[str], run_dir: Path, reuse: bool) -> dict[str,
             raise SystemExit(f"{exe} {' '.join(overrides)} failed:\n{proc.stderr[-2000:]}")
         record.write_text(json.dumps({"wall_s": time.perf_counter() - t0, "load": load, "overrides": overrides}))
     summary = json.loads((run_dir / "summary.json").read_text())
-    return {**json.loads(record.read_text()), "rows": read_rows(run_dir), "summary": summary, "dir": run_dir}
+    return {**json.loads(record.read_text()), "rows": read_rows(run_dir), "summary": summary}
 
 
 def run_config(result: dict[str, Any]) -> dict[str, Any]:
