@@ -161,6 +161,22 @@ def test_a_fleet_larger_than_its_nodes_trains_the_vehicles_it_samples_on_distinc
         assert moved == pytest.approx(np.mean([v + 1.0 for g, _, v in replies if g == group]))
 
 
+def test_the_same_seed_samples_the_same_vehicles_of_a_pooled_fleet(tmp_path: Path) -> None:
+    def sampled(seed: int, name: str) -> list[list[int]]:
+        fleet = Fleet(toy_updates((1.0, 2.0, 3.0, 4.0, 5.0, 6.0)), [1] * 6, {"name": "none"}, rounds=4,
+                      output_dir=str(tmp_path / name), pool=3,
+                      federation={"fraction_fit": 0.5, "min_fit_clients": 3}).run(seed=seed)
+        replies = [(m.metadata.group_id,
+                    compat.recorddict_to_fitres(unpack_content(m.content), keep_input=True).metrics["partition_id"])
+                   for m in fleet.grid.received]
+        return [sorted(vehicle for group, vehicle in replies if group == r) for r in "1234"]
+
+    first = sampled(7, "a")
+    assert [len(v) for v in first] == [3, 3, 3, 3]
+    assert sampled(7, "b") == first
+    assert sampled(8, "c") != first  # 20 samples a round: four rounds alike by chance is p = 20^-4
+
+
 @pytest.mark.e2e
 def test_a_fleet_larger_than_its_nodes_runs_in_the_simulation_and_vehicles_keep_their_accountants(
         tmp_path: Path) -> None:

@@ -89,8 +89,9 @@ class Fleet:
         self.resume = resume
 
     def run(self, *, start_round: int = 0, initial: list[np.ndarray] | None = None,
-            state: dict[str, Any] | None = None) -> Fleet:
-        """Run the rounds; ``start_round``/``initial``/``state`` continue a run after that round."""
+            state: dict[str, Any] | None = None, seed: int | None = None) -> Fleet:
+        """Run the rounds; ``start_round``/``initial``/``state`` continue a run after that round; ``seed``
+        seeds the vehicles' sampling as the server app does for a run from its start."""
         def evaluate_fn(server_round: int, arrays: list, config: dict) -> tuple[float, dict]:
             self.globals.append([a.copy() for a in arrays])
             return 0.0, {}
@@ -103,7 +104,8 @@ class Fleet:
         if state is not None:
             restore(state, self.parts.base, self.parts.recorder)
         server = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
-        self.parts.run(self.grid, server, self.rounds - start_round, pooled_fleet=self.n if self.pool else None)
+        self.parts.run(self.grid, server, self.rounds - start_round, pooled_fleet=self.n if self.pool else None,
+                       seed=seed)
         return self
 
 

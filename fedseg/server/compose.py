@@ -53,6 +53,7 @@ modulus' width on the wire). Why the legacy ``LegacyContext``/``DefaultWorkflow`
 from __future__ import annotations
 
 import logging
+import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -101,12 +102,17 @@ class ServerParts:
     base: Strategy  # Flower's own strategy at the bottom of the chain (its state is what resumes)
     round_timeout: float | None = None
 
-    def run(self, grid: Grid, context: Context, rounds: int, *,
-            client_manager: ClientManager | None = None, pooled_fleet: int | None = None) -> None:
+    def run(self, grid: Grid, context: Context, rounds: int, *, client_manager: ClientManager | None = None,
+            pooled_fleet: int | None = None, seed: int | None = None) -> None:
         """Run ``rounds`` rounds on ``grid`` (Flower's legacy workflow: where SecAgg+ lives); a round
         waits at most ``round_timeout`` seconds for its vehicles; ``client_manager`` (e.g. the fleet's,
         ``fedseg/server/fleet.py``) decides how long to wait for them to be available. ``pooled_fleet``:
-        that many vehicles ride ``grid``'s simulation nodes (``fedseg/server/pool.py``)."""
+        that many vehicles ride ``grid``'s simulation nodes (``fedseg/server/pool.py``). ``seed`` (a run
+        from its start; a resumed run restores the state instead) seeds Python's ``random``, which Flower's
+        client manager samples with: the same seed samples the same vehicles of a pooled fleet (ids
+        ``0..n-1``) every run, and the same sample sizes whatever the fleet."""
+        if seed is not None:
+            random.seed(seed)
         legacy = LegacyContext(context=context, strategy=self.strategy, client_manager=client_manager,
                                config=ServerConfig(num_rounds=rounds, round_timeout=self.round_timeout))
         nodes: Grid = PollingGrid(PackingGrid(grid))

@@ -134,7 +134,7 @@ def serve(grid: Grid, context: Context, held: contextlib.ExitStack) -> None:
             restore(point.state, parts.base, parts.recorder)
         parts.run(grid, context, fed.rounds - start,
                   client_manager=FleetClientManager(minimum=fed.min_fit_clients, timeout=deploy.join_timeout),
-                  pooled_fleet=fed.num_clients if pool else None)
+                  pooled_fleet=fed.num_clients if pool else None, seed=None if point else settings.seed)
     except Converged as done:  # early_stop: held-out mIoU stopped improving
         log.info(f"fedseg: {done}")
         converged = done.round
