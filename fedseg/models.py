@@ -44,6 +44,9 @@ class BackboneSpec:
     # A variant for tests and smoke runs only: never a deployment candidate (fedseg-search leaves it
     # out unless it is named explicitly).
     test_only: bool = False
+    # A seed list's declared negative control: searched so that the table shows it losing (large and
+    # slow), never expected to be chosen. Per-backbone tests only build it (tests/test_models.py).
+    negative_control: bool = False
 
 
 BACKBONES: dict[str, BackboneSpec] = {
@@ -64,6 +67,27 @@ BACKBONES: dict[str, BackboneSpec] = {
     "fbnetv3_b": BackboneSpec("tu-fbnetv3_b", "FBNetV3", "FBNetV3: joint architecture-recipe search"),
     "tinynet_e": BackboneSpec(
         "tu-tinynet_e", "TinyNet", "Model Rubik's Cube: twisting resolution, depth and width"
+    ),
+    "mnasnet_100": BackboneSpec(
+        "tu-mnasnet_100", "MnasNet", "MnasNet: platform-aware neural architecture search for mobile"
+    ),
+    # timm's PyTorch-padded port: the tf_ twin pads dynamically ("SAME"), slower and clumsier in ONNX.
+    "efficientnet_lite0": BackboneSpec(
+        "tu-efficientnet_lite0", "EfficientNet-Lite",
+        "EfficientNet-Lite0: EfficientNet without squeeze-excite and swish, for edge/INT8 hardware",
+    ),
+    "resnetrs50": BackboneSpec(
+        "tu-resnetrs50", "ResNet-RS", "ResNet-RS-50: Revisiting ResNets (training and scaling strategies)"
+    ),
+    # Stride-4 stem (ConvNeXt-style): smp's timm encoder leaves the stride-2 skip empty.
+    "inception_next_tiny": BackboneSpec(
+        "tu-inception_next_tiny", "InceptionNeXt", "InceptionNeXt-T: when Inception meets ConvNeXt"
+    ),
+    # ~85 M encoder parameters (101 M as a UNet), ~400 MB fp32: over every vehicle profile's model_mb.
+    "nasnetalarge": BackboneSpec(
+        "tu-nasnetalarge", "NASNet",
+        "NASNet-A Large (learned transferable architectures): negative control, large and slow, "
+        "expected to lose", negative_control=True,
     ),
     # timm's test_resnet at depth 3 with a narrow decoder: ~0.1 M parameters, still smp's UNet.
     "tiny": BackboneSpec(

@@ -16,6 +16,16 @@ from fedseg.models import (
 )
 
 
+def gradient_checked(backbones=BACKBONES):
+    """Registry names for per-backbone gradient tests: a negative control (nasnetalarge, ~100 M
+    parameters, a minute per backward on 2 cores) is only built, in the test above them; its DP
+    compatibility was checked by hand when it was registered (no dead parameter after
+    make_dp_compatible)."""
+    skip = pytest.mark.skip(reason="negative control: built only, too slow for a per-backbone backward in CI")
+    return [pytest.param(name, marks=[skip] if spec.negative_control else []) for name, spec in
+            sorted(backbones.items())]
+
+
 @pytest.fixture(autouse=True)
 def _empty_caches(tmp_path, monkeypatch):
     """Point every weight cache at an empty folder so no test sees (or fetches) real weights."""
@@ -37,7 +47,7 @@ def test_every_backbone_builds_and_segments_64px(backbone):
     assert count_parameters(model) > 0
 
 
-@pytest.mark.parametrize("backbone", sorted(BACKBONES))
+@pytest.mark.parametrize("backbone", gradient_checked())
 def test_every_trainable_parameter_gets_a_gradient(backbone):
     """No dead parameters: Opacus refuses a trainable parameter without a per-sample gradient."""
     model = batchnorm_to_groupnorm(build_model(backbone, num_classes=3))
@@ -165,8 +175,15 @@ def test_tiny_trains_under_opacus_ew():
     assert all(s is not None and s.shape[0] == 2 for s in samples)
 
 
+# privacy.grad_sample_mode=ew (torch's expanded weights) cannot reshape InceptionNeXt's layer-scale
+# gamma; the default mode (hooks) trains it (tests/test_privacy.py). Strict: a fix upstream shows here.
+_EW_FAILS = pytest.mark.xfail(strict=True, raises=RuntimeError,
+                              reason="expanded weights: 'cannot handle function reshape' (layer scale)")
+
+
 @pytest.mark.e2e
-@pytest.mark.parametrize("backbone", sorted(BACKBONES))
+@pytest.mark.parametrize("backbone", [pytest.param(p.values[0], marks=[*p.marks, _EW_FAILS])
+                                      if p.values[0] == "inception_next_tiny" else p for p in gradient_checked()])
 def test_every_backbone_gives_per_sample_gradients(backbone):
     from opacus.grad_sample import wrap_model
 

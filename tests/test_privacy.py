@@ -334,7 +334,11 @@ def test_default_backbone_takes_a_dp_step_in_the_default_mode():
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("backbone", sorted(BACKBONES))
+# A negative control (nasnetalarge, ~100 M parameters: a minute per DP step on 2 cores) is only built,
+# in tests/test_models.py; its DP step was checked by hand when it was registered.
+@pytest.mark.parametrize("backbone", [pytest.param(name, marks=pytest.mark.skip(
+    reason="negative control: built only, too slow for a DP step in CI") if spec.negative_control else ())
+    for name, spec in sorted(BACKBONES.items())])
 def test_every_backbone_takes_a_dp_step(backbone):
     torch.manual_seed(0)
     model = make_dp_compatible(build_model(backbone, CLASSES))
