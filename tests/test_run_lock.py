@@ -107,6 +107,37 @@ def test_the_watchdog_stops_the_tagged_processes_when_its_command_is_killed(tmp_
     assert not _alive(watchdog)
 
 
+def test_a_command_killed_mid_sweep_leaves_its_watchdog_the_ray_nodes_it_named() -> None:
+    # Prepare: a command names its Ray node to its watchdog; its sweep then stops the tagged raylet, but the
+    # command is killed before it reaches the node's agent, whose /proc environment shows no tag.
+    tag, node = uuid.uuid4().hex, uuid.uuid4().hex
+    code = (f"import sys, time; from fedseg.deploy.watchdog import Watchdog\n"
+            f"w = Watchdog({tag!r}); w.follow({{{node!r}}}); print(w.proc.pid, flush=True); time.sleep(60)")
+    command = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert command.stdout is not None
+    watchdog = int(command.stdout.readline())
+    raylet = subprocess.Popen(["sleep", "60"], env={**os.environ, TAG: tag, "RAY_NODE_ID": node})
+    agent = subprocess.Popen(["sleep", "60"], env={**os.environ, "RAY_NODE_ID": node})
+    try:
+        raylet.kill()
+        raylet.wait()
+
+        # Execute
+        command.kill()
+        command.wait()
+
+        # Assert: the watchdog found the agent through the node the command named, then exited.
+        assert agent.wait(15) is not None
+        deadline = time.monotonic() + 10
+        while _alive(watchdog) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _alive(watchdog)
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+        agent.wait()
+
+
 def test_a_watchdog_stood_down_removes_nothing_stops_a_late_straggler_and_exits(tmp_path: Path) -> None:
     tag = uuid.uuid4().hex
     with Watchdog(tag, tmp_path) as watchdog:

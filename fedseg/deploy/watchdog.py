@@ -21,7 +21,9 @@ and no pid that could be reused, and it stops the tagged processes and removes `
 run's temporary Flower home). A command that ends normally has done both itself and says ``done``
 (:meth:`Watchdog.stand_down`); the watchdog then only looks a few more times (:data:`LAST_LOOKS`) for a
 tagged straggler (on a loaded machine a Ray agent can appear after the command's own sweep ended) and
-stops any it finds, while the command exits without waiting for it.
+stops any it finds, while the command exits without waiting for it. Before its sweep the command names
+its Ray nodes (:meth:`Watchdog.follow`), so a kill in mid-sweep still leaves the watchdog able to find
+the agents it had not reached yet.
 """
 
 from __future__ import annotations
@@ -55,15 +57,28 @@ class Watchdog:
         self.proc = subprocess.Popen([sys.executable, "-m", "fedseg.deploy.watchdog", *flags, tag,
                                       *map(str, remove)], stdin=subprocess.PIPE, env=env, start_new_session=True)
 
+    def follow(self, ray_nodes: set[str]) -> None:
+        """Tell the watchdog the command's Ray nodes (:func:`~fedseg.deploy.processes.tagged_pids` fills the
+        set) before the command's own sweep begins: Ray agents whose ``/proc`` environment lost the tag are
+        found only through their node, and once the sweep has stopped the tagged raylet a kill of the
+        command in mid-sweep would otherwise leave the watchdog no way to find them."""
+        self._send(b"".join(b"node " + n.encode() + b"\n" for n in sorted(ray_nodes)))
+
     def stand_down(self, ray_nodes: set[str] | None = None) -> None:
         """The command stopped its processes itself (``ray_nodes``: the Ray nodes its sweep met,
         :func:`~fedseg.deploy.processes.stop_tagged`): the watchdog takes its last looks and exits on its
         own (in its own session: the command does not wait for it)."""
+        self._send(b" ".join([DONE, *(n.encode() for n in sorted(ray_nodes or ()))]) + b"\n")
         assert self.proc.stdin is not None
         with contextlib.suppress(OSError):
-            self.proc.stdin.write(b" ".join([DONE, *(n.encode() for n in sorted(ray_nodes or ()))]))
             self.proc.stdin.close()
         self.proc.returncode = 0  # not waited for: no ResourceWarning, and no zombie once this command exits
+
+    def _send(self, lines: bytes) -> None:
+        assert self.proc.stdin is not None
+        with contextlib.suppress(OSError, ValueError):  # a watchdog gone, or its pipe closed: nothing to tell
+            self.proc.stdin.write(lines)
+            self.proc.stdin.flush()
 
     def __enter__(self) -> Self:
         return self
@@ -78,16 +93,23 @@ class Watchdog:
 
 
 def watch(tag: str, remove: list[str], *, follow_ray_nodes: bool = True) -> None:
-    """Wait for the command's end; unless it said ``done``, stop what it started and remove ``remove``."""
-    said = sys.stdin.buffer.read()
-    if said.startswith(DONE):
-        nodes = {n.decode() for n in said[len(DONE):].split()} if follow_ray_nodes else None
-        for _ in range(LAST_LOOKS):
-            if tagged_pids(tag, ray_nodes=nodes):
-                stop_tagged(tag, ray_nodes=nodes, follow_ray_nodes=follow_ray_nodes)
-            time.sleep(0.5)
-        return
-    stop_tagged(tag, follow_ray_nodes=follow_ray_nodes)
+    """Wait for the command's end; unless it said ``done``, stop what it started (with the Ray nodes it
+    named: :meth:`Watchdog.follow`) and remove ``remove``. Each line the command writes is ``node ID`` or,
+    last, ``done [ID ...]``; the pipe's end (the command's, however it died) ends the wait."""
+    nodes: set[str] | None = set() if follow_ray_nodes else None
+    for line in sys.stdin.buffer:
+        words = [w.decode() for w in line.split()]
+        if words[:1] == ["node"] and nodes is not None:
+            nodes.update(words[1:])
+        elif words[:1] == [DONE.decode()]:
+            if nodes is not None:
+                nodes.update(words[1:])
+            for _ in range(LAST_LOOKS):
+                if tagged_pids(tag, ray_nodes=nodes):
+                    stop_tagged(tag, ray_nodes=nodes, follow_ray_nodes=follow_ray_nodes)
+                time.sleep(0.5)
+            return
+    stop_tagged(tag, ray_nodes=nodes, follow_ray_nodes=follow_ray_nodes)
     for path in remove:
         shutil.rmtree(path, ignore_errors=True)
 

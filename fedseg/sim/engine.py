@@ -29,6 +29,7 @@ from fedseg.deploy.processes import (
     free_port,
     new_tag,
     stop_tagged,
+    tagged_pids,
     terminate_as_exit,
     wait_for_port,
     with_this_environment_on_path,
@@ -166,6 +167,10 @@ def run_federation(run_config: RunConfig, *, num_vehicles: int, client_cpus: int
                 raise RuntimeError(f"flwr run exited with status {code}: " + " | ".join(lines[-5:]))
             _verdict(env, lines)
         finally:
-            ray_nodes = stop_tagged(tag, follow_ray_nodes=own_ray)
+            ray_nodes: set[str] = set()
+            if own_ray:  # its Ray nodes, named to the watchdog while their tagged raylets still show them
+                tagged_pids(tag, ray_nodes=ray_nodes)
+                watchdog.follow(ray_nodes)
+            ray_nodes = stop_tagged(tag, ray_nodes=ray_nodes, follow_ray_nodes=own_ray)
             shutil.rmtree(home, ignore_errors=True)
             watchdog.stand_down(ray_nodes)
