@@ -13,11 +13,15 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import hydra
+import torch
 from omegaconf import DictConfig
-from torch.utils.data import ConcatDataset
+from torch import nn
+from torch.utils.data import ConcatDataset, Dataset
 
 from fedseg.checkpoints import checkpoint_meta, load_initial_weights
 from fedseg.config import resolve_device
@@ -66,28 +70,38 @@ def run(cfg: DictConfig) -> dict:
                            compare=compare)
     log.info(f"fedseg-train: {len(pooled)} pooled frames, {len(data.heldout)} held-out, {s.model.name}, "
              f"{epochs} epochs -> {out}")
+    converged = train_epochs(model, frames, reporter, s, epochs=epochs, device=device, prog="fedseg-train")
+    return reporter.finish({"experiment": s.experiment, "epochs": epochs, "privacy": None,
+                            "converged_round": converged})
+
+
+def train_epochs(trainee: nn.Module, frames: Dataset, reporter: RunReporter, s: RunSettings, *, epochs: int,
+                 device: str, prog: str, criterion: Callable[[torch.Tensor, torch.Tensor], Any] | None = None
+                 ) -> int | None:
+    """fedseg-train's loop: the reporter's model evaluated and recorded as epoch 0, then ``epochs`` epochs of
+    ``trainee`` on ``frames`` (``federation``'s optimizer, batch size and lr schedule), each evaluated and
+    recorded; returns the epoch ``early_stop`` stopped at, else None. ``trainee`` is the reporter's model,
+    or it wrapped with what its ``criterion`` needs (fedseg-distill: the teacher beside it)."""
+    fed = s.federation
     loss, metrics = reporter.evaluate()
     reporter.record(_row(0, loss, metrics, train_loss=None, seconds=0.0, examples=0))
-    optimizer = make_optimizer(model, name=fed.optimizer, lr=fed.lr)
-    converged = None
+    optimizer = make_optimizer(trainee, name=fed.optimizer, lr=fed.lr)
     for epoch in range(1, epochs + 1):
         t0 = time.perf_counter()
         as_round = epoch_round(epoch, epochs=epochs, rounds=fed.rounds)
         set_lr(optimizer, scheduled_lr(fed.lr, fed.lr_schedule, round_=as_round, rounds=fed.rounds,
                                        final=fed.lr_final))
         loader = make_loader(frames, batch_size=fed.batch_size, shuffle=True, seed=derive_seed(s.seed, epoch))
-        result = train(model, loader, optimizer, epochs=1, device=device,
-                       progress=f"epoch {epoch}/{epochs}" if progress else None)
+        result = train(trainee, loader, optimizer, epochs=1, device=device, criterion=criterion,
+                       progress=f"epoch {epoch}/{epochs}" if s.run.progress else None)
         seconds = time.perf_counter() - t0
         loss, metrics = reporter.evaluate()
         try:
             reporter.record(_row(epoch, loss, metrics, result.loss, seconds, result.num_examples, result.steps))
         except Converged as done:  # early_stop: held-out mIoU stopped improving
-            log.info(f"fedseg-train: {done}")
-            converged = epoch
-            break
-    return reporter.finish({"experiment": s.experiment, "epochs": epochs, "privacy": None,
-                            "converged_round": converged})
+            log.info(f"{prog}: {done}")
+            return epoch
+    return None
 
 
 def _row(epoch: int, loss: float, metrics: dict, train_loss: float | None, seconds: float,
