@@ -30,6 +30,7 @@ def checkpoint_meta(model: ModelSpec, data: DataSpec, label_map: LabelMap, extra
     return {
         "backbone": model.name,
         "decoder_channels": list(model.decoder_channels) if model.decoder_channels else None,
+        "encoder_depth": model.encoder_depth,
         "num_classes": label_map.num_classes,
         "class_names": list(label_map.class_names),
         "tagset": data.tagset,
@@ -94,7 +95,8 @@ def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     """
     content = read_checkpoint(path)
     model = build_model(content["backbone"], int(content["num_classes"]),
-                        decoder_channels=content.get("decoder_channels"))
+                        decoder_channels=content.get("decoder_channels"),
+                        encoder_depth=content.get("encoder_depth"))
     state = content["model_state"]
     if norm_form(state) != norm_form(model.state_dict()):
         # Here, not at the top: Opacus and timm, which fedseg-sim (runlog imports this module) avoids.
@@ -160,6 +162,7 @@ def check_start_checkpoint(path: str | Path, *, key: str, model: ModelSpec, data
     run_decoder = list(model.decoder_channels) if model.decoder_channels else None
     for what, saved, run in (("backbone", content["backbone"], model.name),
                              ("decoder_channels", content.get("decoder_channels"), run_decoder),
+                             ("encoder_depth", content.get("encoder_depth"), model.encoder_depth),
                              ("image_size", content.get("image_size"), list(data.image_size))):
         if what == "image_size" and saved is None:  # not recorded: nothing to compare
             continue

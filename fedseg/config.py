@@ -240,6 +240,7 @@ class ModelSpec:
     name: str = "resnet34"
     encoder_weights: str | None = None
     decoder_channels: tuple[int, ...] | None = None
+    encoder_depth: int | None = None  # encoder stages feeding the decoder; None: the registry's (fedseg-search)
     # The initial global model: a checkpoint (``<run dir>/checkpoints/global.pt`` of fedseg-train or
     # fedseg-sim, e.g. public pretraining) whose weights replace the random initialisation.
     init: str | None = None

@@ -112,19 +112,24 @@ def build_model(
     in_channels: int = 3,
     encoder_weights: str | None = None,
     decoder_channels: Sequence[int] | None = None,
+    encoder_depth: int | None = None,
 ) -> nn.Module:
     """Build an ``smp.Unet`` for a registry backbone.
 
     ``encoder_weights``: ``None`` (random init), a path to a ``.pth``/``.pt``/``.safetensors`` file
     holding an encoder (or whole-UNet) state dict, or a weights name such as ``"imagenet"``, which is
     looked up in the local Hugging Face / torch hub caches only. Nothing is downloaded; a missing
-    file raises ``FileNotFoundError`` saying where it looked.
+    file raises ``FileNotFoundError`` saying where it looked. ``encoder_depth``: how many encoder
+    stages feed the decoder (default: the registry's); fewer drop the deepest, widest ones.
     """
     spec = get_backbone(backbone)
-    channels = tuple(decoder_channels) if decoder_channels is not None else spec.decoder_channels
-    if len(channels) != spec.encoder_depth:
+    depth = spec.encoder_depth if encoder_depth is None else int(encoder_depth)
+    if not 1 <= depth <= spec.encoder_depth:
+        raise ValueError(f"encoder_depth={depth} for backbone {backbone!r}; valid: 1 to {spec.encoder_depth}")
+    channels = tuple(decoder_channels) if decoder_channels is not None else spec.decoder_channels[-depth:]
+    if len(channels) != depth:
         raise ValueError(
-            f"decoder_channels {channels} must have {spec.encoder_depth} entries "
+            f"decoder_channels {channels} must have {depth} entries "
             f"(encoder depth of backbone {backbone!r})"
         )
     import segmentation_models_pytorch as smp  # here, not at the top: its timm import costs 7 s of a
@@ -132,7 +137,7 @@ def build_model(
 
     # Always build without weights: smp would otherwise download them.
     model = smp.Unet(
-        spec.encoder, encoder_weights=None, encoder_depth=spec.encoder_depth,
+        spec.encoder, encoder_weights=None, encoder_depth=depth,
         decoder_channels=channels, in_channels=in_channels, classes=num_classes,
     )
     for name in spec.unused_modules:
@@ -151,7 +156,7 @@ def build_run_model(spec: ModelSpec, num_classes: int, *, seed: int, dp: bool = 
     """
     torch.manual_seed(seed)
     model = build_model(spec.name, num_classes, encoder_weights=spec.encoder_weights,
-                        decoder_channels=spec.decoder_channels)
+                        decoder_channels=spec.decoder_channels, encoder_depth=spec.encoder_depth)
     if dp:
         from fedseg._dp_compat import make_dp_compatible  # local: pulls in Opacus
 
