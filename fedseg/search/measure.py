@@ -1,8 +1,10 @@
-"""Measure each candidate backbone: cost on this machine, accuracy after an equal, fixed training budget.
+"""Measure each candidate network: cost on this machine, accuracy after an equal training budget.
 
-Every candidate gets the same seed, frames, epochs, batch size, optimizer and learning rate, so the
-mIoU differences are the backbones', not the budget's (ProxylessNAS/OFA-style "train each briefly,
-rank on a proxy"). The budget is short, so the ranking is a proxy for the fully-trained one.
+A candidate is an :class:`fedseg.search.space.Architecture` (backbone, decoder width, encoder depth,
+input resolution). Its cost is measured once; its accuracy by :func:`score_architecture`, which
+successive halving (:mod:`fedseg.search.halving`) calls with growing budgets. Every candidate gets
+the same seed, frames, batch size, optimizer and learning rate, so within a rung the mIoU
+differences are the networks', not the budget's.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 from torch.utils.data import ConcatDataset, Subset
 
 from fedseg.data import FleetData
@@ -24,6 +28,7 @@ from fedseg.models import BACKBONES, build_model
 from fedseg.search.hardware import HardwareBudget
 from fedseg.search.profile import Profile, profile_model
 from fedseg.search.select import Candidate
+from fedseg.search.space import Architecture
 from fedseg.training import evaluate, make_loader, make_optimizer, steps_per_epoch, train
 
 PRECISIONS = ("fp32", "int8")
@@ -46,6 +51,14 @@ class SearchSpec:
     int8: bool = True
     calibration_frames: int = 8
     precision: str = "fp32"
+    # Search dimensions beside the backbone (fedseg.search.space):
+    decoder_scales: tuple[float, ...] = (1.0,)  # times the registry's decoder_channels
+    encoder_depths: tuple[int | None, ...] = (None,)  # None: the registry's depth
+    image_sizes: tuple[tuple[int, int], ...] | None = None  # deployment (H, W); None: the profile's
+    # Successive halving (fedseg.search.halving): rung r trains train_epochs * eta**r epochs.
+    rungs: int = 1
+    eta: int = 2
+    stability_seeds: tuple[int, ...] = ()  # the last rung retrained with each: does the order hold?
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -53,9 +66,20 @@ class SearchSpec:
         if self.precision == "int8" and not self.int8:
             raise ValueError("search.precision=int8 needs search.int8=true "
                              "(INT8 must be measured to be checked)")
-        for name in ("train_epochs", "batch_size", "repeats", "calibration_frames"):
+        for name in ("train_epochs", "batch_size", "repeats", "calibration_frames", "rungs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"search.{name} must be >= 1, got {getattr(self, name)}")
+        if self.eta < 2:
+            raise ValueError(f"search.eta must be >= 2 (each rung keeps 1/eta), got {self.eta}")
+        for key in ("decoder_scales", "encoder_depths", "image_sizes"):
+            if getattr(self, key) is not None and not getattr(self, key):
+                raise ValueError(f"search.{key} is empty; give at least one value")
+        if any(scale <= 0 for scale in self.decoder_scales):
+            raise ValueError(f"search.decoder_scales={list(self.decoder_scales)}: every scale must be > 0")
+        if any(depth is not None and not 1 <= depth <= 5 for depth in self.encoder_depths):
+            raise ValueError(f"search.encoder_depths={list(self.encoder_depths)}: valid: null or 1 to 5")
+        if any(min(size) < 1 for size in self.image_sizes or ()):
+            raise ValueError(f"search.image_sizes={self.image_sizes}: every [H, W] must be positive")
 
 
 @dataclass(frozen=True)
@@ -72,15 +96,17 @@ class SearchData:
 
 @dataclass(frozen=True)
 class BackboneResult:
-    """One candidate's measurements."""
+    """One candidate's measurements (``name`` is its :class:`Architecture`'s)."""
 
     name: str
     family: str
     profile: Profile
-    miou: float | None  # None: not trained (not DP-capable under DP)
+    miou: float | None  # None: not trained (over budget, or not DP-capable under DP)
     pixel_acc: float | None
     train_loss: float | None
     train_s: float
+    architecture: Architecture | None = None
+    epochs: int | None = None  # the budget ``miou`` was reached with (its successive-halving rung's)
 
 
 def resolve_backbones(names: Sequence[str] | None) -> list[str]:
@@ -146,30 +172,86 @@ def train_and_score(model: torch.nn.Module, data: SearchData, spec: SearchSpec, 
     return float(s["miou"]), float(s["pixel_acc"]), float(result.loss), seconds
 
 
-def measure_backbone(name: str, data: SearchData, spec: SearchSpec, budget: HardwareBudget, *,
-                     seed: int, threads: int, dp: Any = None, device: str = "cpu") -> BackboneResult:
-    """Profile ``name`` at the budget's image size and threads, then train it and score it.
+class AtResolution(nn.Module):
+    """``model`` fed its input resized to ``size`` (H, W), its logits resized back.
 
-    The DP-SGD step's memory is always measured; ``dp`` (a ``DPSpec``) also trains under DP.
+    Candidates at another input resolution than the data's train and are scored through this, so
+    every candidate's mIoU is computed on the same full-resolution held-out masks.
     """
-    torch.manual_seed(seed)  # every candidate starts from the same seed
-    model = build_model(name, data.num_classes)
+
+    def __init__(self, model: nn.Module, size: tuple[int, int]) -> None:
+        super().__init__()
+        self.model, self.size = model, size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.model(F.interpolate(x, size=self.size, mode="bilinear", align_corners=False))
+        return F.interpolate(logits, size=tuple(x.shape[-2:]), mode="bilinear", align_corners=False)
+
+
+def train_size(arch: Architecture, data: SearchData, deploy_image_size: Sequence[int]) -> tuple[int, int]:
+    """The training resolution for ``arch``: the data's, scaled as ``arch``'s input is to the profile's
+    (rounded to a multiple of ``2**encoder_depth``, which the UNet's skips need)."""
+    if tuple(arch.image_size) == tuple(deploy_image_size):
+        return data.train_image_size  # the data's own size, as every candidate had before sizes were searched
+    step = 2**arch.encoder_depth
+    height, width = (max(step, round(t * a / d / step) * step) for t, a, d in
+                     zip(data.train_image_size, arch.image_size, deploy_image_size, strict=True))
+    return height, width
+
+
+def build_architecture(arch: Architecture, num_classes: int) -> nn.Module:
+    """``arch``'s UNet (random init from the global seed)."""
+    return build_model(arch.backbone, num_classes, decoder_channels=arch.decoder_channels,
+                       encoder_depth=arch.encoder_depth)
+
+
+def measure_architecture(arch: Architecture, data: SearchData, spec: SearchSpec, budget: HardwareBudget, *,
+                         seed: int, threads: int) -> BackboneResult:
+    """Profile ``arch`` at its input size and the budget's threads (not trained: ``miou`` is None).
+
+    The DP-SGD step's memory is always measured, at ``arch``'s training resolution.
+    """
+    torch.manual_seed(seed)
+    model = build_architecture(arch, data.num_classes)
+    calibration = F.interpolate(data.calibration, size=arch.image_size, mode="bilinear", align_corners=False)
     profile = profile_model(
-        model, image_size=budget.image_size, threads=threads, warmup=spec.warmup, repeats=spec.repeats,
-        train_batch_size=spec.batch_size, train_image_size=data.train_image_size, dp=True,  # always reported
-        int8_calibration=data.calibration if spec.int8 else None)
-    miou, pixel_acc, loss, seconds = train_and_score(model, data, spec, seed=seed, dp=dp, device=device)
-    return BackboneResult(name, BACKBONES[name].family, profile, miou, pixel_acc, loss, seconds)
+        model, image_size=arch.image_size, threads=threads, warmup=spec.warmup, repeats=spec.repeats,
+        train_batch_size=spec.batch_size, train_image_size=train_size(arch, data, budget.image_size),
+        dp=True, int8_calibration=calibration if spec.int8 else None)  # DP memory: always reported
+    return BackboneResult(arch.name, BACKBONES[arch.backbone].family, profile, None, None, None, 0.0,
+                          architecture=arch)
+
+
+def score_architecture(arch: Architecture, data: SearchData, spec: SearchSpec, budget: HardwareBudget, *,
+                       seed: int, epochs: int, dp: Any = None, device: str = "cpu"
+                       ) -> tuple[float, float, float, float]:
+    """Train ``arch`` from ``seed`` for ``epochs`` epochs; (mIoU, pixel acc, train loss, seconds)."""
+    torch.manual_seed(seed)  # every candidate, every rung: the same start
+    model = build_architecture(arch, data.num_classes)
+    size = train_size(arch, data, budget.image_size)
+    if size != data.train_image_size:
+        model = AtResolution(model, size)
+    return train_and_score(model, data, dataclasses.replace(spec, train_epochs=epochs), seed=seed, dp=dp,
+                           device=device)
 
 
 def retime_interleaved(results: Sequence[BackboneResult], num_classes: int, budget: HardwareBudget, *,
                        threads: int, repeats: int) -> list[BackboneResult]:
     """``results`` with PyTorch fp32 latency re-measured by :func:`interleaved_latency` (same run)."""
-    models = {r.name: deployable(build_model(r.name, num_classes)) for r in results}  # weights don't matter
-    latency = interleaved_latency(models, budget.image_size, threads=threads, repeats=repeats)
-    return [dataclasses.replace(r, profile=dataclasses.replace(
-        r.profile, latency_ms=latency[r.name].median_ms, latency_p95_ms=latency[r.name].p95_ms))
-        for r in results]
+    sizes = {r.architecture.image_size for r in results if r.architecture is not None}
+    timed = list(results)
+    for size in sorted(sizes):  # interleaved_latency times one input size at a time
+        group = {r.name: deployable(build_architecture(r.architecture, num_classes))  # weights don't matter
+                 for r in results if r.architecture is not None and r.architecture.image_size == size}
+        if len(group) > 1:
+            latency = interleaved_latency(group, size, threads=threads, repeats=repeats)
+            timed = [_with_latency(r, latency[r.name]) if r.name in latency else r for r in timed]
+    return timed
+
+
+def _with_latency(result: BackboneResult, latency: Any) -> BackboneResult:
+    return dataclasses.replace(result, profile=dataclasses.replace(
+        result.profile, latency_ms=latency.median_ms, latency_p95_ms=latency.p95_ms))
 
 
 def to_candidate(result: BackboneResult, *, precision: str, dp: bool) -> Candidate:

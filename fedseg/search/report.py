@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
+import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,6 +17,9 @@ from fedseg.search.select import Candidate, Choice
 COLUMNS: list[tuple[str, str, str]] = [
     ("backbone", "backbone", "{}"),
     ("family", "family", "{}"),
+    ("decoder", "decoder channels", "{}"),
+    ("depth", "depth", "{}"),
+    ("input", "input", "{}"),
     ("params_m", "params (M)", "{:.2f}"),
     ("gmacs", "GMACs", "{:.2f}"),
     ("size_mb", "fp32 MB", "{:.1f}"),
@@ -28,6 +33,7 @@ COLUMNS: list[tuple[str, str, str]] = [
     ("int8_latency_ms", "INT8 ms (median)", "{:.1f}"),
     ("int8_size_mb", "INT8 MB", "{:.1f}"),
     ("miou", "mIoU", "{:.3f}"),
+    ("epochs", "epochs", "{}"),
     ("fits", "fits", "{}"),
     ("pareto", "Pareto", "{}"),
 ]
@@ -35,22 +41,28 @@ COLUMNS: list[tuple[str, str, str]] = [
 
 def table_rows(results: Sequence[Any], candidates: Sequence[Candidate], choice: Choice | None,
                front: Sequence[Candidate], reference: str) -> list[dict[str, Any]]:
-    """One row per backbone; ``results`` are :class:`fedseg.search.measure.BackboneResult`."""
+    """One row per candidate; ``results`` are :class:`fedseg.search.measure.BackboneResult`."""
     ref = next((r for r in results if r.name == reference), None)
     front_names = {c.name for c in front}
     rows = []
     for result, candidate in zip(results, candidates):
         p = result.profile
         rejected = choice.rejected.get(result.name) if choice else None
+        arch = result.architecture
         rows.append({
-            "backbone": result.name, "family": result.family, "params_m": p.params / 1e6,
+            "backbone": result.name, "family": result.family,
+            "decoder": "-".join(str(c) for c in arch.decoder_channels) if arch else None,
+            "depth": arch.encoder_depth if arch else None,
+            "input": f"{arch.image_size[0]}x{arch.image_size[1]}" if arch else None,
+            "params_m": p.params / 1e6,
             "gmacs": p.macs / 1e9, "size_mb": p.size_mb, "latency_ms": p.latency_ms,
             "latency_p95_ms": p.latency_p95_ms,
             "latency_ratio": p.latency_ms / ref.profile.latency_ms if ref else None,
             "memory_mb": p.memory_mb, "train_step_memory_mb": p.train_step_memory_mb,
             "dp_step_memory_mb": p.dp_step_memory_mb, "onnx_latency_ms": p.onnx_latency_ms,
             "int8_latency_ms": p.int8_latency_ms, "int8_latency_p95_ms": p.int8_latency_p95_ms,
-            "int8_size_mb": p.int8_size_mb, "miou": result.miou, "pixel_acc": result.pixel_acc,
+            "int8_size_mb": p.int8_size_mb, "miou": result.miou, "epochs": result.epochs,
+            "pixel_acc": result.pixel_acc,
             "train_s": result.train_s, "fits": "yes" if choice and not rejected else "no",
             "pareto": "yes" if candidate.name in front_names else "",
             "selected": bool(choice and choice.selected.name == result.name),
@@ -136,12 +148,29 @@ def plot_search(candidates: Sequence[Candidate], front: Sequence[Candidate], bud
 
 
 def write_model_config(backbone: str, decoder_channels: Sequence[int] | None, path: Path, *,
-                       note: str) -> Path:
-    """``selected/model/searched.yaml``: a ``model`` group option ``fedseg-sim`` accepts."""
+                       note: str, encoder_depth: int | None = None,
+                       image_size: Sequence[int] | None = None) -> Path:
+    """``selected/model/searched.yaml``: a ``model`` group option ``fedseg-sim`` accepts.
+
+    ``image_size`` (the chosen input, H x W): recorded in a comment, and written as
+    ``selected/hardware/searched.yaml`` by :func:`write_hardware_config`.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     channels = f"[{', '.join(str(c) for c in decoder_channels)}]" if decoder_channels else "null"
+    size = f"# Input: {image_size[0]}x{image_size[1]} (hardware=searched sets it)\n" if image_size else ""
+    depth = "null" if encoder_depth is None else str(int(encoder_depth))
     path.write_text(
         f"# Chosen by fedseg-search: {note}\n"
-        f"# Use: fedseg-sim --config-dir {path.parent.parent} model=searched\n"
-        f"name: {backbone}\nencoder_weights: null\ndecoder_channels: {channels}\n")
+        f"# Use: fedseg-sim --config-dir {path.parent.parent} model=searched\n{size}"
+        f"name: {backbone}\nencoder_weights: null\ndecoder_channels: {channels}\nencoder_depth: {depth}\n")
+    return path
+
+
+def write_hardware_config(budget: HardwareBudget, image_size: Sequence[int], path: Path) -> Path:
+    """``selected/hardware/searched.yaml``: the searched profile at the chosen input size."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fields = {**dataclasses.asdict(budget), "name": "searched", "image_size": [int(v) for v in image_size]}
+    lines = [f"# The {budget.name} profile at the input fedseg-search chose; fedseg-export hardware=searched"]
+    lines += [f"{key}: {json.dumps(value)}" for key, value in fields.items()]  # JSON values are YAML
+    path.write_text("\n".join(lines) + "\n")
     return path

@@ -73,9 +73,14 @@ def fits(candidate: Candidate, budget: HardwareBudget) -> tuple[bool, list[str]]
             reasons.append(f"{measured_by} not measured (limit {limit}={getattr(budget, limit):g})")
         elif ratio > 1.0:
             reasons.append(f"{measured_by} {value:.1f} > {limit} {getattr(budget, limit):g}")
-    if candidate.miou is None:
+    if candidate.miou is None and not reasons:  # over budget: not trained, the limit is the reason
         reasons.append("no mIoU measured")
     return not reasons, reasons
+
+
+def cost_fits(candidate: Candidate, budget: HardwareBudget) -> bool:
+    """Whether ``candidate``'s measured costs meet ``budget`` (accuracy aside): worth training."""
+    return all(ratio <= 1.0 for ratio in overshoot(candidate, budget).values())
 
 
 def rank_key(candidate: Candidate) -> tuple[float, float, int, str]:
