@@ -17,6 +17,7 @@ from flwr.common import ndarrays_to_parameters
 from fedseg.clients.client_app import VEHICLE_MODS
 from fedseg.config import to_run_config
 from fedseg.server.compose import compose_server
+from fedseg.server.fleet import FleetClientManager
 from fedseg.server.resume import restore
 from fedseg.settings import RunSettings
 from fedseg.sim.loopback import LoopbackGrid
@@ -105,7 +106,7 @@ class Fleet:
             restore(state, self.parts.base, self.parts.recorder)
         server = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
         self.parts.run(self.grid, server, self.rounds - start_round, pooled_fleet=self.n if self.pool else None,
-                       seed=seed)
+                       seed=seed, client_manager=FleetClientManager(minimum=1, timeout=30))
         return self
 
 

@@ -53,7 +53,6 @@ modulus' width on the wire). Why the legacy ``LegacyContext``/``DefaultWorkflow`
 from __future__ import annotations
 
 import logging
-import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -74,6 +73,7 @@ from fedseg.server.central_dp import (
     wrap_central_dp,
 )
 from fedseg.server.codecs import DecodingStrategy
+from fedseg.server.fleet import SAMPLING
 from fedseg.server.grids import PackingGrid, PollingGrid, TimeoutGrid
 from fedseg.server.guard import UpdateGuard
 from fedseg.server.noised_mean import PlainMean, ServerStep, TrainedOnly
@@ -106,13 +106,13 @@ class ServerParts:
             pooled_fleet: int | None = None, seed: int | None = None) -> None:
         """Run ``rounds`` rounds on ``grid`` (Flower's legacy workflow: where SecAgg+ lives); a round
         waits at most ``round_timeout`` seconds for its vehicles; ``client_manager`` (e.g. the fleet's,
-        ``fedseg/server/fleet.py``) decides how long to wait for them to be available. ``pooled_fleet``:
-        that many vehicles ride ``grid``'s simulation nodes (``fedseg/server/pool.py``). ``seed`` (a run
-        from its start; a resumed run restores the state instead) seeds Python's ``random``, which Flower's
-        client manager samples with: the same seed samples the same vehicles of a pooled fleet (ids
-        ``0..n-1``) every run, and the same sample sizes whatever the fleet."""
+        ``fedseg/server/fleet.py``) decides how long to wait for them to be available and samples them.
+        ``pooled_fleet``: that many vehicles ride ``grid``'s simulation nodes (``fedseg/server/pool.py``).
+        ``seed`` (a run from its start; a resumed run restores the state instead) seeds the fleet manager's
+        sampling (:data:`~fedseg.server.fleet.SAMPLING`): the same seed samples the same vehicles of a
+        pooled fleet (ids ``0..n-1``) in every run."""
         if seed is not None:
-            random.seed(seed)
+            SAMPLING.seed(seed)
         legacy = LegacyContext(context=context, strategy=self.strategy, client_manager=client_manager,
                                config=ServerConfig(num_rounds=rounds, round_timeout=self.round_timeout))
         nodes: Grid = PollingGrid(PackingGrid(grid))

@@ -9,20 +9,30 @@ word. Here (a vehicle silent for ``federation.round_timeout`` is dropped from it
   joined if they are at least ``min_fit_clients``, else stop with one line (:class:`FleetError`);
 * :class:`FleetClientManager`: the same rule before every later round (a vehicle that left is
   waited for up to ``deploy.join_timeout``, then the round goes on without it, or the run stops).
+
+It also samples each round's vehicles with :data:`SAMPLING`, a generator of its own that the run's seed
+seeds (``ServerParts.run``) and a checkpoint carries (``fedseg/server/resume.py``), from the vehicles in
+id order: Flower's manager samples with Python's shared ``random`` in the order vehicles registered, and
+in the simulation process other code draws from that generator too (a run repeated with the same seed
+sampled the same vehicles in round 1 and one to three others in each later round).
 """
 
 from __future__ import annotations
 
 import logging
+import random
 import time
 from collections.abc import Callable
 
 from flwr.server import Grid
 from flwr.server.client_manager import SimpleClientManager
+from flwr.server.client_proxy import ClientProxy
+from flwr.server.criterion import Criterion
 
 from fedseg.errors import RunFailed
 
 log = logging.getLogger("fedseg")
+SAMPLING = random.Random()  # the vehicles' sampling (see the module docstring)
 
 
 class FleetError(RunFailed):
@@ -70,6 +80,18 @@ class FleetClientManager(SimpleClientManager):
     def __init__(self, *, minimum: int, timeout: float) -> None:
         super().__init__()
         self.minimum, self.timeout = minimum, timeout
+
+    def sample(self, num_clients: int, min_num_clients: int | None = None,
+               criterion: Criterion | None = None) -> list[ClientProxy]:
+        """Flower's ``SimpleClientManager.sample``, drawing from :data:`SAMPLING` over the vehicles in id order."""
+        self.wait_for(num_clients if min_num_clients is None else min_num_clients)
+        available = sorted(self.clients, key=int)
+        if criterion is not None:
+            available = [cid for cid in available if criterion.select(self.clients[cid])]
+        if num_clients > len(available):
+            log.info(f"fedseg: {len(available)} vehicles available, {num_clients} wanted: no sample this round")
+            return []
+        return [self.clients[cid] for cid in SAMPLING.sample(available, num_clients)]
 
     def wait_for(self, num_clients: int, timeout: int = 86400) -> bool:
         if super().wait_for(num_clients, timeout=int(min(timeout, self.timeout))):

@@ -14,7 +14,6 @@ outermost strategy, shifts them so every strategy, row and checkpoint inside see
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -25,6 +24,7 @@ from flwr.server.client_manager import ClientManager
 from flwr.server.strategy import FedAvgM, FedOpt, Strategy
 
 from fedseg.checkpoints import read_checkpoint
+from fedseg.server.fleet import SAMPLING
 from fedseg.server.wrapper import StrategyWrapper
 
 
@@ -79,7 +79,7 @@ def resume_state(base: Strategy, spend: VehicleSpend) -> dict[str, Any]:
     """What continuing needs besides the weights and the tracker's run id (tensors and plain data only:
     loads weights-only)."""
     state: dict[str, Any] = {
-        "python_rng": random.getstate(),  # Flower's client manager samples vehicles with `random`
+        "python_rng": SAMPLING.getstate(),  # the fleet manager's sampling of vehicles (fedseg/server/fleet.py)
         "torch_rng": torch.get_rng_state(),
         "client_epsilon": dict(spend.client_epsilon),
         "client_delta": dict(spend.client_delta),
@@ -95,7 +95,7 @@ def resume_state(base: Strategy, spend: VehicleSpend) -> dict[str, Any]:
 
 def restore(state: dict[str, Any], base: Strategy, spend: VehicleSpend) -> None:
     """Put :func:`resume_state` back into a freshly composed server."""
-    random.setstate(_as_rng_state(state["python_rng"]))
+    SAMPLING.setstate(_as_rng_state(state["python_rng"]))
     torch.set_rng_state(state["torch_rng"])
     spend.client_epsilon.update(state.get("client_epsilon") or {})
     spend.client_delta.update(state.get("client_delta") or {})
@@ -110,7 +110,7 @@ def restore(state: dict[str, Any], base: Strategy, spend: VehicleSpend) -> None:
 
 
 def _as_rng_state(saved: Any) -> tuple:
-    """``random.setstate`` wants the exact nesting ``getstate`` gave (a checkpoint may hold lists)."""
+    """``Random.setstate`` wants the exact nesting ``getstate`` gave (a checkpoint may hold lists)."""
     version, internal, gauss = saved
     return int(version), tuple(int(x) for x in internal), gauss
 
