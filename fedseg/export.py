@@ -17,11 +17,12 @@ import copy
 import logging
 import tempfile
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import onnx
 import torch
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -118,13 +119,16 @@ class _FrameReader(CalibrationDataReader):
 
 
 def quantize_int8(fp32_path: str | Path, int8_path: str | Path,
-                  calibration_images: np.ndarray | torch.Tensor, *, per_channel: bool = True) -> str:
+                  calibration_images: np.ndarray | torch.Tensor, *, per_channel: bool = True,
+                  activation_ranges: Mapping[str, tuple[float, float]] | None = None) -> str:
     """Statically quantize an fp32 ONNX model to INT8 (QDQ, signed 8-bit weights and activations).
 
     Activation ranges come from ``calibration_images`` (N,3,H,W, normalised like training inputs);
     a handful of real frames is enough for MinMax calibration. Per-channel weight scales keep
     depthwise convolutions accurate; if ONNX Runtime rejects them for some graph, the model is
     quantized per-tensor instead. Returns the weight granularity used ("per-channel"/"per-tensor").
+    ``activation_ranges``: ONNX tensor name -> (rmin, rmax) replacing calibration for those tensors
+    (the ranges quantization-aware fine-tuning learned: :func:`fedseg.qat.conv_input_ranges`).
     """
     images = calibration_images.detach().cpu().numpy() if isinstance(calibration_images, torch.Tensor) \
         else np.asarray(calibration_images)
@@ -137,18 +141,38 @@ def quantize_int8(fp32_path: str | Path, int8_path: str | Path,
         # Symbolic shape inference is skipped: the batch axis is the only symbol and it costs seconds.
         prepped = Path(tmp) / "prepped.onnx"
         quant_pre_process(str(fp32_path), str(prepped), skip_symbolic_shape=True)
+        overrides = _range_overrides(prepped, activation_ranges or {})
         granularities = ("per-channel", "per-tensor") if per_channel else ("per-tensor",)
         for granularity in granularities:
             try:
                 with _quiet_root_logger():  # ORT logs one INFO line per copied bias to the root logger
                     quantize_static(str(prepped), str(int8_path), _FrameReader(images),
                                     quant_format=QuantFormat.QDQ, per_channel=granularity == "per-channel",
-                                    activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
+                                    activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                                    extra_options={"TensorQuantOverrides": overrides} if overrides else None)
                 return granularity
             except Exception:
                 if granularity == granularities[-1]:
                     raise
     raise AssertionError("unreachable")
+
+
+def _range_overrides(model_path: Path, ranges: Mapping[str, tuple[float, float]]) -> dict[str, list[dict]]:
+    """ONNX Runtime's ``TensorQuantOverrides`` for the named ranges the graph still has.
+
+    Graph cleanup may rename a tensor (an op fused into its producer); such a tensor keeps its
+    calibrated range, and a warning says how many did.
+    """
+    if not ranges:
+        return {}
+    graph = onnx.load(str(model_path)).graph
+    names = {name for node in graph.node for name in node.input}
+    kept = {name: r for name, r in ranges.items() if name in names}
+    if len(kept) < len(ranges):
+        logging.getLogger("fedseg").warning(
+            f"INT8: {len(ranges) - len(kept)} of {len(ranges)} learned activation ranges name tensors the "
+            "cleaned graph no longer has; those keep their calibrated ranges")
+    return {name: [{"rmin": np.float32(low), "rmax": np.float32(high)}] for name, (low, high) in kept.items()}
 
 
 def _miou(preds: list[np.ndarray], masks: np.ndarray, num_classes: int) -> float:
