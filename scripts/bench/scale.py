@@ -33,7 +33,7 @@ as on a first run. Measured, with ratios against the 10-vehicle run of the same 
   measure the 8 GB goal is judged by (summed RSS counts torch's shared libraries once for each of
   the run's Python processes). ``pss_mb_at_peak`` splits that peak by process.
 
-    python scripts/bench/scale.py --resnet34 --json                    # 10 to 100,000 + ResNet-34 (~25 min)
+    python scripts/bench/scale.py --resnet34 --json                    # 10 to 100,000 + ResNet-34 (~8 min alone)
     python scripts/bench/scale.py --fleets 10,1000 --json              # two fleet sizes
     python scripts/bench/scale.py --fleets 10,100 federation.rounds=6   # more rounds for the median
 """
