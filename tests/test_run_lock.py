@@ -138,6 +138,24 @@ def test_a_command_killed_mid_sweep_leaves_its_watchdog_the_ray_nodes_it_named()
         agent.wait()
 
 
+def test_a_tagged_raylet_names_its_node_on_its_command_line_and_its_untagged_agents_stop_with_it() -> None:
+    from fedseg.deploy.processes import stop_tagged
+
+    tag, node = uuid.uuid4().hex, uuid.uuid4().hex
+    sleep = [sys.executable, "-c", "import time; time.sleep(60)"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_NODE_ID"}
+    raylet = subprocess.Popen([*sleep, f"--node_id={node}"], env={**env, TAG: tag})  # no RAY_NODE_ID, as Ray's
+    agent = subprocess.Popen(sleep, env={**env, "RAY_NODE_ID": node})  # its tag unreadable
+    try:
+        assert stop_tagged(tag, grace=2) == {node}
+        assert raylet.wait(5) is not None and agent.wait(5) is not None
+    finally:
+        for proc in (raylet, agent):
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+
+
 def test_a_watchdog_stood_down_removes_nothing_stops_a_late_straggler_and_exits(tmp_path: Path) -> None:
     tag = uuid.uuid4().hex
     with Watchdog(tag, tmp_path) as watchdog:

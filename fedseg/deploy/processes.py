@@ -73,13 +73,29 @@ def _environ(pid: int) -> dict[bytes, bytes] | None:
     return dict(entry.split(b"=", 1) for entry in raw.split(b"\0") if b"=" in entry)
 
 
+def _node_argument(pid: int) -> str:
+    """The Ray node id on ``pid``'s command line (the raylet's ``--node_id=``, an agent's ``--node-id=``), or ""."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return ""
+    for arg in argv:
+        for flag in (b"--node_id=", b"--node-id="):
+            if arg.startswith(flag):
+                return arg[len(flag):].decode(errors="replace")
+    return ""
+
+
 def tagged_pids(tag: str, variable: str = TAG, ray_nodes: set[str] | None = None) -> list[int]:
     """Processes whose environment carries ``variable=tag`` (this process excluded), and those of the Ray
     nodes in ``ray_nodes`` (``RAY_NODE_ID``); the node of every tagged Ray process found is added to it.
 
     Why Ray nodes too: a process that sets its title (Ray's ``ray::DashboardAgent``, ``ray::RuntimeEnvAgent``)
     may overwrite the start of its environment as ``/proc`` shows it. Such agents, restarted by their raylet
-    during a run's teardown, were seen without the tag but with their node's id, and outlived the run."""
+    during a run's teardown, were seen without the tag but with their node's id, and outlived the run. A
+    tagged process names its node in ``RAY_NODE_ID`` (agents) or on its command line (the raylet's
+    ``--node_id=``): with only the agents carrying the variable, untagged agents had no tagged process to
+    name their node, and a SIGKILLed 200-vehicle run left both of them behind."""
     needle = tag.encode()
     pids = []
     for entry in Path("/proc").iterdir():
@@ -91,6 +107,7 @@ def tagged_pids(tag: str, variable: str = TAG, ray_nodes: set[str] | None = None
         node = env.get(RAY_NODE.encode(), b"").decode()
         if env.get(variable.encode()) == needle:
             pids.append(int(entry.name))
+            node = node or _node_argument(int(entry.name))
             if node and ray_nodes is not None:
                 ray_nodes.add(node)
         elif node and ray_nodes and node in ray_nodes:
