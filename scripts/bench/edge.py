@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import OmegaConf
 
 from fedseg.checkpoints import load_checkpoint
 from fedseg.export import deployable
@@ -74,11 +75,9 @@ def stage(name: str, exe: str, overrides: list[str], run_dir: Path, record: dict
 
 def searched(search_dir: Path) -> tuple[str, list[int]]:
     """The chosen student's backbone and the profile's input size at its chosen resolution."""
-    model = (search_dir / "selected" / "model" / "searched.yaml").read_text()
-    backbone = next(line.split(":", 1)[1].strip() for line in model.splitlines() if line.startswith("name:"))
-    hardware = (search_dir / "selected" / "hardware" / "searched.yaml").read_text()
-    size = next(line.split(":", 1)[1] for line in hardware.splitlines() if line.startswith("image_size:"))
-    return backbone, [int(v) for v in json.loads(size)]
+    model = OmegaConf.load(search_dir / "selected" / "model" / "searched.yaml")
+    hardware = OmegaConf.load(search_dir / "selected" / "hardware" / "searched.yaml")
+    return str(model.name), [int(v) for v in hardware.image_size]
 
 
 def teacher_p95(checkpoint: Path, size: list[int], threads: int, repeats: int) -> float:
