@@ -199,3 +199,22 @@ def test_a_ray_process_whose_tag_is_unreadable_is_stopped_with_its_node() -> Non
             if proc.poll() is None:
                 proc.kill()
             proc.wait()
+
+
+def test_a_sigterm_between_flwr_run_lines_stops_the_stream_without_waiting_for_the_run() -> None:
+    """`kill PID` of fedseg-sim lands while `flwr run --stream` is silent (a long round): the stream
+    stops at once, so the command's teardown runs, instead of Popen waiting for the run to end."""
+    from fedseg.deploy.processes import terminate_as_exit
+    from fedseg.sim.engine import _stream
+
+    # Prepare: a stand-in for `flwr run --stream`: one line, then 60 s of silence (a round in flight).
+    silent = [sys.executable, "-c", "import time; print('round 1', flush=True); time.sleep(60)"]
+    timer = subprocess.Popen([sys.executable, "-c", f"import os, time; time.sleep(1.5); os.kill({os.getpid()}, 15)"])
+    started = time.monotonic()
+    # Execute
+    with pytest.raises(SystemExit) as stopped, terminate_as_exit():
+        _stream(silent, dict(os.environ), verbose=False)
+    # Assert: the signal's exit status, seconds after the signal rather than at the stand-in's end.
+    timer.wait(timeout=10)
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert time.monotonic() - started < 20

@@ -56,11 +56,15 @@ def _stream(cmd: list[str], env: dict[str, str], verbose: bool) -> tuple[int, li
     lines: list[str] = []
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as proc:
         assert proc.stdout is not None
-        for raw in proc.stdout:
-            line = raw.rstrip()
-            lines.append(line)
-            if line and (verbose or not _FLOWER_LINE.search(line)):
-                log.info(line)
+        try:
+            for raw in proc.stdout:
+                line = raw.rstrip()
+                lines.append(line)
+                if line and (verbose or not _FLOWER_LINE.search(line)):
+                    log.info(line)
+        except BaseException:  # SIGTERM (SystemExit) or Ctrl-C: Popen's exit would wait for `flwr run`, which
+            proc.kill()  # streams until the run ends, so the caller's teardown would wait for the whole run
+            raise
     return proc.returncode, lines
 
 
