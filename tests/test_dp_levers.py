@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from opacus.accountants import RDPAccountant
@@ -165,3 +166,22 @@ def test_a_model_built_for_received_weights_equals_one_initialised_then_loaded(d
                                                   strict=True))
     x = torch.randn(2, 3, 32, 32)
     assert torch.equal(model.eval()(x), reference.eval()(x))
+
+
+def test_models_for_two_vehicles_share_no_storage_or_modules() -> None:
+    """A process builds the UNet once and copies it per vehicle: one vehicle's training never reaches
+    another's model or the arrays the first one sent."""
+    from fedseg.models import get_weights, model_with_weights
+
+    spec = ModelSpec(name="tiny")
+    arrays = get_weights(build_run_model(spec, CLASSES, seed=5))
+    first = model_with_weights(spec, CLASSES, arrays)
+    sent = get_weights(first)
+    second = model_with_weights(spec, CLASSES, arrays)
+    assert not set(map(id, first.modules())) & set(map(id, second.modules()))
+    with torch.no_grad():
+        for p in second.parameters():
+            p.add_(1.0)
+        second.requires_grad_(False)
+    assert all(np.array_equal(a, b) for a, b in zip(sent, arrays, strict=True))
+    assert all(p.requires_grad for p in first.parameters())
