@@ -19,7 +19,7 @@ wall time per run and the load average around the invocation. ``--ablation`` add
 one lever changed each. Extra Hydra overrides go to every federated run.
 
     python scripts/bench/vehicle_dp.py --json                  # ~50 min on 2 idle cores
-    python scripts/bench/vehicle_dp.py --ablation --json       # + 4 epsilon-8 rows (~50 min more; one at 1/4 the fleet)
+    python scripts/bench/vehicle_dp.py --ablation --json       # + 5 epsilon-8 rows (~75 min more; one at 1/4 the fleet)
     python scripts/bench/vehicle_dp.py --ablation --reuse --json   # the ablation after a finished --json run
     python scripts/bench/vehicle_dp.py --smoke --json          # plumbing check: tiny model and fleet, ~6 min
     python scripts/bench/vehicle_dp.py --rounds 10 --vehicles 1000 --per-round 100
@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -46,6 +47,9 @@ from fedseg.server.central_dp import calibrate_noise_multiplier
 PRIVATE = ["privacy=central", "privacy.trainable=norm", "privacy.clipping=adaptive", "privacy.clipping_norm=0.5",
            "privacy.audit=true"]
 ABLATION = {  # epsilon 8, one lever changed; (overrides, (vehicles, per round) or None: the bench's fleet)
+    # The same clipping and trained part without the noise (epsilon unbounded): what the noise costs, apart
+    # from what training the normalization affines and head alone costs against no DP.
+    "eps8 without noise": (["privacy.noise_multiplier=0"], None),
     "eps8 trainable=all": (["privacy.trainable=all"], None),
     "eps8 fixed clipping": (["privacy.clipping=fixed"], None),
     "eps8 fedavg": (["strategy.server_momentum=0.0", "strategy.server_learning_rate=1.0"], None),  # no momentum
@@ -157,12 +161,17 @@ def main() -> None:
     for name in chosen:
         levers, shrink = ABLATION[name]
         n, m = (vehicles // shrink, per_round // shrink) if shrink else (vehicles, per_round)
-        extra, noise[name] = private(8.0, n, m, rounds)
+        overrides = merged(fleet, fleet_overrides(n, m, rounds), private(8.0, n, m, rounds)[0], levers)
+        noise[name] = float(dict(o.split("=", 1) for o in overrides)["privacy.noise_multiplier"])
         run_dir = args.out / "".join(c if c.isalnum() else "_" for c in name)
-        rows[name] = run("fedseg-sim", name, merged(fleet, fleet_overrides(n, m, rounds), extra, levers), run_dir,
-                         args.reuse)
+        rows[name] = run("fedseg-sim", name, overrides, run_dir, args.reuse)
     report(rows, noise, pretrain, vehicles=vehicles, per_round=per_round, rounds=rounds, fleet=fleet,
            wall_s=time.perf_counter() - t0, load=(load_start, os.getloadavg()), as_json=args.json)
+
+
+def finite(value: float | None) -> float | None:
+    """An epsilon for the JSON line: an unbounded one (no noise) is null, as JSON has no infinity."""
+    return value if value is None or math.isfinite(value) else None
 
 
 def report(rows: dict[str, dict], noise: dict[str, float], pretrain: dict, *, vehicles: int, per_round: int,
@@ -193,7 +202,7 @@ def report(rows: dict[str, dict], noise: dict[str, float], pretrain: dict, *, ve
               f"{r['wall_s']:.0f} |")
     if not as_json:
         return
-    ablation = {n: {"miou": r["miou"], "ratio": ratio(r), "gain_kept": gain_kept(r), "epsilon": r.get("epsilon"),
+    ablation = {n: {"miou": r["miou"], "ratio": ratio(r), "gain_kept": gain_kept(r), "epsilon": finite(r.get("epsilon")),
                     "audit_epsilon": r.get("audit_epsilon")}
                 for n, r in rows.items() if n in ABLATION}
     print(json.dumps({
@@ -201,7 +210,7 @@ def report(rows: dict[str, dict], noise: dict[str, float], pretrain: dict, *, ve
         "ratio": {"eps8": ratio(rows["eps8"]), "eps3": ratio(rows["eps3"])},
         "gain_kept": {"eps8": gain_kept(rows["eps8"])},
         "vehicles": vehicles, "vehicles_per_round": per_round, "rounds": rounds,
-        "epsilon": {n: r.get("epsilon") for n, r in rows.items()}, "delta": {n: r.get("delta") for n, r in rows.items()},
+        "epsilon": {n: finite(r.get("epsilon")) for n, r in rows.items()}, "delta": {n: r.get("delta") for n, r in rows.items()},
         "audit_epsilon": {n: r.get("audit_epsilon") for n, r in rows.items()},
         "noise_multiplier": noise, "ablation": ablation, "fleet": fleet,
         "pretraining": {"miou_own_heldout": pretrain.get("miou"), "cached": pretrain["cached"]},
