@@ -68,10 +68,11 @@ def run(command: str, name: str, overrides: list[str], run_dir: Path, reuse: boo
     """One ``fedseg-sim``/``fedseg-train`` run: its summary's final row, its round-0 mIoU and wall time
     (``reuse``: a run this bench finished in ``run_dir`` before with the same overrides, not run again)."""
     record = run_dir / "bench.json"
-    reused = reuse and record.exists() and json.loads(record.read_text())["overrides"] == overrides
+    kept = json.loads(record.read_text()) if reuse and record.exists() else None
+    reused = kept is not None and kept["overrides"] == overrides
     if reused:
         print(f"{name}: reusing {run_dir}", flush=True)
-        wall, load = (json.loads(record.read_text())[k] for k in ("wall_s", "load"))
+        wall, load = kept["wall_s"], kept["load"]
     else:
         exe = Path(sys.executable).with_name(command)
         load = os.getloadavg()[0]
