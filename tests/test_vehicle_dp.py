@@ -173,6 +173,52 @@ def test_adaptive_clipping_raises_the_norm_when_too_many_updates_are_clipped() -
     assert layer(fleet.parts.strategy, AdaptiveClipping).clipping_norm == pytest.approx(math.exp(0.1))
 
 
+def test_adaptive_clipping_noises_each_round_at_the_norm_its_vehicles_clipped_to() -> None:
+    # Prepare: 4 vehicles change one of 20,000 coordinates by 0.001 (Flower's adaptive clipping divides by
+    # the update's norm: an update of exactly zero fails), so the others move by the noise alone, of std
+    # z_update * C / 4 with C the norm the vehicles were sent. None is clipped against a target clipped
+    # fraction of 0.5 at clip_norm_lr 1.0, so the norm falls by about exp(-0.5) each round; the count noise
+    # sigma_b = 2.0 gives z_update = (1 - 1/16)^(-1/2).
+    privacy = {"name": "central", "clipping": "adaptive", "noise_multiplier": 1.0, "clipping_norm": 1.0,
+               "target_clipped_quantile": 0.5, "clip_norm_lr": 1.0, "clipped_count_stddev": 2.0}
+    tiny = [[np.eye(1, 20_000, dtype=np.float32)[0] * 1e-3] for _ in range(4)]
+    np.random.seed(0)  # Flower's noise and count noise draw from numpy's global generator
+
+    # Execute
+    fleet = Fleet(tiny, [1, 1, 1, 1], {"name": "none"}, privacy=privacy, rounds=2,
+                  federation={"min_fit_clients": 4}).run()
+
+    # Assert: each round's noise is at the norm that round's rows report, the one its vehicles clipped to
+    # (Flower 1.42 alone noises at the next round's norm, lower here: under-noised).
+    norms = [row["clipping_norm"] for row in fleet.rows[1:]]
+    z_update = (1.0 - 1 / 16) ** -0.5
+    assert norms[0] == 1.0 and norms[1] < 0.8  # the norm moved between the two rounds
+    for round_, norm in enumerate(norms, start=1):
+        noise = fleet.globals[round_][0][1:] - fleet.globals[round_ - 1][0][1:]
+        assert float(noise.std()) == pytest.approx(z_update * norm / 4, rel=0.03)
+
+
+def test_a_resumed_run_continues_from_the_adaptive_norm_it_reached() -> None:
+    # Prepare: as above (norms rise by exp(0.1) a round, no noise); the uninterrupted 3 rounds, and the
+    # first round alone with what its checkpoint would hold.
+    privacy = {"name": "central", "clipping": "adaptive", "noise_multiplier": 0.0, "clipping_norm": 1.0,
+               "target_clipped_quantile": 0.5, "clip_norm_lr": 0.2}
+    full = Fleet(toy_updates(), [1, 2, 3], {"name": "none"}, privacy=privacy, rounds=3,
+                 federation={"min_fit_clients": 3}).run()
+    first = Fleet(toy_updates(), [1, 2, 3], {"name": "none"}, privacy=privacy, rounds=1,
+                  federation={"min_fit_clients": 3}).run()
+
+    # Execute
+    resumed = Fleet(toy_updates(), [1, 2, 3], {"name": "none"}, privacy=privacy, rounds=3,
+                    federation={"min_fit_clients": 3}).run(start_round=1, initial=first.globals[-1],
+                                                           state=first.resume)
+
+    # Assert: rounds 2 and 3 clip to the norms of the uninterrupted run, not the initial 1.0 again.
+    assert [r["clipping_norm"] for r in full.rows[1:]] == pytest.approx([1.0, math.exp(0.1), math.exp(0.2)])
+    assert [r["clipping_norm"] for r in resumed.rows] == pytest.approx([math.exp(0.1), math.exp(0.2)])
+    np.testing.assert_allclose(resumed.globals[-1][0], full.globals[-1][0], rtol=1e-6)
+
+
 # --- a server optimizer on the noised mean
 
 

@@ -103,7 +103,7 @@ class Fleet:
                                     partition_sizes=list(self.examples), start_round=start_round,
                                     trained=self.trained)
         if state is not None:
-            restore(state, self.parts.base, self.parts.recorder)
+            restore(state, self.parts.base, self.parts.recorder, self.parts.recorder.adaptive_clipping())
         server = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
         self.parts.run(self.grid, server, self.rounds - start_round, pooled_fleet=self.n if self.pool else None,
                        seed=seed, client_manager=FleetClientManager(minimum=1, timeout=30))

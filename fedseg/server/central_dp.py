@@ -32,7 +32,9 @@ Flower 1.42's vehicles report whether their update *was clipped*, and its norm u
 ``C *= exp(-clip_norm_lr (clipped fraction - target))`` then shrinks C when too many are clipped
 (Andrew et al. count the updates within C); :class:`AdaptiveClipping` hands Flower's update the
 within-norm bits and ``1 - target_clipped_quantile``, which is Andrew et al.'s rule for the target
-clipped fraction. Which bit is counted changes neither sensitivity nor the accounting.
+clipped fraction. Which bit is counted changes neither sensitivity nor the accounting. Flower 1.42 also
+moves the norm before it adds the noise; :class:`AdaptiveClipping` noises at the round's norm, which the
+accounting assumes.
 """
 
 from __future__ import annotations
@@ -87,16 +89,37 @@ class EqualWeights(StrategyWrapper):
 
 class AdaptiveClipping(DifferentialPrivacyClientSideAdaptiveClipping):
     """Flower's client-side adaptive-clipping wrapper with its norm moving the right way (module docstring):
-    too many updates clipped raises the norm, too few lowers it, towards ``target_clipped_quantile``."""
+    too many updates clipped raises the norm, too few lowers it, towards ``target_clipped_quantile``.
+
+    The noise is calibrated to the norm the vehicles clipped to this round. Flower 1.42 moves the norm
+    first and noises the mean at the *next* round's norm, so a round whose norm falls is under-noised by
+    up to ``exp(-clip_norm_lr)`` against what the accountant assumes; Andrew et al. (Algorithm 1) noise
+    at the round's norm, then move it. ``round_clipping_norm`` is the norm of the last aggregated round
+    (``metrics.jsonl``'s ``clipping_norm``)."""
 
     def __init__(self, inner: Strategy, *, target_clipped_quantile: float, **flower: Any) -> None:
         super().__init__(inner, target_clipped_quantile=1 - target_clipped_quantile, **flower)
+        self.round_clipping_norm: float | None = None
+        self._next_norm: float | None = None
+
+    def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]],
+                      failures: list[Any]) -> tuple[Parameters | None, dict[str, Scalar]]:
+        self._next_norm = None
+        clipped_to = self.clipping_norm  # what configure_fit sent this round's vehicles
+        aggregated = super().aggregate_fit(server_round, results, failures)  # noise at clipped_to
+        self.round_clipping_norm = clipped_to
+        if self._next_norm is not None:  # Flower moved it (a round with failures does not)
+            self.clipping_norm = self._next_norm
+        return aggregated
 
     def _update_clip_norm(self, results: list[tuple[ClientProxy, FitRes]]) -> None:
         within = [(proxy, FitRes(res.status, res.parameters, res.num_examples,
                                  {**res.metrics, KEY_NORM_BIT: not res.metrics[KEY_NORM_BIT]}))
                   if KEY_NORM_BIT in res.metrics else (proxy, res) for proxy, res in results]
+        clipped_to = self.clipping_norm
         super()._update_clip_norm(within)  # Flower names a vehicle that sent no bit
+        # Held back until the noise is on (aggregate_fit): Flower noises right after this call.
+        self._next_norm, self.clipping_norm = self.clipping_norm, clipped_to
 
 
 def sampled_vehicles(spec: CentralDPSpec, fed: FederationSpec) -> int:

@@ -24,10 +24,11 @@ from flwr.server.strategy import Strategy
 from fedseg.errors import RunFailed
 from fedseg.runlog import metrics_row
 from fedseg.server.arrays import parameters_bytes
+from fedseg.server.central_dp import AdaptiveClipping
 from fedseg.server.notes import RoundNotes
 from fedseg.server.replies import ReplyRules, partition_label, privacy_key, vehicle_of
 from fedseg.server.resume import resume_state
-from fedseg.server.wrapper import StrategyWrapper, inner_of
+from fedseg.server.wrapper import StrategyWrapper, layers
 
 log = logging.getLogger("fedseg")
 # on_round(row, resume): the round's row, and what a checkpoint of it needs to continue the run.
@@ -97,10 +98,11 @@ class RoundRecorder(StrategyWrapper):
 
     def base(self) -> Strategy:
         """The Flower strategy at the bottom of the chain (its state is what a run resumes with)."""
-        strategy: Strategy = self
-        while (inner := inner_of(strategy)) is not None:
-            strategy = inner
-        return strategy
+        return list(layers(self))[-1]
+
+    def adaptive_clipping(self) -> AdaptiveClipping | None:
+        """Central DP's adaptive-clipping layer inside this one, if the run has it (its norm resumes)."""
+        return next((layer for layer in layers(self) if isinstance(layer, AdaptiveClipping)), None)
 
     def configure_fit(self, server_round: int, parameters: Parameters, client_manager: ClientManager
                       ) -> list[tuple[ClientProxy, FitIns]]:
@@ -159,6 +161,9 @@ class RoundRecorder(StrategyWrapper):
             # instead of "training" on.
             raise RunFailed(f"round {server_round}: every vehicle's update was rejected ({len(rejected)}); "
                             f"first: node {rejected[0]['vehicle']}: {rejected[0]['reason']}")
+        clipping = self.adaptive_clipping()
+        if clipping is not None and clipping.round_clipping_norm is not None:  # the norm this round clipped to
+            self._pending["clipping_norm"] = clipping.round_clipping_norm
         if "t0" in self._pending:  # configure_fit opened this round
             self._pending["round_s"] = time.perf_counter() - self._pending["t0"]
         return aggregated
@@ -180,7 +185,7 @@ class RoundRecorder(StrategyWrapper):
             clients=pending.pop("clients", 0),
             **pending,
         )
-        self.on_round({**row, **self.notes.pop(server_round)}, resume_state(self.base(), self))
+        self.on_round({**row, **self.notes.pop(server_round)}, resume_state(self.base(), self, self.adaptive_clipping()))
         return evaluated
 
     def _note_spend(self, key: str, epsilon: float, delta: float) -> None:

@@ -3,9 +3,9 @@
 Each round's checkpoint (``checkpoints/global.pt``, written by the reporter) carries, besides the
 global weights and the round, :func:`resume_state`, which the round recorder hands the reporter with
 the round's row: the server strategy's own state (FedAdam/FedYogi/FedAdagrad moments and weights),
-the RNG states that decide which vehicles are sampled and the vehicles' reported privacy spend; the
-reporter adds the tracker's run id. The vehicles' accountants live on their
-side (``<run dir>/privacy/`` or the edge box's disk, and ``context.state``), so epsilon after a
+the RNG states that decide which vehicles are sampled, adaptive clipping's norm (central DP) and the
+vehicles' reported privacy spend; the reporter adds the tracker's run id. The vehicles' accountants
+live on their side (``<run dir>/privacy/`` or the edge box's disk, and ``context.state``), so epsilon after a
 resume is never lower than before the kill.
 
 Flower's workflow counts rounds from 1 again in a resumed process; :class:`RoundOffset`, the
@@ -24,6 +24,7 @@ from flwr.server.client_manager import ClientManager
 from flwr.server.strategy import FedAvgM, FedOpt, Strategy
 
 from fedseg.checkpoints import read_checkpoint
+from fedseg.server.central_dp import AdaptiveClipping
 from fedseg.server.fleet import SAMPLING
 from fedseg.server.wrapper import StrategyWrapper
 
@@ -75,15 +76,17 @@ def _arrays(tensors: list[torch.Tensor] | None) -> list[np.ndarray] | None:
     return None if tensors is None else [t.numpy() for t in tensors]
 
 
-def resume_state(base: Strategy, spend: VehicleSpend) -> dict[str, Any]:
+def resume_state(base: Strategy, spend: VehicleSpend, clipping: AdaptiveClipping | None = None) -> dict[str, Any]:
     """What continuing needs besides the weights and the tracker's run id (tensors and plain data only:
-    loads weights-only)."""
+    loads weights-only). ``clipping``: central DP's adaptive clipping, whose norm the next round sends."""
     state: dict[str, Any] = {
         "python_rng": SAMPLING.getstate(),  # the fleet manager's sampling of vehicles (fedseg/server/fleet.py)
         "torch_rng": torch.get_rng_state(),
         "client_epsilon": dict(spend.client_epsilon),
         "client_delta": dict(spend.client_delta),
     }
+    if clipping is not None:
+        state["clipping_norm"] = float(clipping.clipping_norm)
     if isinstance(base, FedOpt):  # server optimizer: weights it steps from and its moments
         state["strategy"] = {"current_weights": _tensors(base.current_weights), "m_t": _tensors(base.m_t),
                              "v_t": _tensors(base.v_t)}
@@ -93,12 +96,15 @@ def resume_state(base: Strategy, spend: VehicleSpend) -> dict[str, Any]:
     return state
 
 
-def restore(state: dict[str, Any], base: Strategy, spend: VehicleSpend) -> None:
+def restore(state: dict[str, Any], base: Strategy, spend: VehicleSpend,
+            clipping: AdaptiveClipping | None = None) -> None:
     """Put :func:`resume_state` back into a freshly composed server."""
     SAMPLING.setstate(_as_rng_state(state["python_rng"]))
     torch.set_rng_state(state["torch_rng"])
     spend.client_epsilon.update(state.get("client_epsilon") or {})
     spend.client_delta.update(state.get("client_delta") or {})
+    if clipping is not None and state.get("clipping_norm") is not None:  # else the initial norm (older checkpoint)
+        clipping.clipping_norm = float(state["clipping_norm"])
     saved = state.get("strategy")
     if isinstance(base, FedOpt) and saved:
         base.current_weights = _arrays(saved["current_weights"]) or base.current_weights

@@ -131,7 +131,7 @@ def serve(grid: Grid, context: Context, held: contextlib.ExitStack) -> None:
                                trained=trained_mask(reporter.model, getattr(settings.privacy, "trainable", "all")))
         if point is not None:
             log.info(f"fedseg: resuming after round {start} of {fed.rounds}")
-            restore(point.state, parts.base, parts.recorder)
+            restore(point.state, parts.base, parts.recorder, parts.recorder.adaptive_clipping())
         parts.run(grid, context, fed.rounds - start,
                   client_manager=FleetClientManager(minimum=fed.min_fit_clients, timeout=deploy.join_timeout),
                   pooled_fleet=fed.num_clients if pool else None, seed=None if point else settings.seed)

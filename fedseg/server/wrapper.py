@@ -7,6 +7,7 @@ chain docs/ARCHITECTURE.md describes is checked against it (``tests/test_compose
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 from flwr.common import FitIns, FitRes, Parameters, Scalar
@@ -19,6 +20,14 @@ def inner_of(strategy: Strategy) -> Strategy | None:
     """The strategy ``strategy`` wraps (fedseg's wrappers and Flower's DP ones), None at the bottom."""
     inner = getattr(strategy, "inner", None) or getattr(strategy, "strategy", None)
     return inner if isinstance(inner, Strategy) else None
+
+
+def layers(strategy: Strategy) -> Iterator[Strategy]:
+    """``strategy`` and every strategy inside it, outermost first."""
+    inner: Strategy | None = strategy
+    while inner is not None:
+        yield inner
+        inner = inner_of(inner)
 
 
 def layer_repr(strategy: Strategy) -> str:
