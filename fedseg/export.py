@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
+import torch.nn.functional as F
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 from onnxruntime.quantization.shape_inference import quant_pre_process
 from torch import nn
@@ -52,6 +53,23 @@ class Parity:
         if self.miou_torch is None or self.miou_int8 is None:
             return None
         return self.miou_torch - self.miou_int8
+
+
+class AtResolution(nn.Module):
+    """``model`` fed its input resized to ``size`` (H, W), its logits resized back to the input's.
+
+    A network that runs below the camera's resolution, as one module: the search scores candidates at
+    other input sizes through it (every candidate's mIoU on the same held-out masks), and
+    ``fedseg-export export.network_size=`` exports it, so the deployed graph takes the camera's frame.
+    """
+
+    def __init__(self, model: nn.Module, size: tuple[int, int]) -> None:
+        super().__init__()
+        self.model, self.size = model, (int(size[0]), int(size[1]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.model(F.interpolate(x, size=self.size, mode="bilinear", align_corners=False))
+        return F.interpolate(logits, size=tuple(x.shape[-2:]), mode="bilinear", align_corners=False)
 
 
 def deployable(model: nn.Module) -> nn.Module:

@@ -126,3 +126,32 @@ def test_export_qat_auto_keeps_static_int8_within_the_threshold(tmp_path: Path) 
     assert report["deployed"] == "int8" and not (tmp_path / "export" / "model_int8_qat.onnx").exists()
     assert report["parity"]["int8_miou_drop_points"] == pytest.approx(100 * report["parity"]["int8_miou_drop"],
                                                                       abs=0.01)
+
+
+def test_export_network_size_runs_the_network_smaller_inside_a_graph_that_takes_the_camera_frame(
+        tmp_path: Path) -> None:
+    # Prepare: the tiny checkpoint trained at 32x32, exported for a 64x64 camera with the network at 32x32.
+    report = _export(tmp_path, "export.image_size=[64,64]", "export.network_size=[32,32]", "export.qat=false")
+    model = build_model("tiny", 13)
+    model.load_state_dict(torch.load(tmp_path / "global.pt", weights_only=True)["model_state"])
+    model.eval()
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+
+    # Execute
+    onnx_out = onnx_session(report["files"]["fp32"], threads=1).run(None, {"image": x.numpy()})[0]
+
+    # Assert: 64x64 in and out, and what comes out is the 32x32 network's logits resized, by hand.
+    with torch.no_grad():
+        small = torch.nn.functional.interpolate(x, size=(32, 32), mode="bilinear", align_corners=False)
+        expected = torch.nn.functional.interpolate(model(small), size=(64, 64), mode="bilinear",
+                                                   align_corners=False)
+    assert report["image_size"] == [64, 64] and report["network_size"] == [32, 32]
+    assert onnx_out.shape == (1, 13, 64, 64)
+    np.testing.assert_allclose(onnx_out, expected.numpy(), atol=1e-4)
+    assert report["qat"]["reason"] == "export.qat=false"
+
+
+def test_export_qat_true_with_a_network_size_is_refused_in_one_line() -> None:
+    with pytest.raises(ValueError, match=r"export.qat=true with export.network_size: .*set export.qat=false"):
+        _qat_decision(ExportSpec(qat=True, network_size=(32, 32)), 0.02)
+    assert _qat_decision(ExportSpec(qat="auto", network_size=(32, 32)), 0.02)[0] is False

@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils.data import ConcatDataset, Subset
 
 from fedseg.data import FleetData
-from fedseg.export import deployable
+from fedseg.export import AtResolution, deployable
 from fedseg.measurement import calibration_images, interleaved_latency, round_robin_indices
 from fedseg.metrics import scores
 from fedseg.models import BACKBONES, build_model
@@ -170,22 +170,6 @@ def train_and_score(model: torch.nn.Module, data: SearchData, spec: SearchSpec, 
     evaluation = evaluate(model, heldout, num_classes=data.num_classes, device=device)
     s = scores(evaluation.confmat, list(data.class_names))
     return float(s["miou"]), float(s["pixel_acc"]), float(result.loss), seconds
-
-
-class AtResolution(nn.Module):
-    """``model`` fed its input resized to ``size`` (H, W), its logits resized back.
-
-    Candidates at another input resolution than the data's train and are scored through this, so
-    every candidate's mIoU is computed on the same full-resolution held-out masks.
-    """
-
-    def __init__(self, model: nn.Module, size: tuple[int, int]) -> None:
-        super().__init__()
-        self.model, self.size = model, size
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self.model(F.interpolate(x, size=self.size, mode="bilinear", align_corners=False))
-        return F.interpolate(logits, size=tuple(x.shape[-2:]), mode="bilinear", align_corners=False)
 
 
 def train_size(arch: Architecture, data: SearchData, deploy_image_size: Sequence[int]) -> tuple[int, int]:

@@ -110,14 +110,16 @@ def _dp_step_peak(model: nn.Module, *, batch_size: int, image_size: Sequence[int
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=batch_size)
     optimizer = torch.optim.Adam(dp_model.parameters(), lr=1e-3)
     kwargs: dict[str, Any] = {"criterion": criterion} if mode == "ghost" else {}
-    with warnings.catch_warnings():  # "Secure RNG turned off": irrelevant to a memory measurement
+    # "Secure RNG turned off", and Opacus' hooks "firing ... since no inputs require grad" (the batch needs
+    # none): irrelevant to a memory measurement, and once per candidate in fedseg-search's log otherwise
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         wrapped = engine_cls().make_private(
             module=dp_model, optimizer=optimizer, data_loader=loader, noise_multiplier=1.0, max_grad_norm=1.0,
             grad_sample_mode=mode, poisson_sampling=False, **kwargs)  # fixed batch: a steady measurement
-    dp_module, dp_optimizer = wrapped[0], wrapped[1]
-    criterion = wrapped[2] if mode == "ghost" else criterion
-    peak = step_memory_mb(dp_module, dp_optimizer, criterion, x, y)
+        dp_module, dp_optimizer = wrapped[0], wrapped[1]
+        criterion = wrapped[2] if mode == "ghost" else criterion
+        peak = step_memory_mb(dp_module, dp_optimizer, criterion, x, y)
     return peak, f"opacus grad_sample_mode={mode}, batch {batch_size} at {tuple(x.shape[-2:])}"
 
 

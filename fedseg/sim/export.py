@@ -31,7 +31,7 @@ from torch.utils.data import ConcatDataset, Dataset
 from fedseg.checkpoints import load_checkpoint
 from fedseg.config import DataSpec, bounded, parse_spec
 from fedseg.data import FleetData, load_data
-from fedseg.export import check_parity, deployable, export_onnx, quantize_int8
+from fedseg.export import AtResolution, check_parity, deployable, export_onnx, quantize_int8
 from fedseg.measurement import (
     MB,
     Latency,
@@ -52,6 +52,7 @@ class ExportSpec:
     """The ``export`` block of ``conf/export.yaml``."""
 
     image_size: tuple[int, int] | None = None
+    network_size: tuple[int, int] | None = None
     opset: int = 17
     int8: bool = True
     calibration_frames: int = 8
@@ -127,6 +128,11 @@ def _qat_decision(spec: ExportSpec, drop: float | None) -> tuple[bool, str]:
     """Whether quantization-aware fine-tuning runs, and why (``export.qat``: auto, true, false)."""
     if spec.qat is False:
         return False, "export.qat=false"
+    if spec.network_size is not None:
+        if spec.qat is True:
+            raise ValueError("export.qat=true with export.network_size: QAT fine-tunes the network at its own "
+                             "input; export it without network_size for QAT, or set export.qat=false")
+        return False, "export.network_size: QAT runs on the network at its own input (export without it)"
     if drop is None:
         return False, "no static INT8 model to improve (export.int8=false)"
     points = 100 * drop
@@ -174,6 +180,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     model, meta = load_checkpoint(raw["checkpoint"])
     size_src = spec.image_size or meta.get("image_size") or raw["data"]["image_size"]
     size = (int(size_src[0]), int(size_src[1]))
+    network = size if spec.network_size is None else (int(spec.network_size[0]), int(spec.network_size[1]))
+    if network != size:  # the camera's frame in, resized to the network's input inside the graph
+        model = AtResolution(model, network)
     threads, out = usable_threads(spec.threads), Path(raw["output_dir"])
     frames = _frames(meta, raw, spec, size)
     fp32 = export_onnx(model, out / "model_fp32.onnx", image_size=size, opset=spec.opset)
@@ -200,7 +209,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     deployed = "int8_qat" if ran else "int8" if int8 else "fp32"
     report = {
         "checkpoint": str(raw["checkpoint"]), "backbone": meta["backbone"], "round": meta.get("round"),
-        "image_size": list(size), "threads": threads, "opset": spec.opset,
+        "image_size": list(size), "network_size": list(network), "threads": threads, "opset": spec.opset,
         "files": {name: str(path) if path else None for name, path in files.items()},
         "size_mb": {"torch": state_dict_mb(deployable(model)),
                     **{name: path.stat().st_size / MB if path else None for name, path in files.items()}},
@@ -227,7 +236,8 @@ def _fmt(value: float | None, pattern: str) -> str:
 def _print_report(r: dict[str, Any]) -> None:
     p, lat, mb = r["parity"], r["latency_ms"], r["size_mb"]
     h, w = r["image_size"]
-    print(f"fedseg-export: {r['backbone']} at {h}x{w}, {r['threads']} threads, {p['frames']} held-out frames")
+    inside = "" if r["network_size"] == r["image_size"] else " (network at {}x{} inside)".format(*r["network_size"])
+    print(f"fedseg-export: {r['backbone']} at {h}x{w}{inside}, {r['threads']} threads, {p['frames']} held-out frames")
     print("| model | file MB | latency ms (median) | × torch | max |logit diff| | mIoU |")
     print("|---|---|---|---|---|---|")
     rows = [("PyTorch fp32", mb["torch"], lat["torch_fp32"], 0.0, p["miou_torch"]),

@@ -10,11 +10,15 @@ Stages, each the real command in its own run directory under ``--out``, one at a
 3. **distil**: ``fedseg-distill`` into the searched student on the public towns (seed 1001), and the same
    student with ``distill.alpha=1`` (labels only: trained alone on the same frames and budget).
 4. **export**: ``fedseg-export`` of the distilled student at its training size (held-out mIoU of INT8, QAT
-   where static INT8 loses more than half a point) and at the profile's input (the files timed below).
+   where static INT8 loses more than half a point) and for the profile's camera input with the network at
+   the input size the search chose (``export.network_size``: the graph resizes the frame to it and the
+   logits back), the files timed below.
 
 Then, in this process with :mod:`fedseg.measurement`, batch-1 p95 latency at the profile's input and
-threads: the teacher's fp32 PyTorch model and the student's fp32 PyTorch, ONNX fp32 and ONNX INT8 (a QAT
-model is the static one's graph with other numbers: same ops, same latency). Prints the table student by
+threads: the teacher's fp32 PyTorch model and the student's fp32 PyTorch (with the same resizes), ONNX
+fp32 and ONNX INT8 (a QAT model is the static one's graph with other numbers: same ops, same latency).
+The teacher is also timed at the student's network input (``teacher_p95_ms_at_network_size``): the
+speedup's share that running smaller gives. Prints the table student by
 student (no distillation, distillation, + INT8, + QAT if it ran), then as its last line one JSON object:
 ``teacher_miou``, ``student_miou`` (the deployed format's), ``speedup`` (teacher fp32 PyTorch p95 / student
 deployed p95), ``miou_drop_points``, wall seconds per stage and the 1-minute load average before each.
@@ -45,13 +49,14 @@ import torch
 from omegaconf import OmegaConf
 
 from fedseg.checkpoints import load_checkpoint
-from fedseg.export import deployable
+from fedseg.export import AtResolution, deployable
 from fedseg.measurement import interleaved_latency, onnx_latency, torch_latency, torch_threads, usable_threads
 from fedseg.search.hardware import HARDWARE_PROFILES
 
 PROFILE = "edge_cpu_2core"
 SEARCH = ["search.backbones=[mobilenetv3_large,mobilenet_v2,mobileone_s0,tinynet_e,mnasnet_100,efficientnet_lite0]",
-          "search.decoder_scales=[0.5,0.25]", "search.encoder_depths=[null,4]", "search.precision=int8"]
+          "search.decoder_scales=[0.5,0.25]", "search.encoder_depths=[null,4]",
+          "search.image_sizes=[[192,256],[144,192],[96,128]]", "search.precision=int8"]
 SMOKE = {
     "teacher": ["experiment=smoke", "data.image_size=[32,32]", "data.frames_per_vehicle=4", "data.heldout_frames=4"],
     "search": ["search.backbones=[tiny]", "search.decoder_scales=[1.0,0.5]", "search.int8=false"],
@@ -87,17 +92,24 @@ def teacher_p95(checkpoint: Path, size: list[int], threads: int, repeats: int) -
         return torch_latency(deployable(model), torch.randn(1, 3, *size), warmup=3, repeats=repeats).p95_ms
 
 
-def final_p95(teacher: Path, student: Path, deployed: dict[str, Any], size: list[int], threads: int,
-              repeats: int) -> dict[str, float]:
-    """p95 at the profile's input and threads: teacher and student fp32 PyTorch timed in alternation (load drift
-    hits both alike), then the student's exported ONNX files."""
+def final_p95(teacher: Path, student: Path, deployed: dict[str, Any], size: list[int], network: list[int],
+              threads: int, repeats: int) -> dict[str, float]:
+    """p95 at the profile's input ``size`` and threads: teacher and student fp32 PyTorch timed in alternation
+    (load drift hits both alike; a student whose network runs at ``network`` resizes inside, as its export
+    does), then the student's exported ONNX files, and the teacher at ``network`` (what the resolution's
+    share of the speedup is)."""
     models = {name: deployable(load_checkpoint(path)[0]) for name, path in (("teacher", teacher), ("student", student))}
+    if list(network) != list(size):
+        models["student"] = AtResolution(models["student"], (network[0], network[1]))
     timed = interleaved_latency(models, size, threads=threads, repeats=repeats)
     out = {"teacher_fp32": timed["teacher"].p95_ms, "torch_fp32": timed["student"].p95_ms}
     for name in ("fp32", "int8"):
         if deployed["files"].get(name):
             out[f"onnx_{name}"] = onnx_latency(deployed["files"][name], size, threads=threads,
                                                repeats=repeats).p95_ms
+    with torch_threads(threads):
+        out["teacher_fp32_at_network"] = torch_latency(models["teacher"], torch.randn(1, 3, *network), warmup=3,
+                                                       repeats=repeats).p95_ms
     return out
 
 
@@ -164,6 +176,7 @@ def run_pipeline(args: argparse.Namespace) -> dict[str, Any]:
     search_args = (["experiment=smoke", *SMOKE["search"], *base[1:]] if smoke else SEARCH) + args.search_args
     search = stage("search", "fedseg-search", [*profile, *search_args, *limit], out / "search", record)
     backbone, deploy_size = searched(search)
+    size = deploy_size if smoke else size  # smoke: its frames are not the camera's; time what the search chose
     student = ["--config-dir", str(search / "selected"), "model=searched", f"student={backbone}",
                f"teacher={checkpoint}", *profile, *base, *budget]
     stage("alone", "fedseg-distill", [*student, "distill.alpha=1.0"], out / "alone", record)
@@ -171,19 +184,21 @@ def run_pipeline(args: argparse.Namespace) -> dict[str, Any]:
     ckpt = distilled / "checkpoints" / "global.pt"
     export_args = [f"checkpoint={ckpt}", *profile, *(SMOKE["export"] if smoke else []), "export.parity_frames=null"]
     stage("export", "fedseg-export", export_args, out / "export", record)
-    sized = ",".join(str(v) for v in deploy_size)
-    stage("export_profile", "fedseg-export", [*export_args, f"export.image_size=[{sized}]", "export.qat=false"],
+    camera, network = ",".join(str(v) for v in size), ",".join(str(v) for v in deploy_size)
+    stage("export_profile", "fedseg-export", [*export_args, f"export.image_size=[{camera}]",
+                                              f"export.network_size=[{network}]", "export.qat=false"],
           out / "export_profile", record)
     summaries = {name: json.loads((out / name / "summary.json").read_text()) for name in ("alone", "distilled")}
     exports = {name: json.loads((out / name / "export.json").read_text()) for name in ("export", "export_profile")}
     load = os.getloadavg()[0]
     t0 = time.perf_counter()
-    p95 = final_p95(checkpoint, ckpt, exports["export_profile"], deploy_size, threads, repeats)
+    p95 = final_p95(checkpoint, ckpt, exports["export_profile"], size, deploy_size, threads, repeats)
     record["wall_s"]["latency"], record["load"]["latency"] = round(time.perf_counter() - t0, 1), round(load, 2)
     rows = student_rows(summaries["alone"], summaries["distilled"], exports["export"], p95)
     teacher = {"miou": summaries["distilled"]["teacher"]["miou"], "p95_ms": p95["teacher_fp32"]}
     return assemble(teacher=teacher, rows=rows, wall_s=record["wall_s"], load=record["load"], smoke=smoke,
-                    profile=PROFILE, threads=threads, image_size=deploy_size, teacher_checkpoint=str(checkpoint),
+                    profile=PROFILE, threads=threads, image_size=size, network_size=deploy_size,
+                    teacher_p95_ms_at_network_size=p95["teacher_fp32_at_network"], teacher_checkpoint=str(checkpoint),
                     teacher_rounds=args.teacher_rounds, student=backbone, qat=exports["export"]["qat"],
                     search_latency_budget_ms=float(limit[0].split("=")[1]) if limit else None,
                     cores=os.cpu_count())
