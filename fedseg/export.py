@@ -112,15 +112,39 @@ def export_onnx(model: nn.Module, path: str | Path, *, image_size: Sequence[int]
     return path
 
 
+class _PerTensorFallbacks(logging.Filter):
+    """Holds back ONNX Runtime's warning for each weight per-channel quantization has no channel axis for
+    (a 1-D layer scale, as InceptionNeXt's: one line per weight and calibration pass); such a weight is
+    quantized per-tensor. :func:`_quiet_root_logger` says how many in one line instead."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weights: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message.startswith("Axis ") and " is out-of-range for weight '" in message:
+            self.weights.add(message.split("'")[1])
+            return False
+        return True
+
+
 @contextlib.contextmanager
 def _quiet_root_logger(level: int = logging.WARNING) -> Iterator[None]:
     root = logging.getLogger()
     previous = root.level
     root.setLevel(max(previous, level))
+    fallbacks = _PerTensorFallbacks()
+    root.addFilter(fallbacks)
     try:
         yield
     finally:
+        root.removeFilter(fallbacks)
         root.setLevel(previous)
+    if fallbacks.weights:
+        logging.getLogger("fedseg").warning(
+            f"INT8: {len(fallbacks.weights)} one-dimensional weight(s) have no channel axis and were quantized "
+            f"per-tensor (e.g. {min(fallbacks.weights)})")
 
 
 class _FrameReader(CalibrationDataReader):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import pickle
 import re
 import warnings
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedseg.export import check_parity, export_onnx, quantize_int8
+from fedseg.export import _quiet_root_logger, check_parity, export_onnx, quantize_int8
 from fedseg.measurement import onnx_latency, onnx_session
 from fedseg.models import build_model
 
@@ -104,3 +105,19 @@ def test_load_checkpoint_rejects_non_checkpoint_files_naming_them(tmp_path: Path
             warnings.simplefilter("ignore", UserWarning)
             with pytest.raises(ValueError, match=re.escape(f"{path} is not a fedseg checkpoint")):
                 load_checkpoint(path)
+
+
+def test_int8_per_tensor_fallbacks_are_one_line_not_one_per_weight(caplog: pytest.LogCaptureFixture) -> None:
+    # ONNX Runtime warns once per 1-D weight and pass (InceptionNeXt's layer scales: dozens of lines);
+    # fedseg says how many weights fell back to per-tensor scales, once, and lets other warnings through.
+    with caplog.at_level(logging.WARNING), _quiet_root_logger():
+        for name in ("stages_0.norm.weight", "stages_1.norm.weight", "stages_0.norm.weight"):
+            logging.warning(f"Axis 1 is out-of-range for weight '{name}' with rank 1")  # noqa: LOG015 (as ORT)
+        logging.warning("something else")  # noqa: LOG015
+
+    messages = [record.getMessage() for record in caplog.records]
+    assert not any(m.startswith("Axis ") for m in messages) and "something else" in messages
+    assert [m for m in messages if m.startswith("INT8:")] == [
+        ("INT8: 2 one-dimensional weight(s) have no channel axis and were quantized per-tensor "
+         "(e.g. stages_0.norm.weight)")]
+    assert not logging.getLogger().filters
