@@ -167,7 +167,8 @@ class ClientPrivacy:
         return (self.spec.max_epsilon is None or after <= self.spec.max_epsilon), after
 
     def attach(self, model: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader, *,
-               seed: int | None, epochs: int = 1) -> tuple[nn.Module, torch.optim.Optimizer, DataLoader, Any]:
+               seed: int | None, epochs: int = 1, device: str | torch.device | None = None,
+               ) -> tuple[nn.Module, torch.optim.Optimizer, DataLoader, Any]:
         """Wrap for DP-SGD; returns (model, optimizer, Poisson loader, criterion) for ``engine.train``.
 
         ``model`` must come from :func:`make_dp_compatible`; ``loader`` (batches of the physical
@@ -176,6 +177,8 @@ class ClientPrivacy:
         virtual steps: one noised step per logical batch). Only ``spec.trainable`` parameters train.
         ``seed`` and the steps already taken fix the sampling and the noise (ignored with ``secure_rng``);
         ``seed=None`` (a deployed vehicle): both from the OS's entropy, see :func:`_generators`.
+        ``device`` is where the model will train (default: where its parameters are now): Opacus draws
+        the noise there, and a CUDA draw needs a CUDA generator.
         """
         if self._pending is not None:
             raise RuntimeError("ClientPrivacy.attach: the previous round was not committed")
@@ -196,7 +199,8 @@ class ClientPrivacy:
         # already taken: a caller passing the same seed every round must not get the same noise.
         noise = None
         if not self.spec.secure_rng:
-            sampling, noise = _generators(seed, taken=sum(entry[2] for entry in self._history))
+            where = torch.device(device) if device is not None else next(model.parameters()).device
+            sampling, noise = _generators(seed, taken=sum(entry[2] for entry in self._history), device=where)
             loader = DPDataLoader.from_data_loader(loader, generator=sampling)
         wrapped = engine.make_private(
             module=model, optimizer=optimizer, data_loader=loader, criterion=PerSampleSegmentationLoss(),
@@ -277,8 +281,10 @@ class ClientPrivacy:
         os.replace(tmp, target)
 
 
-def _generators(seed: int | None, *, taken: int) -> tuple[torch.Generator, torch.Generator]:
-    """Poisson sampling's and the noise's generators.
+def _generators(seed: int | None, *, taken: int,
+                device: torch.device | None = None) -> tuple[torch.Generator, torch.Generator]:
+    """Poisson sampling's generator (on the CPU, where the loader samples) and the noise's (on ``device``,
+    where the gradients are).
 
     With a ``seed`` (simulation): derived from it and the steps already taken, so runs reproduce and a
     caller passing the same seed every round still gets new noise. ``None`` (a deployed vehicle): each
@@ -289,7 +295,8 @@ def _generators(seed: int | None, *, taken: int) -> tuple[torch.Generator, torch
         seeds = [secrets.randbits(64), secrets.randbits(64)]
     else:
         seeds = [int(s) for s in np.random.SeedSequence([seed, taken]).generate_state(2)]
-    sampling, noise = (torch.Generator().manual_seed(s) for s in seeds)
+    sampling = torch.Generator().manual_seed(seeds[0])
+    noise = torch.Generator(device=device or "cpu").manual_seed(seeds[1])
     return sampling, noise
 
 
@@ -305,7 +312,7 @@ def private_round(privacy: ClientPrivacy, model: nn.Module, loader: DataLoader,
     if not ok:
         return None
     dp_model, dp_optimizer, dp_loader, criterion = privacy.attach(model, optimizer, loader, seed=seed,
-                                                                  epochs=epochs)
+                                                                  epochs=epochs, device=device)
     result = train(dp_model, dp_loader, dp_optimizer, epochs=epochs, criterion=criterion,
                    proximal_mu=proximal_mu, device=device)
     privacy.commit()

@@ -98,25 +98,30 @@ class DeviceSpy:
         self.devices |= {p.device.type for p in model.parameters()}
         return outcome
 
-    def state(self) -> bytes | None:
-        return self.inner.state()
+    def __getattr__(self, name: str) -> Any:  # the rest of the trainer (DP-SGD's accountant, say) as it is
+        return getattr(self.inner, name)
 
 
 @needs_gpu
-def test_a_vehicle_trains_on_the_gpu_and_replies_with_numpy_weights(tmp_path: Path) -> None:
+@pytest.mark.parametrize("privacy", [
+    {"name": "none"},
+    # Opacus draws the noise where the gradients are: the vehicle's seeded noise generator must be there too
+    {"name": "dpsgd", "noise_multiplier": 1.0, "target_epsilon": None},
+], ids=["no-dp", "dp-sgd"])
+def test_a_vehicle_trains_on_the_gpu_and_replies_with_numpy_weights(tmp_path: Path, privacy: dict) -> None:
     # Prepare: the tiny model on a vehicle told device=cuda.
     from fedseg.clients.client_app import VehicleClient
     from fedseg.models import build_run_model, get_weights
 
     cfg = {"data": {"root": str(tmp_path / "data"), "image_size": [32, 32], "frames_per_vehicle": 4,
-                    "heldout_frames": 2}, "model": {"name": "tiny"}, "device": "cuda",
+                    "heldout_frames": 2}, "model": {"name": "tiny"}, "device": "cuda", "privacy": privacy,
            "federation": {"num_clients": 2, "min_fit_clients": 2, "rounds": 1, "batch_size": 2, "client_gpus": 0.5},
            "output_dir": str(tmp_path / "run")}
     settings = settings_of(to_run_config(cfg))
     context = Context(run_id=1, node_id=7, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
     client = VehicleClient(settings, 0, context)
     client.trainer = spy = DeviceSpy(client.trainer)
-    start = get_weights(build_run_model(settings.model, client.num_classes, seed=0))
+    start = get_weights(build_run_model(settings.model, client.num_classes, seed=0, dp=privacy["name"] == "dpsgd"))
     # Execute
     weights, examples, metrics = client.fit(start, {"server_round": 1, "local_epochs": 1})
     # Assert: trained on the GPU, replied in host memory, and the weights moved.

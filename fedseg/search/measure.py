@@ -160,7 +160,7 @@ def train_and_score(model: torch.nn.Module, data: SearchData, spec: SearchSpec, 
     trained = model
     if privacy is not None:
         trained, optimizer, loader, criterion = privacy.attach(model, optimizer, loader, seed=seed,
-                                                               epochs=spec.train_epochs)
+                                                               epochs=spec.train_epochs, device=device)
     start = time.perf_counter()
     result = train(trained, loader, optimizer, epochs=spec.train_epochs, criterion=criterion, device=device)
     seconds = time.perf_counter() - start
