@@ -17,7 +17,7 @@ from fedseg.search.measure import (
     to_candidate,
 )
 from fedseg.search.profile import count_macs
-from fedseg.search.rank import rank_candidates
+from fedseg.search.rank import halving_notes, rank_candidates
 from fedseg.search.select import select_backbone
 from fedseg.search.space import search_space
 
@@ -143,3 +143,30 @@ def test_a_large_candidate_loses_under_a_tight_profile_however_accurate() -> Non
     assert trained == ["tiny dec1"] and ranking.finalists == ("tiny dec1",)
     assert choice.selected.name == "tiny dec1"
     assert choice.rejected["tiny dec4"] == [f"model_mb {results[1].profile.size_mb:.1f} > model_mb 0.6"]
+
+
+def test_a_stability_seed_records_its_order_tau_and_scores_and_search_md_says_them() -> None:
+    # Prepare: three decoder widths of tiny, all within a loose profile; under seed 1 the top two swap
+    frames = _frames(4)
+    data = SearchData(frames, frames, 3, ("a", "b", "c"), (32, 32), torch.stack([frames[i][0] for i in range(2)]))
+    spec = SearchSpec(int8=False, warmup=1, repeats=2, batch_size=2, train_epochs=1)
+    space, _ = search_space(["tiny"], decoder_scales=[0.5, 1.0, 2.0], encoder_depths=[None], image_sizes=[(32, 32)])
+    budget = HardwareBudget("loose", image_size=(32, 32))
+    results = [measure_architecture(a, data, spec, budget, seed=0, threads=1) for a in space]
+    by_seed = {0: {"tiny dec0.5": 0.30, "tiny dec1": 0.20, "tiny dec2": 0.10},
+               1: {"tiny dec0.5": 0.25, "tiny dec1": 0.27, "tiny dec2": 0.05}}
+
+    def score(name: str, epochs: int, seed: int) -> tuple[float, float, float, float]:
+        return by_seed[seed][name], 0.5, 1.0, 0.0
+
+    # Execute
+    ranking = rank_candidates(results, budget, score, precision="fp32", dp=False, seed=0, epochs=1, rungs=1, eta=2,
+                              stability_seeds=[1])
+    notes = halving_notes(ranking, frames=4, seed=0)
+    # Assert: one of three pairs disagrees (tau 1/3), the seed's own scores are kept and stated
+    again = ranking.stability[1]
+    assert ranking.finalists == ("tiny dec0.5", "tiny dec1", "tiny dec2")
+    assert again.order == ("tiny dec1", "tiny dec0.5", "tiny dec2") and again.kendall_tau == pytest.approx(1 / 3)
+    assert again.scores == by_seed[1]
+    assert notes[-1] == ("Stability: the last rung retrained with seed 1 (run seed 0) gives order (tiny dec1 0.270, "
+                         "tiny dec0.5 0.250, tiny dec2 0.050); Kendall tau 0.33.")

@@ -22,6 +22,15 @@ Scorer = Callable[[str, int, int], tuple[float, float, float, float]]
 
 
 @dataclass(frozen=True)
+class Stability:
+    """The last rung retrained under another seed: its order, Kendall tau against the run's, and scores."""
+
+    order: tuple[str, ...]
+    kendall_tau: float | None
+    scores: dict[str, float]  # held-out mIoU under that seed
+
+
+@dataclass(frozen=True)
 class Ranking:
     """What the halving trained and found."""
 
@@ -30,7 +39,7 @@ class Ranking:
     finalists: tuple[str, ...]  # the last rung's entrants, best first: the only ones selectable
     planned_epochs: int  # candidate-epochs the halving was allowed (stated in search.md)
     train_s: float  # seconds spent training, stability runs included
-    stability: dict[int, tuple[tuple[str, ...], float | None]]  # seed -> (last rung's order, Kendall tau)
+    stability: dict[int, Stability]  # seed -> the last rung under that seed
 
 
 def rank_candidates(results: Sequence[BackboneResult], budget: HardwareBudget, score: Scorer, *,
@@ -67,7 +76,7 @@ def rank_candidates(results: Sequence[BackboneResult], budget: HardwareBudget, s
     for other in stability_seeds:
         scores = {name: train(name, history[-1].epochs, other) for name in finalists}
         order = tuple(sorted(finalists, key=lambda n: (-round(scores[n], MIOU_DECIMALS), names.index(n))))
-        stability[other] = (order, kendall_tau(finalists, order))
+        stability[other] = Stability(order, kendall_tau(finalists, order), scores)
     return Ranking(trained, history, finalists, planned_epochs(len(names), epochs=epochs, rungs=rungs, eta=eta),
                    spent[0], stability)
 
@@ -82,8 +91,10 @@ def halving_notes(ranking: Ranking, *, frames: int, seed: int) -> list[str]:
              f"{used} ({ranking.train_s:.0f} s of training). Only the last rung's entrants "
              f"({', '.join(ranking.finalists) or 'none'}) can be selected; the `epochs` column says "
              "which rung a candidate's mIoU comes from."]
-    for other, (order, tau) in ranking.stability.items():
-        agreed = "the same order" if order == ranking.finalists else f"order {', '.join(order)}"
-        lines.append(f"Stability: the last rung retrained with seed {other} (run seed {seed}) gives {agreed}; "
-                     f"Kendall tau {'n/a (one entrant)' if tau is None else f'{tau:.2f}'}.")
+    for other, again in ranking.stability.items():
+        agreed = "the same order" if again.order == ranking.finalists else "order"
+        scored = ", ".join(f"{name} {again.scores[name]:.3f}" for name in again.order)
+        tau = again.kendall_tau
+        lines.append(f"Stability: the last rung retrained with seed {other} (run seed {seed}) gives {agreed} "
+                     f"({scored}); Kendall tau {'n/a (one entrant)' if tau is None else f'{tau:.2f}'}.")
     return lines

@@ -172,8 +172,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
               "dp": dp, "selected": choice.selected.name if choice else None, "rows": rows,
               "halving": {"rungs": [dataclasses.asdict(r) for r in ranking.rungs],
                           "planned_epochs": ranking.planned_epochs, "train_s": ranking.train_s,
-                          "stability": {str(k): {"order": list(o), "kendall_tau": t}
-                                        for k, (o, t) in ranking.stability.items()}}}
+                          "stability": {str(k): dataclasses.asdict(v) for k, v in ranking.stability.items()}}}
     (out / "search.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     print((out / "search.md").read_text())
     if failure is not None:
