@@ -108,6 +108,34 @@ def plot_time_to_accuracy(curves: Sequence[Progress], path: Path, *, title: str 
     return _save(fig, path)
 
 
+def plot_vehicle_front(reference: tuple[str, float, float], points: Sequence[tuple[str, float, float]], path: Path,
+                       *, budget_ms: float | None = None, title: str = "") -> Path:
+    """``front.png`` of the vehicle-model pipeline: held-out mIoU against p95 latency (log scale) of the
+    ``reference`` (the fleet's model: label, ms, mIoU) and each of ``points`` (the students, in the order
+    their levers were applied, joined by a line), each labelled with its speedup over the reference;
+    ``budget_ms``: the latency the search was held to."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    name, ref_ms, ref_miou = reference
+    ax.plot([ref_ms], [ref_miou], "*", color="tab:red", markersize=14, label=f"{name} (1.0x)")
+    if points:
+        ax.plot([p[1] for p in points], [p[2] for p in points], "o-", color="tab:blue", alpha=0.6)
+    for label, ms, miou in points:
+        ax.annotate(f"{label} ({ref_ms / ms:.1f}x)", (ms, miou), textcoords="offset points", xytext=(6, 4),
+                    fontsize=8)
+    if budget_ms is not None:
+        ax.axvline(budget_ms, color="tab:gray", linestyle=":", label=f"search budget {budget_ms:.1f} ms (p95)")
+    ax.axhline(ref_miou - 0.02, color="tab:red", linestyle=":", alpha=0.5, label="2 points below the reference")
+    ax.set_xscale("log")
+    ax.set_xlabel("p95 latency, batch 1, ms (log)")
+    ax.set_ylabel("held-out mIoU")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8, loc="lower right")
+    if title:
+        ax.set_title(title, fontsize=10)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return _save(fig, path)
+
+
 def _save(fig: Any, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=100)

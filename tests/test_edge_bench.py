@@ -42,3 +42,24 @@ def test_student_rows_add_qat_only_when_it_ran_and_share_the_int8_latency() -> N
 def test_no_student_rows_is_an_error() -> None:
     with pytest.raises(ValueError, match="no student rows"):
         bench.assemble(teacher={"miou": 0.4, "p95_ms": 1.0}, rows=[], wall_s={}, load={})
+
+
+def test_the_report_is_one_page_with_the_goals_the_table_and_where_the_teacher_sits(tmp_path: Path) -> None:
+    # Prepare: a result as run_pipeline assembles it
+    rows = [{"name": "no distillation", "format": "fp32 PyTorch", "miou": 0.38, "p95_ms": 23.2},
+            {"name": "distillation + INT8", "format": "INT8 ONNX Runtime", "miou": 0.324, "p95_ms": 8.3}]
+    result = bench.assemble(teacher={"miou": 0.305, "p95_ms": 146.1}, rows=rows, wall_s={"search": 10.0},
+                            load={"search": 1.0}, profile="edge_cpu_2core", threads=2, image_size=[192, 256],
+                            network_size=[144, 192], student="mobileone_s0", search_latency_budget_ms=14.6,
+                            student_checkpoint="distilled/checkpoints/global.pt",
+                            deployed_files={"fp32": "export_profile/model_fp32.onnx", "int8": None})
+    # Execute
+    report = bench.write_report(result, tmp_path)
+    # Assert: the headline against both goals, the teacher's row first, the plot written and linked
+    text = report.read_text()
+    assert "speedup 17.60 (goal >= 10), mIoU drop -1.90 points (goal <= 2)" in text
+    assert "network input 144x192 inside a graph that takes the camera's 192x256" in text
+    assert text.index("| teacher | fp32 PyTorch | 0.305") < text.index("| distillation + INT8 |")
+    assert "![held-out mIoU against p95 latency](front.png)" in text and "search/search.png" in text
+    assert "- ONNX fp32: `export_profile/model_fp32.onnx`" in text and "ONNX int8" not in text
+    assert (tmp_path / "front.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

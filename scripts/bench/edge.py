@@ -23,7 +23,9 @@ student (no distillation, distillation, + INT8, + QAT if it ran), then as its la
 ``teacher_miou``, ``student_miou`` (the deployed format's), ``speedup`` (teacher fp32 PyTorch p95 / student
 deployed p95), ``miou_drop_points``, wall seconds per stage and the 1-minute load average before each.
 mIoU is each model's on the held-out frames at its training size (the teacher's and students' runs score
-the same 1001-seed held-out frames: fedseg-distill's ``teacher.miou``).
+the same 1001-seed held-out frames: fedseg-distill's ``teacher.miou``). It also writes ``--out``/``report.md``,
+one page: the table, ``front.png`` (where the teacher and each student sit on the latency/mIoU plane, with
+the search's budget), the search's own front (``search/search.png``) and the output files.
 
     python scripts/bench/edge.py --json                              # the default teacher (~15 min) + all
     python scripts/bench/edge.py --json --teacher-rounds 4           # a shorter stated budget
@@ -51,6 +53,7 @@ from omegaconf import OmegaConf
 from fedseg.checkpoints import load_checkpoint
 from fedseg.export import AtResolution, deployable
 from fedseg.measurement import interleaved_latency, onnx_latency, torch_latency, torch_threads, usable_threads
+from fedseg.plots import plot_vehicle_front
 from fedseg.search.hardware import HARDWARE_PROFILES
 
 PROFILE = "edge_cpu_2core"
@@ -146,13 +149,43 @@ def student_rows(alone: dict[str, Any], distilled: dict[str, Any], export: dict[
     return rows
 
 
-def print_table(result: dict[str, Any]) -> None:
-    print("| model | format | held-out mIoU | drop (points) | p95 ms | speedup |")
-    print("|---|---|---|---|---|---|")
-    print(f"| teacher | fp32 PyTorch | {result['teacher_miou']:.3f} | 0.00 | {result['teacher_p95_ms']:.1f} | 1.00 |")
-    for r in result["rows"]:
-        print(f"| {r['name']} | {r['format']} | {r['miou']:.3f} | {r['miou_drop_points']:+.2f} | {r['p95_ms']:.1f} | "
-              f"{r['speedup']:.2f} |")
+def table_lines(result: dict[str, Any]) -> list[str]:
+    """The student-by-student table (markdown), the teacher first."""
+    lines = ["| model | format | held-out mIoU | drop (points) | p95 ms | speedup |", "|---|---|---|---|---|---|",
+             f"| teacher | fp32 PyTorch | {result['teacher_miou']:.3f} | 0.00 | {result['teacher_p95_ms']:.1f} | 1.00 |"]
+    lines += [f"| {r['name']} | {r['format']} | {r['miou']:.3f} | {r['miou_drop_points']:+.2f} | {r['p95_ms']:.1f} | "
+              f"{r['speedup']:.2f} |" for r in result["rows"]]
+    return lines
+
+
+def write_report(result: dict[str, Any], out: Path) -> Path:
+    """``out/report.md``, one page: the headline against the goals, the table, where the teacher sits on the
+    latency/mIoU front (``out/front.png``), the search's own front (``search/search.png``), the outputs."""
+    size = "x".join(str(v) for v in result.get("image_size", []))
+    network = "x".join(str(v) for v in result.get("network_size", []))
+    plot_vehicle_front(("teacher", result["teacher_p95_ms"], result["teacher_miou"]),
+                       [(r["name"], r["p95_ms"], r["miou"]) for r in result["rows"]], out / "front.png",
+                       budget_ms=result.get("search_latency_budget_ms"),
+                       title=f"{result.get('profile', '')}: p95 at {size}, {result.get('threads', '?')} threads")
+    goals = f"speedup {result['speedup']:.2f} (goal >= 10), mIoU drop {result['miou_drop_points']:+.2f} points (goal <= 2)"
+    files = result.get("deployed_files") or {}
+    lines = [f"# The vehicle's model on `{result.get('profile', '')}`", "",
+             (f"Deployed: **{result.get('student', '?')}**, {result['deployed']}, network input {network or '?'} inside "
+             f"a graph that takes the camera's {size}: {goals}."), "",
+             *table_lines(result), "",
+             ("mIoU: every model on the same public held-out frames at the training size; p95: batch 1 at the "
+             "profile's input and threads, teacher and students timed in this run on this machine."), "",
+             "## Where the teacher sits", "", "![held-out mIoU against p95 latency](front.png)", "",
+             "## The search", "",
+             "Candidates, the Pareto front and the latency budget, from `search/search.md`:", "",
+             "![the search's mIoU against latency](search/search.png)", "",
+             "## Outputs", "",
+             f"- student checkpoint: `{result.get('student_checkpoint', '?')}`",
+             *(f"- ONNX {name}: `{path}`" for name, path in files.items() if path),
+             f"- stages' wall seconds: {result['wall_s']}; 1-minute load before each: {result['load']}"]
+    path = out / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
 
 
 def run_pipeline(args: argparse.Namespace) -> dict[str, Any]:
@@ -201,7 +234,8 @@ def run_pipeline(args: argparse.Namespace) -> dict[str, Any]:
                     teacher_p95_ms_at_network_size=p95["teacher_fp32_at_network"], teacher_checkpoint=str(checkpoint),
                     teacher_rounds=args.teacher_rounds, student=backbone, qat=exports["export"]["qat"],
                     search_latency_budget_ms=float(limit[0].split("=")[1]) if limit else None,
-                    cores=os.cpu_count())
+                    cores=os.cpu_count(), student_checkpoint=str(ckpt),
+                    deployed_files=exports["export_profile"]["files"])
 
 
 def main() -> None:
@@ -216,7 +250,9 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="print the result as JSON on the last line")
     args = parser.parse_args()
     result = run_pipeline(args)
-    print_table(result)
+    result["report"] = str(write_report(result, args.out.resolve()))
+    print("\n".join(table_lines(result)))
+    print(f"one-page report: {result['report']}")
     print(f"wall s per stage: {result['wall_s']}; load (1 min) before each: {result['load']}")
     if args.json:
         print(json.dumps(result))
