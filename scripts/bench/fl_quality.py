@@ -13,6 +13,9 @@ pooled), one at a time, the same seed and data. Federated over centralized held-
   0.5 points in a window of 5 rounds / epochs), on a backbone and size for which that fits in the
   bench's time (``CONVERGE``: UNet-ResNet18 at 64x96, the same fleet); caps 60 rounds and 100 epochs.
 
+With ``--converged-levers equal_global_batch`` (of ``CONVERGED_LEVERS``), a lever is also run to
+convergence the same way, with its own ``converged`` ratio against the same baseline.
+
 Then each lever, a setting, federated on the ``CONVERGE`` setup for 6 rounds' worth of epochs (12),
 each row's ratio at equal epochs and at equal fleet time against the ``converged`` baseline's curve
 (interpolated between epochs where the sequential steps fall between). The ``default`` row is the
@@ -27,6 +30,7 @@ Wall time is per run; the machine's load average (1 min) is printed before each 
     python scripts/bench/fl_quality.py --json                             # everything (~1 h alone on 2 cores)
     python scripts/bench/fl_quality.py --json --levers cyclic,fedexp      # some levers
     python scripts/bench/fl_quality.py --json --reuse                     # runs already under --out count
+    python scripts/bench/fl_quality.py --json --reuse --converged-levers equal_global_batch   # + that lever converged
     python scripts/bench/fl_quality.py --smoke --json --out /tmp/flq      # minutes: a plumbing check
 """
 
@@ -63,6 +67,8 @@ LEVERS: dict[str, tuple[list[str], int]] = {
     "fedavgm_eff2": (["strategy=fedavgm", "strategy.server_momentum=0.5", "strategy.server_learning_rate=1.0"], 1),
 }
 RUN_BY_DEFAULT = [name for name in LEVERS if name != "fedavgm_eff2"]
+# Levers also run to convergence (the converged comparison's caps and window), each its own ratio.
+CONVERGED_LEVERS: dict[str, list[str]] = {"equal_global_batch": ["federation.equal_global_batch=true"]}
 SMOKE = ["experiment=smoke", "federation.num_clients=4", "federation.min_fit_clients=4", "federation.local_epochs=2"]
 
 
@@ -130,6 +136,8 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every run")
     parser.add_argument("--levers", default=",".join(RUN_BY_DEFAULT), help=f"levers to run, of {list(LEVERS)}")
     parser.add_argument("--out", type=Path, default=Path("outputs/bench_fl_quality"))
+    parser.add_argument("--converged-levers", default="",
+                        help=f"levers also run to convergence (about 40 min each on 2 cores), of {list(CONVERGED_LEVERS)}")
     parser.add_argument("--reuse", action="store_true", help="reuse runs already finished under --out")
     parser.add_argument("--smoke", action="store_true", help="tiny runs (experiment=smoke): checks the plumbing")
     parser.add_argument("--json", action="store_true", help="print the results as JSON on the last line")
@@ -137,6 +145,8 @@ def main() -> None:
     levers = [n for n in args.levers.split(",") if n]
     if unknown := [n for n in levers if n not in LEVERS]:
         raise SystemExit(f"--levers: unknown {unknown}; valid: {list(LEVERS)}")
+    if unknown := [n for n in args.converged_levers.split(",") if n and n not in CONVERGED_LEVERS]:
+        raise SystemExit(f"--converged-levers: unknown {unknown}; valid: {list(CONVERGED_LEVERS)}")
     base = [*(SMOKE if args.smoke else []), *args.overrides]
     rounds, lever_rounds = (4, 2) if args.smoke else (None, LEVER_ROUNDS)
     caps = {"rounds": 8, "epochs": 12} if args.smoke else CAPS
@@ -158,9 +168,20 @@ def main() -> None:
                                f"compare={out / 'central_converged'}"], out / "federated_converged", args.reuse)
     (c_epoch, c_miou, c_done), (f_round, f_miou, f_done) = converged_miou(central_c, span), converged_miou(fed_c, span)
 
+    converged_levers: dict[str, dict[str, Any]] = {}
+    converged_curves = []
+    for name in [n for n in args.converged_levers.split(",") if n]:
+        lever = run("fedseg-sim", [*converge, *CONVERGED_LEVERS[name], f"federation.rounds={caps['rounds']}", *window,
+                                   f"compare={out / 'central_converged'}"], out / f"converged_{name}", args.reuse)
+        at, miou, done = converged_miou(lever, span)
+        converged_levers[name] = {"miou": miou, "rounds": at, "converged": done, "ratio": miou / c_miou,
+                                  "sequential_steps": curve(lever).steps[-1], "wall_s": lever["wall_s"],
+                                  "load": lever["load"]}
+        converged_curves.append(curve(lever, f"{name}, to convergence"))
+
     rows: dict[str, dict[str, Any]] = {}
     lever_epochs = lever_rounds * run_config(fed_c)["federation"]["local_epochs"]
-    curves = [curve(central_c, "centralized"), curve(fed_c, "federated (default)")]
+    curves = [curve(central_c, "centralized"), curve(fed_c, "federated (default)"), *converged_curves]
     for name in levers:
         overrides, per_round = LEVERS[name]
         if not overrides and fed_c["rows"][-1]["round"] >= lever_rounds:  # the converged run's first rounds
@@ -188,6 +209,9 @@ def main() -> None:
           f"{ratio['equal_fleet_time']:.2f} | {fed_steps} sequential steps | {central_steps:g} epochs |")
     print(f"| converged | {f_miou:.3f} | {c_miou:.3f} | {ratio['converged']:.2f} | {f_round} rounds"
           f"{'' if f_done else ' (cap)'} | {c_epoch} epochs{'' if c_done else ' (cap)'} |")
+    for name, r in converged_levers.items():
+        print(f"| converged, {name} | {r['miou']:.3f} | {c_miou:.3f} | {r['ratio']:.2f} | {r['rounds']} rounds"
+              f"{'' if r['converged'] else ' (cap)'} | {c_epoch} epochs{'' if c_done else ' (cap)'} |")
     print("\n| lever | mIoU | rounds | sequential steps | x centralized, equal epochs | x centralized, equal fleet time "
           "| wall s | load |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
@@ -207,6 +231,7 @@ def main() -> None:
                      "converged": {"rounds": f_round, "epochs": c_epoch, "window": span, "min_delta": MIN_DELTA,
                                    "federated_converged": f_done, "centralized_converged": c_done, "caps": caps}},
             "levers": rows,
+            "converged_levers": converged_levers,
             "wall_s": {"central": central["wall_s"], "federated": fed["wall_s"],
                        "central_converged": central_c["wall_s"], "federated_converged": fed_c["wall_s"]},
             "load": {"central": central["load"], "federated": fed["load"]},
