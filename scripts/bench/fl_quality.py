@@ -145,7 +145,8 @@ def main() -> None:
     levers = [n for n in args.levers.split(",") if n]
     if unknown := [n for n in levers if n not in LEVERS]:
         raise SystemExit(f"--levers: unknown {unknown}; valid: {list(LEVERS)}")
-    if unknown := [n for n in args.converged_levers.split(",") if n and n not in CONVERGED_LEVERS]:
+    converged_names = [n for n in args.converged_levers.split(",") if n]
+    if unknown := [n for n in converged_names if n not in CONVERGED_LEVERS]:
         raise SystemExit(f"--converged-levers: unknown {unknown}; valid: {list(CONVERGED_LEVERS)}")
     base = [*(SMOKE if args.smoke else []), *args.overrides]
     rounds, lever_rounds = (4, 2) if args.smoke else (None, LEVER_ROUNDS)
@@ -164,15 +165,19 @@ def main() -> None:
     converge = [*base, *([] if args.smoke else CONVERGE)]
     central_c = run("fedseg-train", [*converge, f"train.epochs={caps['epochs']}", *window], out / "central_converged",
                     args.reuse)
-    fed_c = run("fedseg-sim", [*converge, f"federation.rounds={caps['rounds']}", *window,
-                               f"compare={out / 'central_converged'}"], out / "federated_converged", args.reuse)
+
+    def to_convergence(overrides: list[str], run_dir: Path) -> dict[str, Any]:
+        """A federated run on the converging setup, up to the round cap, against the converged baseline."""
+        return run("fedseg-sim", [*converge, *overrides, f"federation.rounds={caps['rounds']}", *window,
+                                  f"compare={out / 'central_converged'}"], run_dir, args.reuse)
+
+    fed_c = to_convergence([], out / "federated_converged")
     (c_epoch, c_miou, c_done), (f_round, f_miou, f_done) = converged_miou(central_c, span), converged_miou(fed_c, span)
 
     converged_levers: dict[str, dict[str, Any]] = {}
     converged_curves = []
-    for name in [n for n in args.converged_levers.split(",") if n]:
-        lever = run("fedseg-sim", [*converge, *CONVERGED_LEVERS[name], f"federation.rounds={caps['rounds']}", *window,
-                                   f"compare={out / 'central_converged'}"], out / f"converged_{name}", args.reuse)
+    for name in converged_names:
+        lever = to_convergence(CONVERGED_LEVERS[name], out / f"converged_{name}")
         at, miou, done = converged_miou(lever, span)
         converged_levers[name] = {"miou": miou, "rounds": at, "converged": done, "ratio": miou / c_miou,
                                   "sequential_steps": curve(lever).steps[-1], "wall_s": lever["wall_s"],
