@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -199,6 +200,82 @@ def test_a_ray_process_whose_tag_is_unreadable_is_stopped_with_its_node() -> Non
             if proc.poll() is None:
                 proc.kill()
             proc.wait()
+
+
+# A tagged session leader (as Flower's SuperExec is) that starts an untagged child in its session, as the
+# raylet starts an agent whose title zeroed the tag out of its /proc environment; prints the child's pid.
+LEADS_AN_UNTAGGED_CHILD = f"""
+import os, subprocess, sys, time
+env = {{k: v for k, v in os.environ.items() if k != {TAG!r}}}
+child = subprocess.Popen(["sleep", "60"], env=env)
+print(child.pid, flush=True)
+time.sleep(60)
+"""
+
+
+def _leader_and_untagged_child(tag: str) -> tuple[subprocess.Popen, int]:
+    leader = subprocess.Popen([sys.executable, "-c", LEADS_AN_UNTAGGED_CHILD], env={**os.environ, TAG: tag},
+                              stdout=subprocess.PIPE, text=True, start_new_session=True)
+    assert leader.stdout is not None
+    return leader, int(leader.stdout.readline())
+
+
+def test_an_untagged_process_in_a_session_a_tagged_process_leads_stops_with_it_and_a_joined_one_does_not() -> None:
+    from fedseg.deploy.processes import stop_tagged
+
+    # Prepare: a tagged leader with an untagged child in its session, and a tagged process that merely
+    # joined this test's session (as fedseg-sim's `flwr run` joins a terminal's) beside an untagged one.
+    tag = uuid.uuid4().hex
+    leader, child = _leader_and_untagged_child(tag)
+    joined = subprocess.Popen(["sleep", "60"], env={**os.environ, TAG: tag})
+    bystander = subprocess.Popen(["sleep", "60"])  # this test's session, untagged: never the command's
+    try:
+        sessions: set[int] = set()
+        # Execute
+        stop_tagged(tag, grace=2, sessions=sessions)
+
+        # Assert: the leader's session followed and its untagged child stopped; the joined session not.
+        assert sessions == {leader.pid}
+        assert leader.wait(5) is not None and joined.wait(5) is not None
+        assert not _alive(child)
+        assert bystander.poll() is None
+    finally:
+        for proc in (leader, joined, bystander):
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child, signal.SIGKILL)
+
+
+def test_a_command_killed_mid_sweep_leaves_its_watchdog_the_sessions_it_named() -> None:
+    # Prepare: a command names the session its tagged leader leads; its sweep then stops the leader, but
+    # the command is killed before it reaches the leader's untagged child, whose session still says whose.
+    tag = uuid.uuid4().hex
+    leader, child = _leader_and_untagged_child(tag)
+    code = (f"import sys, time; from fedseg.deploy.watchdog import Watchdog\n"
+            f"w = Watchdog({tag!r}); w.follow(set(), {{{leader.pid}}}); print(w.proc.pid, flush=True); "
+            f"time.sleep(60)")
+    command = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert command.stdout is not None
+    watchdog = int(command.stdout.readline())
+    try:
+        leader.kill()
+        leader.wait()
+
+        # Execute
+        command.kill()
+        command.wait()
+
+        # Assert: the watchdog found the child through the session the command named, then exited.
+        deadline = time.monotonic() + 15
+        while (_alive(child) or _alive(watchdog)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _alive(child)
+        assert not _alive(watchdog)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child, signal.SIGKILL)
 
 
 def test_a_sigterm_between_flwr_run_lines_stops_the_stream_without_waiting_for_the_run() -> None:

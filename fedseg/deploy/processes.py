@@ -73,6 +73,16 @@ def _environ(pid: int) -> dict[bytes, bytes] | None:
     return dict(entry.split(b"=", 1) for entry in raw.split(b"\0") if b"=" in entry)
 
 
+def _state_and_session(pid: int) -> tuple[str, int]:
+    """``pid``'s state (R, S, D, Z...) and session id, from ``/proc/PID/stat`` (which no process title
+    overwrites); ``("", 0)`` when it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return fields[0], int(fields[3])
+    except (OSError, IndexError, ValueError):
+        return "", 0
+
+
 def _node_argument(pid: int) -> str:
     """The Ray node id on ``pid``'s command line (the raylet's ``--node_id=``, an agent's ``--node-id=``), or ""."""
     try:
@@ -86,43 +96,58 @@ def _node_argument(pid: int) -> str:
     return ""
 
 
-def tagged_pids(tag: str, variable: str = TAG, ray_nodes: set[str] | None = None) -> list[int]:
-    """Processes whose environment carries ``variable=tag`` (this process excluded), and those of the Ray
-    nodes in ``ray_nodes`` (``RAY_NODE_ID``); the node of every tagged Ray process found is added to it.
+def tagged_pids(tag: str, variable: str = TAG, ray_nodes: set[str] | None = None,
+                sessions: set[int] | None = None) -> list[int]:
+    """Processes whose environment carries ``variable=tag`` (this process excluded), those of the Ray nodes
+    in ``ray_nodes`` (``RAY_NODE_ID``), and those of the sessions in ``sessions``; the node of every tagged
+    Ray process found is added to ``ray_nodes``, and the session of every tagged session leader to
+    ``sessions`` (pass a set to follow them: None follows none).
 
-    Why Ray nodes too: a process that sets its title (Ray's ``ray::DashboardAgent``, ``ray::RuntimeEnvAgent``)
-    may overwrite the start of its environment as ``/proc`` shows it. Such agents, restarted by their raylet
-    during a run's teardown, were seen without the tag but with their node's id, and outlived the run. A
-    tagged process names its node in ``RAY_NODE_ID`` (agents) or on its command line (the raylet's
-    ``--node_id=``): with only the agents carrying the variable, untagged agents had no tagged process to
-    name their node, and a SIGKILLed 200-vehicle run left both of them behind."""
-    needle = tag.encode()
+    Why more than the tag: a process that sets its title (Ray's ``ray::DashboardAgent``,
+    ``ray::RuntimeEnvAgent``) zeroes the start of its environment as ``/proc`` shows it, and the raylet
+    hands its agents their environment in hash order, so which variables survive depends on the names
+    in the environment: on one machine the tag and ``RAY_NODE_ID`` both fell in the zeroed part and the
+    agents of a SIGTERMed and of a SIGKILLed run outlived it. Two links do not depend on the environment
+    surviving: a tagged process's Ray node (``RAY_NODE_ID``, or the raylet's ``--node_id=`` on its command
+    line), and above all its session, from ``/proc/PID/stat``. Flower starts the SuperExec, and through it
+    the simulation and Ray, in a session of its own; every process in a session a tagged process leads
+    descends from it, so it is the command's. A session merely joined (fedseg-sim's own, a terminal's) is
+    never followed. Zombies are never listed: there is nothing left to stop."""
+    needle, mine = tag.encode(), os.getpid()
+    seen: list[tuple[int, dict[bytes, bytes], int]] = []
     pids = []
     for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+        if not entry.name.isdigit() or (pid := int(entry.name)) == mine:
             continue
-        env = _environ(int(entry.name))
-        if env is None:
+        env = _environ(pid)
+        state, session = _state_and_session(pid)
+        if env is None or state in ("", "Z", "X"):
             continue
-        node = env.get(RAY_NODE.encode(), b"").decode()
         if env.get(variable.encode()) == needle:
-            pids.append(int(entry.name))
-            node = node or _node_argument(int(entry.name))
+            pids.append(pid)
+            node = env.get(RAY_NODE.encode(), b"").decode() or _node_argument(pid)
             if node and ray_nodes is not None:
                 ray_nodes.add(node)
-        elif node and ray_nodes and node in ray_nodes:
-            pids.append(int(entry.name))
+            if session == pid and sessions is not None:
+                sessions.add(session)
+        else:
+            seen.append((pid, env, session))
+    for pid, env, session in seen:  # after every tagged process: a leader may be listed after its members
+        node = env.get(RAY_NODE.encode(), b"").decode()
+        if (node and ray_nodes and node in ray_nodes) or (sessions and session in sessions):
+            pids.append(pid)
     return pids
 
 
 def stop_tagged(tag: str, grace: float = 10.0, ray_nodes: set[str] | None = None, *,
-                follow_ray_nodes: bool = True) -> set[str]:
-    """SIGTERM every process tagged ``tag`` (and of the Ray nodes they run: :func:`tagged_pids`); SIGKILL
-    those left after ``grace`` s. Returns those Ray nodes (with ``ray_nodes``, which it extends).
+                sessions: set[int] | None = None, follow_ray_nodes: bool = True) -> set[str]:
+    """SIGTERM every process tagged ``tag`` (and of the Ray nodes they run and the sessions they lead:
+    :func:`tagged_pids`); SIGKILL those left after ``grace`` s. Returns those Ray nodes (with
+    ``ray_nodes``, which it extends; ``sessions`` too).
 
-    ``follow_ray_nodes=False``: the tagged processes only. A command attached to a Ray cluster it did not
-    start (``fedseg-sim ray.address=...``) must never signal that cluster's raylets, agents or workers,
-    whatever node id a tagged process may carry.
+    ``follow_ray_nodes=False``: not the Ray nodes. A command attached to a Ray cluster it did not start
+    (``fedseg-sim ray.address=...``) must never signal that cluster's raylets, agents or workers, whatever
+    node id a tagged process may carry (the cluster's processes are in no session a tagged process leads).
 
     Each phase signals processes that appear while it waits too (Ray's raylet starts workers, and
     restarts its agents, while its driver shuts down), so none is left because it was born after the
@@ -131,10 +156,11 @@ def stop_tagged(tag: str, grace: float = 10.0, ray_nodes: set[str] | None = None
     teardown outlived a run whose two looks came too soon).
     """
     nodes = ray_nodes if ray_nodes is not None else set[str]()
+    led = sessions if sessions is not None else set[int]()
     for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 15.0)):
         deadline, signalled, empty_looks = time.monotonic() + wait, set[int](), 0
         while True:
-            pids = set(tagged_pids(tag, ray_nodes=nodes if follow_ray_nodes else None))
+            pids = set(tagged_pids(tag, ray_nodes=nodes if follow_ray_nodes else None, sessions=led))
             if not pids:
                 empty_looks += 1
                 if empty_looks == 3:

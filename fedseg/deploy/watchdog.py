@@ -22,8 +22,8 @@ run's temporary Flower home). A command that ends normally has done both itself 
 (:meth:`Watchdog.stand_down`); the watchdog then only looks a few more times (:data:`LAST_LOOKS`) for a
 tagged straggler (on a loaded machine a Ray agent can appear after the command's own sweep ended) and
 stops any it finds, while the command exits without waiting for it. Before its sweep the command names
-its Ray nodes (:meth:`Watchdog.follow`), so a kill in mid-sweep still leaves the watchdog able to find
-the agents it had not reached yet.
+its Ray nodes and the sessions its processes lead (:meth:`Watchdog.follow`), so a kill in mid-sweep
+still leaves the watchdog able to find the agents it had not reached yet.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from types import TracebackType
 from typing import Self
@@ -57,17 +58,20 @@ class Watchdog:
         self.proc = subprocess.Popen([sys.executable, "-m", "fedseg.deploy.watchdog", *flags, tag,
                                       *map(str, remove)], stdin=subprocess.PIPE, env=env, start_new_session=True)
 
-    def follow(self, ray_nodes: set[str]) -> None:
-        """Tell the watchdog the command's Ray nodes (:func:`~fedseg.deploy.processes.tagged_pids` fills the
-        set) before the command's own sweep begins: Ray agents whose ``/proc`` environment lost the tag are
-        found only through their node, and once the sweep has stopped the tagged raylet a kill of the
-        command in mid-sweep would otherwise leave the watchdog no way to find them."""
-        self._send(b"".join(b"node " + n.encode() + b"\n" for n in sorted(ray_nodes)))
+    def follow(self, ray_nodes: set[str], sessions: Iterable[int] = ()) -> None:
+        """Tell the watchdog the command's Ray nodes and the sessions its processes lead
+        (:func:`~fedseg.deploy.processes.tagged_pids` fills both sets) before the command's own sweep
+        begins: Ray agents whose ``/proc`` environment lost the tag are found only through those, and once
+        the sweep has stopped the tagged raylet and session leaders a kill of the command in mid-sweep would
+        otherwise leave the watchdog no way to find them."""
+        self._send(b"".join([*(b"node " + n.encode() + b"\n" for n in sorted(ray_nodes)),
+                             *(b"session %d\n" % s for s in sorted(sessions))]))
 
-    def stand_down(self, ray_nodes: set[str] | None = None) -> None:
-        """The command stopped its processes itself (``ray_nodes``: the Ray nodes its sweep met,
-        :func:`~fedseg.deploy.processes.stop_tagged`): the watchdog takes its last looks and exits on its
-        own (in its own session: the command does not wait for it)."""
+    def stand_down(self, ray_nodes: set[str] | None = None, sessions: Iterable[int] = ()) -> None:
+        """The command stopped its processes itself (``ray_nodes``, ``sessions``: the Ray nodes and sessions
+        its sweep met, :func:`~fedseg.deploy.processes.stop_tagged`): the watchdog takes its last looks and
+        exits on its own (in its own session: the command does not wait for it)."""
+        self.follow(set(), sessions)
         self._send(b" ".join([DONE, *(n.encode() for n in sorted(ray_nodes or ()))]) + b"\n")
         assert self.proc.stdin is not None
         with contextlib.suppress(OSError):
@@ -94,22 +98,26 @@ class Watchdog:
 
 def watch(tag: str, remove: list[str], *, follow_ray_nodes: bool = True) -> None:
     """Wait for the command's end; unless it said ``done``, stop what it started (with the Ray nodes it
-    named: :meth:`Watchdog.follow`) and remove ``remove``. Each line the command writes is ``node ID`` or,
-    last, ``done [ID ...]``; the pipe's end (the command's, however it died) ends the wait."""
+    named and the sessions its processes lead: :meth:`Watchdog.follow`) and remove ``remove``. Each line the
+    command writes is ``node ID``, ``session SID`` or, last, ``done [ID ...]``; the pipe's end (the
+    command's, however it died) ends the wait."""
     nodes: set[str] | None = set() if follow_ray_nodes else None
+    sessions: set[int] = set()
     for line in sys.stdin.buffer:
         words = [w.decode() for w in line.split()]
         if words[:1] == ["node"] and nodes is not None:
             nodes.update(words[1:])
+        elif words[:1] == ["session"]:
+            sessions.update(int(w) for w in words[1:] if w.isdigit())
         elif words[:1] == [DONE.decode()]:
             if nodes is not None:
                 nodes.update(words[1:])
             for _ in range(LAST_LOOKS):
-                if tagged_pids(tag, ray_nodes=nodes):
-                    stop_tagged(tag, ray_nodes=nodes, follow_ray_nodes=follow_ray_nodes)
+                if tagged_pids(tag, ray_nodes=nodes, sessions=sessions):
+                    stop_tagged(tag, ray_nodes=nodes, sessions=sessions, follow_ray_nodes=follow_ray_nodes)
                 time.sleep(0.5)
             return
-    stop_tagged(tag, ray_nodes=nodes, follow_ray_nodes=follow_ray_nodes)
+    stop_tagged(tag, ray_nodes=nodes, sessions=sessions, follow_ray_nodes=follow_ray_nodes)
     for path in remove:
         shutil.rmtree(path, ignore_errors=True)
 

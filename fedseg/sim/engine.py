@@ -171,10 +171,11 @@ def run_federation(run_config: RunConfig, *, num_vehicles: int, client_cpus: int
                 raise RuntimeError(f"flwr run exited with status {code}: " + " | ".join(lines[-5:]))
             _verdict(env, lines)
         finally:
-            ray_nodes: set[str] = set()
-            if own_ray:  # its Ray nodes, named to the watchdog while their tagged raylets still show them
-                tagged_pids(tag, ray_nodes=ray_nodes)
-                watchdog.follow(ray_nodes)
-            ray_nodes = stop_tagged(tag, ray_nodes=ray_nodes, follow_ray_nodes=own_ray)
+            # Its Ray nodes and the sessions its processes lead, named to the watchdog while the tagged
+            # raylets and leaders still show them (attached to a cluster: no Ray node is followed).
+            ray_nodes, sessions = set[str](), set[int]()
+            tagged_pids(tag, ray_nodes=ray_nodes if own_ray else None, sessions=sessions)
+            watchdog.follow(ray_nodes, sessions)
+            ray_nodes = stop_tagged(tag, ray_nodes=ray_nodes, sessions=sessions, follow_ray_nodes=own_ray)
             shutil.rmtree(home, ignore_errors=True)
-            watchdog.stand_down(ray_nodes)
+            watchdog.stand_down(ray_nodes, sessions)
