@@ -49,6 +49,9 @@ class BackboneSpec:
     # A seed list's declared negative control: searched so that the table shows it losing (large and
     # slow), never expected to be chosen. Per-backbone tests only build it (tests/test_models.py).
     negative_control: bool = False
+    # Opacus grad_sample_mode values that cannot give this encoder per-sample gradients (refused before
+    # a run starts, fedseg.settings.check_choices).
+    unsupported_grad_sample_modes: tuple[str, ...] = ()
 
 
 BACKBONES: dict[str, BackboneSpec] = {
@@ -83,7 +86,8 @@ BACKBONES: dict[str, BackboneSpec] = {
     ),
     # Stride-4 stem (ConvNeXt-style): smp's timm encoder leaves the stride-2 skip empty.
     "inception_next_tiny": BackboneSpec(
-        "tu-inception_next_tiny", "InceptionNeXt", "InceptionNeXt-T: when Inception meets ConvNeXt"
+        "tu-inception_next_tiny", "InceptionNeXt", "InceptionNeXt-T: when Inception meets ConvNeXt",
+        unsupported_grad_sample_modes=("ew",),  # torch's expanded weights cannot reshape its layer scale
     ),
     # ~85 M encoder parameters (101 M as a UNet), ~400 MB fp32: over every vehicle profile's model_mb.
     "nasnetalarge": BackboneSpec(

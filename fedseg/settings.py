@@ -12,7 +12,7 @@ import functools
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, get_args
 
 from fedseg.compression import CompressionSpec, NoCompression, parse_compression
 from fedseg.config import (
@@ -31,7 +31,7 @@ from fedseg.data import get_data_source
 from fedseg.data.partition import PARTITIONS
 from fedseg.labels import build_label_map
 from fedseg.models import get_backbone
-from fedseg.privacy import NoPrivacy, PrivacySpec, parse_privacy
+from fedseg.privacy import DPSpec, GradSampleMode, NoPrivacy, PrivacySpec, parse_privacy
 from fedseg.secagg import NoSecAgg, SecAggSpec, parse_secagg
 from fedseg.tracking import NoTracking, TrackingSpec, parse_tracking
 from fedseg.training import OPTIMIZERS
@@ -129,6 +129,11 @@ def check_choices(settings: RunSettings) -> None:
             f"{trainable} of a randomly initialised model. Pretrain on public data first (README, 'Privacy': "
             "fedseg-train experiment=dp_pretrain, then model.init=<its checkpoints/global.pt>), or set "
             "privacy.trainable=all")
+    mode = settings.privacy.grad_sample_mode if isinstance(settings.privacy, DPSpec) else None
+    if mode in backbone.unsupported_grad_sample_modes:
+        modes = [m for m in get_args(GradSampleMode) if m not in backbone.unsupported_grad_sample_modes]
+        raise ValueError(f"privacy.grad_sample_mode={mode} cannot give model {settings.model.name} per-sample "
+                         f"gradients (Opacus); valid for it: {modes}")
     factor = 2**backbone.encoder_depth
     if any(side % factor for side in settings.data.image_size):
         raise ValueError(f"data.image_size={list(settings.data.image_size)} must be multiples of {factor} for "

@@ -57,6 +57,9 @@ CASES = [
     ("fedseg-sim", [*SMOKE, "privacy=dpsgd", "privacy.noise_multiplier=1.0"], "exactly one of noise_multiplier"),
     ("fedseg-sim", [*SMOKE, "privacy=dpsgd", "privacy.grad_sample_mode=fast"], "privacy.grad_sample_mode='fast'"),
     ("fedseg-sim", [*SMOKE, "privacy=dpsgd", "privacy.delta=0.5"], "privacy.delta=0.5 must be below 1/N"),
+    ("fedseg-sim", [*SMOKE, "privacy=dpsgd", "privacy.grad_sample_mode=ew", "model.name=inception_next_tiny"],
+     ("privacy.grad_sample_mode=ew cannot give model inception_next_tiny per-sample gradients (Opacus); "
+      "valid for it: ['ghost', 'hooks', 'functorch']")),
     ("fedseg-sim", [*SMOKE, "privacy=central", "strategy=krum"], "privacy=central calibrates its noise"),
     ("fedseg-sim", [*SMOKE, "secagg=secaggplus", "strategy=fedmedian"], "strategy=fedmedian needs each update"),
     ("fedseg-sim", [*SMOKE, "secagg=secaggplus", "federation.num_clients=2", "federation.min_fit_clients=2"],
@@ -77,6 +80,8 @@ CASES = [
     ("fedseg-train", [*SMOKE, "train.epochs=0"], "train.epochs=0 is out of range"),
     ("fedseg-train", [*SMOKE, "federation.lr=-1"], "federation.lr=-1.0 is out of range: must be > 0"),
     ("fedseg-train", [*SMOKE, "model.init={ckpt}/other_classes.pt"], "other_classes.pt does not fit this run"),
+    ("fedseg-train", [*SMOKE, "privacy=dpsgd", "privacy.grad_sample_mode=ew", "model.name=inception_next_tiny"],
+     "privacy.grad_sample_mode=ew cannot give model inception_next_tiny"),
     # fedseg-export
     ("fedseg-export", [], "needs checkpoint=PATH"),
     ("fedseg-export", ["checkpoint=/nonexistent/global.pt"], "checkpoint not found: /nonexistent/global.pt"),
