@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import io
 import json
+import signal
 import socket
 import ssl
 import stat
@@ -254,6 +255,12 @@ def _wait(condition, what: str, timeout: float) -> None:
         time.sleep(1)
 
 
+# A revoked SuperNode's own stop: Flower 1.42 answers a 401 by sending itself SIGINT, from its message
+# retry (once, under a lock) and from its heartbeat thread (unlocked). The first SIGINT runs Flower's
+# graceful exit (status 0) and restores the default handler, so when the two race the second one ends
+# the process by SIGINT (seen on CI: -2). systemd's Restart=on-failure counts both as clean.
+STOPPED_CLEANLY = (0, -signal.SIGINT)
+
 @pytest.mark.deploy
 def test_a_revoked_vehicle_is_refused_and_a_rotated_one_trains(tmp_path: Path) -> None:
     make_credentials(tmp_path / "certs", vehicles=[])
@@ -270,10 +277,10 @@ def test_a_revoked_vehicle_is_refused_and_a_rotated_one_trains(tmp_path: Path) -
         old_b = fleet.start_vehicle("b", *share["b"], key=keys["b"])
         _wait(lambda: {fleet.nodes().get(i) for i in ids.values()} == {"online"}, "two vehicles online", 120)
 
-        # Revoke a: the SuperLink answers its next request 401 and its SuperNode stops by itself (status 0,
-        # so systemd's Restart=on-failure leaves it down); started again, it is refused at once.
+        # Revoke a: the SuperLink answers its next request 401 and its SuperNode stops by itself, cleanly as
+        # systemd's Restart=on-failure counts it, so it stays down; started again, it is refused at once.
         fleet.unregister(ids["a"])
-        assert vehicle_a.wait(timeout=90) == 0
+        assert vehicle_a.wait(timeout=90) in STOPPED_CLEANLY
         assert fleet.nodes()[ids["a"]] == "unregistered"
         assert '"POST /v1/fleet/pull-messages HTTP/1.1" 401' in fleet.log("superlink")
         reused = fleet.flwr("supernode", "register", str(keys["a"].with_suffix(".pub")), "fleet")
@@ -286,7 +293,7 @@ def test_a_revoked_vehicle_is_refused_and_a_rotated_one_trains(tmp_path: Path) -
         # b comes back with the new key.
         ids["b2"] = fleet.register(keys["b2"].with_suffix(".pub"))
         fleet.unregister(ids["b"])
-        assert old_b.wait(timeout=90) == 0
+        assert old_b.wait(timeout=90) in STOPPED_CLEANLY
         fleet.start_vehicle("b", *share["b"], key=keys["b2"])
         _wait(lambda: fleet.nodes().get(ids["b2"]) == "online", "b online with its new key", 120)
 
