@@ -120,26 +120,30 @@ def _kill_after_round_2_and_resume(run_dir: Path, cache: Path, rounds: int, *ove
     return before, resumed
 
 
+def _resumed_as_itself_with_no_lower_epsilon(run_dir: Path, rounds: int, before: dict[str, float]) -> None:
+    """A DP-SGD smoke run resumed to its end: its own config kept (not the resume call's), and every
+    vehicle's epsilon kept by partition (node ids are new in the resumed process), none lower."""
+    saved = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+    assert saved.experiment_name == "smoke" and saved.federation.rounds == rounds and saved.resume is None
+    after = _client_epsilon(run_dir)
+    assert set(before) == set(after) == {"0", "1", "2"}, (before, after)
+    assert all(after[v] >= before[v] for v in before), (before, after)
+
+
 @pytest.mark.e2e
-@pytest.mark.parametrize("nodes", [(), ("federation.sim_nodes=3",)], ids=["own-nodes", "pooled"])
-def test_sim_killed_after_round_2_resumes_to_round_4_with_each_row_once(nodes: tuple[str, ...],
-                                                                          tmp_path: Path) -> None:
-    # Under DP-SGD: the plain run's resume, plus the vehicles' accountants continuing from disk; pooled
-    # (fedseg/vehicle_pool.py), a new node carries each vehicle after the resume.
+def test_a_pooled_run_killed_after_round_2_resumes_to_round_4_with_each_row_once(tmp_path: Path) -> None:
+    # Under DP-SGD and pooled (fedseg/vehicle_pool.py): a new node carries each vehicle after the resume,
+    # and the vehicles' accountants continue from disk. (A run on its own nodes: the SIGKILL test below.)
     run_dir = tmp_path / "run"
 
-    before, resumed = _kill_after_round_2_and_resume(run_dir, tmp_path / "cache", 4, "privacy=dpsgd", *nodes)
+    before, resumed = _kill_after_round_2_and_resume(run_dir, tmp_path / "cache", 4, "privacy=dpsgd",
+                                                     "federation.sim_nodes=3")
 
     # Rounds 0..4 exactly once; the run's own config kept; epsilon never went down.
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     rounds = [json.loads(x)["round"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert rounds == [0, 1, 2, 3, 4]
-    saved = OmegaConf.load(run_dir / ".hydra" / "config.yaml")  # the run's own config, not the resume call's
-    assert saved.experiment_name == "smoke" and saved.federation.rounds == 4 and saved.resume is None
-    after = _client_epsilon(run_dir)
-    # Kept by partition (node ids are new in the resumed process): the same three vehicles, none lower.
-    assert set(before) == set(after) == {"0", "1", "2"}, (before, after)
-    assert all(after[v] >= before[v] for v in before), (before, after)
+    _resumed_as_itself_with_no_lower_epsilon(run_dir, 4, before)
 
 
 @pytest.mark.e2e
@@ -207,17 +211,17 @@ def _cmdline(pid: int) -> str:
 
 @pytest.mark.e2e
 def test_sim_killed_with_sigkill_takes_its_processes_along_and_resumes_each_round_once(tmp_path: Path) -> None:
-    # Prepare: a smoke run killed like the OOM killer or a scheduler's hard kill would (SIGKILL to its
-    # process group, which cannot be caught) once round 1's row is written, with its Flower and Ray
-    # processes up: Flower runs the SuperExec and the simulation in sessions of their own.
+    # Prepare: a smoke run under DP-SGD killed like the OOM killer or a scheduler's hard kill would
+    # (SIGKILL to its process group, which cannot be caught) once round 1's row is written, with its
+    # Flower and Ray processes up: Flower runs the SuperExec and the simulation in sessions of their own.
     run_dir, mark = tmp_path / "run", uuid.uuid4().hex
     exe = Path(sys.executable).with_name("fedseg-sim")
     env = {**os.environ, "FEDSEG_DATA_CACHE": str(tmp_path / "cache"), "FEDSEG_TEST_MARK": mark}
     log = tmp_path / "stderr.log"
     with log.open("w") as err:
-        proc = subprocess.Popen([str(exe), "experiment=smoke", "federation.rounds=6", "run.progress=false",
-                                 f"hydra.run.dir={run_dir}"], env=env, stdout=subprocess.DEVNULL, stderr=err,
-                                start_new_session=True)
+        proc = subprocess.Popen([str(exe), "experiment=smoke", "federation.rounds=6", "privacy=dpsgd",
+                                 "run.progress=false", f"hydra.run.dir={run_dir}"], env=env,
+                                stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
     try:
         deadline = time.monotonic() + 300
         while max(_rounds(run_dir), default=-1) < 1 and proc.poll() is None and time.monotonic() < deadline:
@@ -232,7 +236,7 @@ def test_sim_killed_with_sigkill_takes_its_processes_along_and_resumes_each_roun
             time.sleep(0.2)
         gone_after = time.monotonic() - killed
         left_running = [_cmdline(pid) for pid in left]  # named before the clean-up below kills them
-        rows_then = _rounds(run_dir)
+        rows_then, before = _rounds(run_dir), _client_epsilon(run_dir)
         time.sleep(3)
         rows_later = _rounds(run_dir)
     finally:
@@ -240,7 +244,8 @@ def test_sim_killed_with_sigkill_takes_its_processes_along_and_resumes_each_roun
     print(f"{len(running)} processes at the kill; the last gone {gone_after:.1f} s after it")
 
     # Assert: nothing the run started (the watchdog included) outlived it by 15 s, and nothing wrote
-    # the run directory after; then the resume finishes every round exactly once.
+    # the run directory after; then the resume finishes every round exactly once, as the run it was,
+    # its vehicles' accountants continued from disk.
     assert len(running) >= 4, running  # the SuperLink, its SuperExec, the simulation, Ray, the watchdog
     assert left_running == [], f"processes left 15 s after SIGKILL: {left_running}"
     assert rows_later == rows_then, (rows_then, rows_later)
@@ -248,6 +253,7 @@ def test_sim_killed_with_sigkill_takes_its_processes_along_and_resumes_each_roun
                              capture_output=True, text=True, timeout=600, check=False)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert _rounds(run_dir) == [0, 1, 2, 3, 4, 5, 6]
+    _resumed_as_itself_with_no_lower_epsilon(run_dir, 6, before)
 
 
 @pytest.mark.e2e
