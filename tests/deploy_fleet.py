@@ -22,6 +22,7 @@ from fedseg.deploy.processes import (
     TAG,
     free_port,
     new_tag,
+    proc_stat,
     stop_tagged,
     tagged_pids,
     wait_for_port,
@@ -209,11 +210,7 @@ class LocalFleet:
 def _ancestor(pid: int, ancestor: int) -> bool:
     """Whether ``ancestor`` is a parent (at any depth) of ``pid``."""
     for _ in range(32):
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-        except OSError:
-            return False
-        pid = int(stat.rsplit(")", 1)[1].split()[1])
+        pid = proc_stat(pid).parent  # 0 once gone
         if pid == ancestor:
             return True
         if pid <= 1:

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pytest
 
-from fedseg.deploy.processes import TAG, free_port, new_tag, stop_tagged, tagged_pids
+from fedseg.deploy.processes import TAG, free_port, new_tag, proc_stat, stop_tagged, tagged_pids
 
 pytestmark = pytest.mark.e2e
 BIN = Path(sys.executable).parent
@@ -47,13 +47,6 @@ def _cmdline(pid: int) -> list[str]:
         return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
     except OSError:
         return []
-
-
-def _parent(pid: int) -> int:
-    try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-    except (OSError, IndexError, ValueError):
-        return 0
 
 
 def _raylets(tag: str) -> dict[int, str]:
@@ -117,7 +110,7 @@ class SpreadWatch(threading.Thread):
     def run(self) -> None:
         while not self.done.wait(0.1):
             for pid in (int(e.name) for e in Path("/proc").iterdir() if e.name.isdigit()):
-                node = self.raylets.get(_parent(pid))
+                node = self.raylets.get(proc_stat(pid).parent)
                 if node and (_cmdline(pid) or [""])[0].startswith("ray::ClientAppActor.run"):
                     self.nodes.add(node)
 

@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 from toy_fleet import Fleet, toy_updates
 
 from fedseg.checkpoints import read_checkpoint, save_checkpoint
-from fedseg.deploy.processes import tagged_pids
+from fedseg.deploy.processes import proc_stat, tagged_pids
 from fedseg.runlock import RunDirLock
 from fedseg.runlog import RunLog
 
@@ -203,9 +203,9 @@ def test_sim_stopped_with_sigterm_exits_nonzero_and_leaves_no_flower_process(tmp
 
 def _cmdline(pid: int) -> str:
     try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]  # R, S, D, Z...
-        return f"{pid} [{state}]: " + Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:200]
-    except (OSError, IndexError):
+        return (f"{pid} [{proc_stat(pid).state}]: "
+                + Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:200])
+    except OSError:
         return f"{pid}: (gone)"
 
 

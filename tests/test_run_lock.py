@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from fedseg.deploy.processes import TAG, tagged_pids
+from fedseg.deploy.processes import TAG, running, tagged_pids
 from fedseg.deploy.watchdog import Watchdog
 from fedseg.runlock import JOIN, LOCK_FILE, RunDirLock, RunDirLocked
 
@@ -99,13 +99,13 @@ def test_the_watchdog_stops_the_tagged_processes_when_its_command_is_killed(tmp_
     command.kill()
     command.wait()
     deadline = time.monotonic() + 15
-    while (tagged.poll() is None or _alive(watchdog)) and time.monotonic() < deadline:
+    while (tagged.poll() is None or running(watchdog)) and time.monotonic() < deadline:
         time.sleep(0.2)
 
     # Assert: the tagged process stopped, the folder removed, and the watchdog gone after its work.
     assert tagged.poll() is not None and not tagged_pids(tag)
     assert not home.exists()
-    assert not _alive(watchdog)
+    assert not running(watchdog)
 
 
 def test_a_command_killed_mid_sweep_leaves_its_watchdog_the_ray_nodes_it_named() -> None:
@@ -130,9 +130,9 @@ def test_a_command_killed_mid_sweep_leaves_its_watchdog_the_ray_nodes_it_named()
         # Assert: the watchdog found the agent through the node the command named, then exited.
         assert agent.wait(15) is not None
         deadline = time.monotonic() + 10
-        while _alive(watchdog) and time.monotonic() < deadline:
+        while running(watchdog) and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert not _alive(watchdog)
+        assert not running(watchdog)
     finally:
         if agent.poll() is None:
             agent.kill()
@@ -165,22 +165,14 @@ def test_a_watchdog_stood_down_removes_nothing_stops_a_late_straggler_and_exits(
     straggler = _sleeper(tag)  # born after that cleanup, as a late Ray agent can be on a loaded machine
     try:
         deadline = time.monotonic() + 10
-        while (straggler.poll() is None or _alive(pid)) and time.monotonic() < deadline:
+        while (straggler.poll() is None or running(pid)) and time.monotonic() < deadline:
             time.sleep(0.2)
         assert straggler.poll() is not None  # stopped by the watchdog's last looks
-        assert not _alive(pid) and tmp_path.exists()  # then it exited; the folder was the command's to remove
+        assert not running(pid) and tmp_path.exists()  # then it exited; the folder was the command's to remove
     finally:
         if straggler.poll() is None:
             straggler.kill()
         straggler.wait()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
 
 
 def test_a_ray_process_whose_tag_is_unreadable_is_stopped_with_its_node() -> None:
@@ -237,7 +229,7 @@ def test_an_untagged_process_in_a_session_a_tagged_process_leads_stops_with_it_a
         # Assert: the leader's session followed and its untagged child stopped; the joined session not.
         assert sessions == {leader.pid}
         assert leader.wait(5) is not None and joined.wait(5) is not None
-        assert not _alive(child)
+        assert not running(child)
         assert bystander.poll() is None
     finally:
         for proc in (leader, joined, bystander):
@@ -269,10 +261,10 @@ def test_a_command_killed_mid_sweep_leaves_its_watchdog_the_sessions_it_named() 
 
         # Assert: the watchdog found the child through the session the command named, then exited.
         deadline = time.monotonic() + 15
-        while (_alive(child) or _alive(watchdog)) and time.monotonic() < deadline:
+        while (running(child) or running(watchdog)) and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert not _alive(child)
-        assert not _alive(watchdog)
+        assert not running(child)
+        assert not running(watchdog)
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(child, signal.SIGKILL)

@@ -19,6 +19,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 TAG = "FEDSEG_PROCESS_TAG"
 
@@ -73,14 +74,27 @@ def _environ(pid: int) -> dict[bytes, bytes] | None:
     return dict(entry.split(b"=", 1) for entry in raw.split(b"\0") if b"=" in entry)
 
 
-def _state_and_session(pid: int) -> tuple[str, int]:
-    """``pid``'s state (R, S, D, Z...) and session id, from ``/proc/PID/stat`` (which no process title
-    overwrites); ``("", 0)`` when it is gone."""
+class ProcStat(NamedTuple):
+    """A process's state (R, S, D, Z, X...), parent and session, from ``/proc/PID/stat``."""
+
+    state: str
+    parent: int
+    session: int
+
+
+def proc_stat(pid: int) -> ProcStat:
+    """``pid``'s :class:`ProcStat`, read from ``/proc/PID/stat`` (which no process title overwrites);
+    ``ProcStat("", 0, 0)`` when it is gone."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return fields[0], int(fields[3])
+        return ProcStat(fields[0], int(fields[1]), int(fields[3]))
     except (OSError, IndexError, ValueError):
-        return "", 0
+        return ProcStat("", 0, 0)
+
+
+def running(pid: int) -> bool:
+    """``pid`` exists and is not a zombie (nor dead): there is something left to stop."""
+    return proc_stat(pid).state not in ("", "Z", "X")
 
 
 def _node_argument(pid: int) -> str:
@@ -120,7 +134,7 @@ def tagged_pids(tag: str, variable: str = TAG, ray_nodes: set[str] | None = None
         if not entry.name.isdigit() or (pid := int(entry.name)) == mine:
             continue
         env = _environ(pid)
-        state, session = _state_and_session(pid)
+        state, _, session = proc_stat(pid)
         if env is None or state in ("", "Z", "X"):
             continue
         if env.get(variable.encode()) == needle:
