@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -88,18 +87,8 @@ def test_lookup_rejects_bad_input() -> None:
         ColourLookup(3).add(_image((1, 1, 1)), np.array([[X]])).predict(_image((1, 1, 1)))
 
 
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    # On two cores shared with other jobs, two torch threads spin-wait on each other: one thread
-    # trained this test's model about 10x faster there (measured), and as fast on a quiet machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.mark.e2e
-def test_colour_lookup_scores_far_below_a_briefly_trained_unet(tmp_path: Path, one_thread: None) -> None:
+def test_colour_lookup_scores_far_below_a_briefly_trained_unet(tmp_path: Path) -> None:
     # Prepare: 3 towns x 16 frames at 48x64, 16 held-out frames from the same towns (about 3 s).
     root = generate_fleet(tmp_path / "fleet", num_vehicles=3, frames_per_vehicle=16, heldout_frames=16,
                           image_size=(48, 64), seed=0, progress=False)
