@@ -23,10 +23,9 @@ def _one_torch_thread() -> Iterator[None]:
     """Each test's own torch work on one thread (put back after it).
 
     The tests' models are tiny, so more threads gain nothing, and under pytest-xdist on two cores,
-    beside other workers' runs, torch's threads spin-wait on each other: the distillation test took
-    501 s with two threads under ``-n 3`` against 87 s under ``-n 2``, and a briefly trained UNet trained
-    about 10x faster on one thread (measured). Processes a test starts (fedseg-sim, a SuperNode) set
-    their own.
+    beside other workers' runs, torch's threads spin-wait on each other: under ``-n 3`` the distillation
+    test took 501 s on two threads and 70 s on one, and a briefly trained UNet trained about 10x faster
+    on one thread (measured). Processes a test starts (fedseg-sim, a SuperNode) set their own.
     """
     before = torch.get_num_threads()
     torch.set_num_threads(1)
