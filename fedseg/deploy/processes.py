@@ -81,6 +81,11 @@ class ProcStat(NamedTuple):
     parent: int
     session: int
 
+    @property
+    def running(self) -> bool:
+        """The process exists and is not a zombie (nor dead): there is something left to stop."""
+        return self.state not in ("", "Z", "X")
+
 
 def proc_stat(pid: int) -> ProcStat:
     """``pid``'s :class:`ProcStat`, read from ``/proc/PID/stat`` (which no process title overwrites);
@@ -94,7 +99,7 @@ def proc_stat(pid: int) -> ProcStat:
 
 def running(pid: int) -> bool:
     """``pid`` exists and is not a zombie (nor dead): there is something left to stop."""
-    return proc_stat(pid).state not in ("", "Z", "X")
+    return proc_stat(pid).running
 
 
 def _node_argument(pid: int) -> str:
@@ -133,19 +138,18 @@ def tagged_pids(tag: str, variable: str = TAG, ray_nodes: set[str] | None = None
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or (pid := int(entry.name)) == mine:
             continue
-        env = _environ(pid)
-        state, _, session = proc_stat(pid)
-        if env is None or state in ("", "Z", "X"):
+        env, stat = _environ(pid), proc_stat(pid)
+        if env is None or not stat.running:
             continue
         if env.get(variable.encode()) == needle:
             pids.append(pid)
             node = env.get(RAY_NODE.encode(), b"").decode() or _node_argument(pid)
             if node and ray_nodes is not None:
                 ray_nodes.add(node)
-            if session == pid and sessions is not None:
-                sessions.add(session)
+            if stat.session == pid and sessions is not None:
+                sessions.add(pid)
         else:
-            seen.append((pid, env, session))
+            seen.append((pid, env, stat.session))
     for pid, env, session in seen:  # after every tagged process: a leader may be listed after its members
         node = env.get(RAY_NODE.encode(), b"").decode()
         if (node and ray_nodes and node in ray_nodes) or (sessions and session in sessions):
