@@ -402,12 +402,15 @@ def test_a_vehicle_killed_mid_run_leaves_a_finished_run_never_a_hang(tls_fleet: 
         if tls_fleet.procs.get(f"vehicle_{i}") is None or tls_fleet.procs[f"vehicle_{i}"].poll() is not None:
             _start_vehicle(tls_fleet, i)
     started = tls_fleet.log("vehicle_2").count("fedseg-clientapp: run ")
+    # 30 local epochs: a vehicle's round takes seconds, not the fraction of one that a smoke round takes, so
+    # the kill lands while vehicle_2 trains (once, its reply was in before the kill and the round had 3).
     run = tls_fleet.start_run("experiment=smoke federation.num_clients=3 federation.rounds=1 "
-                              "federation.min_fit_clients=2 federation.round_timeout=40 deploy.join_timeout=5")
+                              "federation.local_epochs=30 federation.min_fit_clients=2 federation.round_timeout=40 "
+                              "deploy.join_timeout=5")
     deadline = time.monotonic() + 120
     while tls_fleet.log("vehicle_2").count("fedseg-clientapp: run ") == started:
         assert time.monotonic() < deadline and run.poll() is None, "vehicle_2 never got its round-1 message"
-        time.sleep(0.5)
+        time.sleep(0.1)
 
     tls_fleet.kill("vehicle_2")  # SIGKILL: the SuperNode and the ClientApp training for it, mid-round
     result = tls_fleet.finish_run(run, timeout=240)
