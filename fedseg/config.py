@@ -358,6 +358,9 @@ class EarlyStopSpec:
     # rounds (epochs); None: run every round. federation.rounds / train.epochs stay the cap.
     window: int | None = bounded(None, ge=1)
     min_delta: float = bounded(0.005, ge=0)
+    # What `window` counts: rounds (fedseg-sim) and epochs (fedseg-train), or sequential optimizer steps
+    # (fleet time: a round's busiest vehicle's steps, an epoch's steps), the same work in both tools.
+    unit: Literal["round", "step"] = "round"
 
 
 def check_ray_address(address: str, *, key: str) -> None:

@@ -26,37 +26,67 @@ from typing import Any
 class Converged(Exception):  # not an error: the run is done
     """Raised after the round at which a run with ``early_stop.window`` converged; the run finishes there."""
 
-    def __init__(self, round_: int, window: int, min_delta: float, unit: str = "round") -> None:
+    def __init__(self, round_: int, window: int, min_delta: float, unit: str = "round",
+                 window_unit: str | None = None) -> None:
         super().__init__(f"converged at {unit} {round_}: held-out mIoU rose no more than {min_delta:g} in the "
-                         f"last {window} {unit}s (early_stop)")
+                         f"last {window} {window_unit or unit}s (early_stop)")
         self.round = round_
 
 
-def converged_at(miou: Sequence[float | None], *, window: int, min_delta: float) -> int | None:
+def converged_at(miou: Sequence[float | None], *, window: int, min_delta: float,
+                 steps: Sequence[int] | None = None) -> int | None:
     """The first index ``r`` (a round, or an epoch: ``miou[0]`` is the initial model) at which none of the
     last ``window`` values rose more than ``min_delta`` above the best before them; None if none yet.
 
     ``miou[r - window + 1 .. r]`` against ``max(miou[0 .. r - window])``: a run that plateaus for
-    ``window`` rounds stops ``window`` rounds after its last real gain.
+    ``window`` rounds stops ``window`` rounds after its last real gain. With ``steps`` (each index's
+    cumulative sequential optimizer steps: fleet time) the window counts steps: index ``r`` against the
+    best up to the last index at least ``window`` steps before it, so runs whose rounds (epochs) do
+    different work are held to the same fleet time.
     """
     best: list[float] = []  # best[i]: max of miou[0..i]
     for value in miou:
         best.append(max(best[-1] if best else float("-inf"), float("-inf") if value is None else value))
-    for r in range(window, len(miou)):
-        if best[r] <= best[r - window] + min_delta:
+    if steps is not None and len(steps) != len(miou):
+        raise ValueError(f"converged_at: {len(steps)} step counts for {len(miou)} mIoU values")
+    before = 0  # steps: the last index at least `window` steps before r
+    for r in range(1, len(miou)):
+        if steps is None:
+            if r < window:
+                continue
+            before = r - window
+        else:
+            while before + 1 < r and steps[before + 1] <= steps[r] - window:
+                before += 1
+            if steps[before] > steps[r] - window:
+                continue
+        if best[r] <= best[before] + min_delta:
             return r
     return None
 
 
+def cumulative_steps(rows: Sequence[dict[str, Any]]) -> list[int]:
+    """Each row's cumulative sequential optimizer steps (:func:`sequential_steps`; round 0 at zero)."""
+    total, out = 0, []
+    for row in rows:
+        if row.get("round", 0) > 0:
+            total += sequential_steps(row)
+        out.append(total)
+    return out
+
+
 def check_convergence(rows: Sequence[dict[str, Any]], *, window: int | None, min_delta: float,
-                      unit: str = "round") -> None:
+                      unit: str = "round", in_steps: bool = False) -> None:
     """Raise :class:`Converged` when ``rows``' last round (``unit``: epoch for fedseg-train) is where the run
-    converged (``window`` None: never)."""
+    converged (``window`` None: never; ``in_steps``: ``window`` counts sequential steps, not rows)."""
     if window is None or not rows:
         return
-    r = converged_at([row.get("miou") for row in rows], window=window, min_delta=min_delta)
+    steps = cumulative_steps(rows) if in_steps else None
+    if steps is not None and len(rows) > 1 and steps[-1] == 0:
+        raise ValueError("early_stop.unit=step: this run's rows record no optimizer steps; use early_stop.unit=round")
+    r = converged_at([row.get("miou") for row in rows], window=window, min_delta=min_delta, steps=steps)
     if r is not None and r == len(rows) - 1:
-        raise Converged(int(rows[-1]["round"]), window, min_delta, unit)
+        raise Converged(int(rows[-1]["round"]), window, min_delta, unit, "sequential step" if in_steps else None)
 
 
 def sequential_steps(row: dict[str, Any]) -> int:

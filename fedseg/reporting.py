@@ -80,7 +80,8 @@ class RunReporter:
         state = {**resume, "tracker_id": self.tracker.run_id} if resume is not None else {}
         self.log.save_checkpoint(self.model, {**self.meta, "round": row["round"], "resume": state})
         check_convergence(self.log.rows, window=self.early_stop.window, min_delta=self.early_stop.min_delta,
-                          unit="epoch" if self.meta.get("mode") == "centralized" else "round")
+                          unit="epoch" if self.meta.get("mode") == "centralized" else "round",
+                          in_steps=self.early_stop.unit == "step")
 
     def finish(self, extra: dict[str, Any]) -> dict[str, Any]:
         """Plots, the example sheet, ``summary.json``, and the tracker's summary and final model."""

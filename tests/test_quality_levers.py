@@ -68,6 +68,38 @@ def test_check_convergence_raises_only_at_the_converging_round_and_never_without
     assert caught.value.round == 3
 
 
+def test_a_window_in_steps_holds_runs_whose_rounds_do_different_work_to_the_same_fleet_time() -> None:
+    # A federated run of 16 steps a round and a baseline of 32 steps an epoch, the same curve per step.
+    miou = [0.0, 0.2, 0.3, 0.304, 0.306, 0.306, 0.306]
+    baseline = [0, 32, 64, 96, 128, 160, 192]
+    federated = [0, 16, 32, 48, 64, 80, 96]
+
+    # Uniform steps: a window of k rounds' steps is the k-round rule.
+    assert converged_at(miou, window=64, min_delta=0.005, steps=baseline) == converged_at(miou, window=2,
+                                                                                         min_delta=0.005) == 5
+    # 64 steps are 4 of the federated run's rounds: round 6 against round 2's best (0.3), not round 4's.
+    assert converged_at(miou, window=64, min_delta=0.005, steps=federated) is None
+    assert converged_at(miou, window=64, min_delta=0.01, steps=federated) == 6
+    # Uneven rounds: the window reaches back to the last index at least `window` steps before.
+    assert converged_at([0.0, 0.3, 0.3, 0.3], window=50, min_delta=0.005, steps=[0, 40, 60, 100]) == 3
+    assert converged_at([0.0, 0.3, 0.3, 0.3], window=61, min_delta=0.005, steps=[0, 40, 60, 100]) is None
+    with pytest.raises(ValueError, match="3 step counts for 4"):
+        converged_at([0.0, 0.3, 0.3, 0.3], window=50, min_delta=0.005, steps=[0, 40, 60])
+
+
+def test_check_convergence_in_steps_reads_each_rounds_busiest_vehicle_and_refuses_rows_without_steps() -> None:
+    rows = [{"round": 0, "miou": 0.0}] + [{"round": r, "miou": m, "steps": {"0": 16, "1": 12}}
+                                          for r, m in enumerate([0.3, 0.301, 0.302, 0.302], start=1)]
+
+    check_convergence(rows[:4], window=48, min_delta=0.005, in_steps=True)  # round 3: 48 steps back is round 0
+    with pytest.raises(Converged, match=r"round 4: .* last 48 sequential steps") as caught:
+        check_convergence(rows, window=48, min_delta=0.005, in_steps=True)
+    assert caught.value.round == 4
+    with pytest.raises(ValueError, match="early_stop.unit=step"):
+        check_convergence([{"round": 0, "miou": 0.0}, {"round": 1, "miou": 0.1}], window=2, min_delta=0.005,
+                          in_steps=True)
+
+
 # --- fleet time and frames ---------------------------------------------------------------------------
 
 def test_fleet_time_counts_a_round_as_its_slowest_vehicle_and_frames_as_every_vehicles() -> None:

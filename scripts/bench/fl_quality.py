@@ -10,8 +10,10 @@ pooled), one at a time, the same seed and data. Federated over centralized held-
   per vehicle: 12 rounds x 2 epochs x 8 batches = 192; 6 epochs of the pooled 256 frames), read off
   the same baseline run's per-epoch rows (constant lr, so its epoch 6 is a 6-epoch run's end);
 * ``converged``: both trained until held-out mIoU stops improving (``early_stop``: no gain above
-  0.5 points in a window of 5 rounds / epochs), on a backbone and size for which that fits in the
-  bench's time (``CONVERGE``: UNet-ResNet18 at 64x96, the same fleet); caps 60 rounds and 100 epochs.
+  0.5 points in a window of the same fleet time, 5 of the baseline's epochs in sequential steps:
+  5 x 32 = 160 steps, 10 of the default's 16-step rounds), on a backbone and size for which that fits
+  in the bench's time (``CONVERGE``: UNet-ResNet18 at 64x96, the same fleet); caps 80 rounds and 100
+  epochs.
 
 With ``--converged-levers equal_global_batch`` (of ``CONVERGED_LEVERS``), a lever is also run to
 convergence the same way, with its own ``converged`` ratio against the same baseline.
@@ -48,12 +50,12 @@ from typing import Any
 import numpy as np
 
 from fedseg.plots import plot_time_to_accuracy
-from fedseg.quality import Progress, converged_at, read_rows, run_progress
+from fedseg.quality import Progress, converged_at, cumulative_steps, read_rows, run_progress, sequential_steps
 
-WINDOW, MIN_DELTA = 5, 0.005  # convergence: no gain above half a point in 5 rounds (epochs)
+WINDOW, MIN_DELTA = 5, 0.005  # convergence: no gain above half a point in 5 baseline epochs' sequential steps
 DEFAULT: list[str] = []  # the default experiment as `fedseg-sim` runs it
 CONVERGE = ["model=resnet18", "data.image_size=[64,96]"]
-CAPS = {"rounds": 60, "epochs": 100}
+CAPS = {"rounds": 80, "epochs": 100}
 LEVER_ROUNDS = 6  # 12 epochs: the lever screening proxy of earlier measurements
 # Each lever: its federated overrides, and how many rounds make LEVER_ROUNDS rounds' epochs.
 LEVERS: dict[str, tuple[list[str], int]] = {
@@ -69,14 +71,19 @@ LEVERS: dict[str, tuple[list[str], int]] = {
 RUN_BY_DEFAULT = [name for name in LEVERS if name != "fedavgm_eff2"]
 # Levers also run to convergence (the converged comparison's caps and window), each its own ratio.
 CONVERGED_LEVERS: dict[str, list[str]] = {"equal_global_batch": ["federation.equal_global_batch=true"]}
+# The public pretraining the converged comparison's second pair starts from (conf/experiment/dp_pretrain.yaml:
+# 512 frames of other towns than the fleet's, seed 1001, 8 epochs), with the fleet's model and normalization.
+PUBLIC_PRETRAIN = ["experiment=dp_pretrain", "model.norm=auto"]
+SMOKE_PRETRAIN = ["model=tiny", "data.image_size=[64,64]", "train.epochs=1", "data.frames_per_vehicle=8", "federation.num_clients=2",
+                  "data.heldout_frames=8"]
 SMOKE = ["experiment=smoke", "federation.num_clients=4", "federation.min_fit_clients=4", "federation.local_epochs=2"]
 
 
 def run(exe: str, overrides: list[str], run_dir: Path, reuse: bool) -> dict[str, Any]:
     """One ``fedseg-sim``/``fedseg-train`` run into ``run_dir``: its rows, summary, wall time and load
-    (``--reuse``: a finished run's own record)."""
+    (``--reuse``: a finished run's own record, when it ran with the same overrides)."""
     record = run_dir / "bench.json"
-    if not (reuse and record.exists()):
+    if not (reuse and record.exists() and json.loads(record.read_text())["overrides"] == overrides):
         load = os.getloadavg()[0]
         print(f"{exe} {' '.join(overrides)}  (load {load:.1f})", file=sys.stderr, flush=True)
         t0 = time.perf_counter()
@@ -109,11 +116,11 @@ def central_at_epoch(central: dict[str, Any], epoch: int) -> float:
     return float(np.interp(epoch, [r["round"] for r in central["rows"]], [r["miou"] for r in central["rows"]]))
 
 
-def converged_miou(result: dict[str, Any], window: int) -> tuple[int, float, bool]:
-    """(round or epoch, mIoU, whether it converged) where ``result`` converged by the bench's rule, else its
-    last row (it hit the cap)."""
+def converged_miou(result: dict[str, Any], window_steps: int) -> tuple[int, float, bool]:
+    """(round or epoch, mIoU, whether it converged) where ``result`` converged by the bench's rule (no gain
+    above ``MIN_DELTA`` in ``window_steps`` sequential steps), else its last row (it hit the cap)."""
     miou = [r["miou"] for r in result["rows"]]
-    at = converged_at(miou, window=window, min_delta=MIN_DELTA)
+    at = converged_at(miou, window=window_steps, min_delta=MIN_DELTA, steps=cumulative_steps(result["rows"]))
     done, at = at is not None, len(miou) - 1 if at is None else at
     return int(result["rows"][at]["round"]), float(miou[at]), done
 
@@ -138,6 +145,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("outputs/bench_fl_quality"))
     parser.add_argument("--converged-levers", default="",
                         help=f"levers also run to convergence (about 40 min each on 2 cores), of {list(CONVERGED_LEVERS)}")
+    parser.add_argument("--public-start", action=argparse.BooleanOptionalAction, default=True,
+                        help="also compare at convergence from the public pretraining (cached with --reuse)")
     parser.add_argument("--reuse", action="store_true", help="reuse runs already finished under --out")
     parser.add_argument("--smoke", action="store_true", help="tiny runs (experiment=smoke): checks the plumbing")
     parser.add_argument("--json", action="store_true", help="print the results as JSON on the last line")
@@ -152,7 +161,7 @@ def main() -> None:
     rounds, lever_rounds = (4, 2) if args.smoke else (None, LEVER_ROUNDS)
     caps = {"rounds": 8, "epochs": 12} if args.smoke else CAPS
     span = 2 if args.smoke else WINDOW
-    window = [f"early_stop.window={span}", f"early_stop.min_delta={MIN_DELTA}"]
+    window = [f"early_stop.window={span}", f"early_stop.min_delta={MIN_DELTA}"]  # the baseline's, in epochs
     out, plots = args.out, args.out / "plots"
 
     # (a), (b): the default experiment and its baseline at the same epochs.
@@ -161,24 +170,50 @@ def main() -> None:
     fed = run("fedseg-sim", [*sized, f"compare={out / 'central'}"], out / "federated", args.reuse)
     epochs = run_config(fed)["federation"]["rounds"] * run_config(fed)["federation"]["local_epochs"]
     fed_miou = fed["rows"][-1]["miou"]
-    # (c): both until they stop improving, on the converging setup.
+    # (c): both until they stop improving, on the converging setup, from random initialisation and from
+    # the public pretraining.
     converge = [*base, *([] if args.smoke else CONVERGE)]
     central_c = run("fedseg-train", [*converge, f"train.epochs={caps['epochs']}", *window], out / "central_converged",
                     args.reuse)
+    # The same window in fleet time for every federated run: the baseline's `span` epochs in sequential steps.
+    window_steps = span * sequential_steps(central_c["rows"][1])
 
-    def to_convergence(overrides: list[str], run_dir: Path) -> dict[str, Any]:
-        """A federated run on the converging setup, up to the round cap, against the converged baseline."""
-        return run("fedseg-sim", [*converge, *overrides, f"federation.rounds={caps['rounds']}", *window,
-                                  f"compare={out / 'central_converged'}"], run_dir, args.reuse)
+    def to_convergence(overrides: list[str], run_dir: Path, baseline: Path) -> dict[str, Any]:
+        """A federated run on the converging setup, up to the round cap, against its converged ``baseline``."""
+        return run("fedseg-sim", [*converge, *overrides, f"federation.rounds={caps['rounds']}",
+                                  "early_stop.unit=step", f"early_stop.window={window_steps}",
+                                  f"early_stop.min_delta={MIN_DELTA}", f"compare={baseline}"], run_dir, args.reuse)
 
-    fed_c = to_convergence([], out / "federated_converged")
-    (c_epoch, c_miou, c_done), (f_round, f_miou, f_done) = converged_miou(central_c, span), converged_miou(fed_c, span)
+    fed_c = to_convergence([], out / "federated_converged", out / "central_converged")
+    (c_epoch, c_miou, c_done), (f_round, f_miou, f_done) = converged_miou(central_c, window_steps), \
+        converged_miou(fed_c, window_steps)
+    public: dict[str, Any] = {}
+    if args.public_start:
+        # The fleet's model and frame size, which the checkpoint must fit.
+        model = [o for o in args.overrides if o.split("=")[0].split(".")[0] == "model" or o.startswith("data.image_size=")]
+        pre_dir = out / "public_pretraining"
+        pretraining = run("fedseg-train", [*PUBLIC_PRETRAIN, *(SMOKE_PRETRAIN if args.smoke else CONVERGE), *model],
+                          pre_dir, args.reuse)
+        init = [f"model.init={(pre_dir / 'checkpoints' / 'global.pt').resolve()}"]
+        central_p = run("fedseg-train", [*converge, *init, f"train.epochs={caps['epochs']}", *window],
+                        out / "central_converged_public", args.reuse)
+        fed_p = to_convergence(init, out / "federated_converged_public", out / "central_converged_public")
+        (pc_epoch, pc_miou, pc_done), (pf_round, pf_miou, pf_done) = converged_miou(central_p, window_steps), \
+            converged_miou(fed_p, window_steps)
+        public = {"start_miou": fed_p["rows"][0]["miou"], "federated": pf_miou, "centralized": pc_miou,
+                  "ratio": pf_miou / pc_miou, "rounds": pf_round, "epochs": pc_epoch,
+                  "federated_converged": pf_done, "centralized_converged": pc_done,
+                  "wall_s": {"public_pretraining": pretraining["wall_s"], "central": central_p["wall_s"],
+                             "federated": fed_p["wall_s"]}}
+        plot_time_to_accuracy([curve(central_p, "centralized"), curve(fed_p, "federated (default)")],
+                              plots / "time_to_accuracy_public_start.png",
+                              title=f"{' '.join(converge) or 'converged'}, from the public pretraining")
 
     converged_levers: dict[str, dict[str, Any]] = {}
     converged_curves = []
     for name in converged_names:
-        lever = to_convergence(CONVERGED_LEVERS[name], out / f"converged_{name}")
-        at, miou, done = converged_miou(lever, span)
+        lever = to_convergence(CONVERGED_LEVERS[name], out / f"converged_{name}", out / "central_converged")
+        at, miou, done = converged_miou(lever, window_steps)
         converged_levers[name] = {"miou": miou, "rounds": at, "converged": done, "ratio": miou / c_miou,
                                   "sequential_steps": curve(lever).steps[-1], "wall_s": lever["wall_s"],
                                   "load": lever["load"]}
@@ -204,7 +239,7 @@ def main() -> None:
 
     ratio = {"equal_epochs": fed_miou / central_at_epoch(central, epochs),
              "equal_fleet_time": fed_miou / central_at(central, fed_steps),
-             "converged": f_miou / c_miou}
+             "converged": f_miou / c_miou, **({"converged_public_start": public["ratio"]} if public else {})}
     print(f"\noverrides: {' '.join(base) or '(none)'}; converged on: {' '.join(converge)}")
     print("| comparison | federated mIoU | centralized mIoU | x centralized | federated took | centralized took |")
     print("| --- | --- | --- | --- | --- | --- |")
@@ -214,6 +249,11 @@ def main() -> None:
           f"{ratio['equal_fleet_time']:.2f} | {fed_steps} sequential steps | {central_steps:g} epochs |")
     print(f"| converged | {f_miou:.3f} | {c_miou:.3f} | {ratio['converged']:.2f} | {f_round} rounds"
           f"{'' if f_done else ' (cap)'} | {c_epoch} epochs{'' if c_done else ' (cap)'} |")
+    if public:
+        print(f"| converged from the public pretraining ({public['start_miou']:.3f}) | {public['federated']:.3f} | "
+              f"{public['centralized']:.3f} | {public['ratio']:.2f} | {public['rounds']} rounds"
+              f"{'' if public['federated_converged'] else ' (cap)'} | {public['epochs']} epochs"
+              f"{'' if public['centralized_converged'] else ' (cap)'} |")
     for name, r in converged_levers.items():
         print(f"| converged, {name} | {r['miou']:.3f} | {c_miou:.3f} | {r['ratio']:.2f} | {r['rounds']} rounds"
               f"{'' if r['converged'] else ' (cap)'} | {c_epoch} epochs{'' if c_done else ' (cap)'} |")
@@ -233,14 +273,17 @@ def main() -> None:
                      "federated_converged": f_miou, "centralized_converged": c_miou},
             "took": {"equal_epochs": {"rounds": len(fed["rows"]) - 1, "epochs": epochs},
                      "equal_fleet_time": {"sequential_steps": fed_steps, "epochs": central_steps},
-                     "converged": {"rounds": f_round, "epochs": c_epoch, "window": span, "min_delta": MIN_DELTA,
+                     "converged": {"rounds": f_round, "epochs": c_epoch, "window_steps": window_steps,
+                                   "window_epochs": span, "min_delta": MIN_DELTA,
                                    "federated_converged": f_done, "centralized_converged": c_done, "caps": caps}},
             "levers": rows,
             "converged_levers": converged_levers,
+            "converged_public_start": public,
             "wall_s": {"central": central["wall_s"], "federated": fed["wall_s"],
                        "central_converged": central_c["wall_s"], "federated_converged": fed_c["wall_s"]},
             "load": {"central": central["load"], "federated": fed["load"]},
-            "plots": [str(plots / "time_to_accuracy.png"), str(plots / "time_to_accuracy_levers.png")],
+            "plots": [str(plots / name) for name in ("time_to_accuracy.png", "time_to_accuracy_levers.png",
+                                                     "time_to_accuracy_public_start.png") if (plots / name).exists()],
         }))
 
 
