@@ -279,8 +279,9 @@ class FederationSpec:
     # the largest partition the server knows, else every vehicle weighs the same (fedseg/server/replies.py).
     max_examples: int | None = bounded(None, ge=1)
     # The vehicles' lr across rounds (fedseg.training.scheduled_lr; fedseg-train follows it by epoch):
-    # constant, cosine from lr down to lr * lr_final, or step (lr * lr_final for the last third).
-    lr_schedule: Literal["constant", "cosine", "step"] = "constant"
+    # constant, cosine from lr down to lr * lr_final, step (lr * lr_final for the last third), or plateau
+    # (lr * lr_final from where early_stop's rule first fires; the run stops where it fires again).
+    lr_schedule: Literal["constant", "cosine", "step", "plateau"] = "constant"
     lr_final: float = bounded(0.1, gt=0, le=1)
     # Per-frame training augmentation, vehicles and fedseg-train alike (fedseg.training.AUGMENTATIONS).
     augment: tuple[Augmentation, ...] = ()
@@ -295,6 +296,11 @@ class FederationSpec:
     # fedseg-sim only: simulation nodes carrying the fleet (fedseg/vehicle_pool.py). None: one per vehicle
     # when every vehicle trains each round, else as many as a round samples; a number: that many, pooled.
     sim_nodes: int | None = bounded(None, ge=1)
+
+    @property
+    def lr_drops(self) -> int:
+        """Times ``early_stop``'s rule drops the lr before it stops the run (``lr_schedule=plateau``: once)."""
+        return int(self.lr_schedule == "plateau")
 
     @property
     def local_batch_size(self) -> int:

@@ -34,7 +34,7 @@ class Converged(Exception):  # not an error: the run is done
 
 
 def converged_at(miou: Sequence[float | None], *, window: int, min_delta: float,
-                 steps: Sequence[int] | None = None) -> int | None:
+                 steps: Sequence[int] | None = None, after: int = 0) -> int | None:
     """The first index ``r`` (a round, or an epoch: ``miou[0]`` is the initial model) at which none of the
     last ``window`` values rose more than ``min_delta`` above the best before them; None if none yet.
 
@@ -42,7 +42,8 @@ def converged_at(miou: Sequence[float | None], *, window: int, min_delta: float,
     ``window`` rounds stops ``window`` rounds after its last real gain. With ``steps`` (each index's
     cumulative sequential optimizer steps: fleet time) the window counts steps: index ``r`` against the
     best up to the last index at least ``window`` steps before it, so runs whose rounds (epochs) do
-    different work are held to the same fleet time.
+    different work are held to the same fleet time. ``after``: only windows that begin after that index
+    count (a run whose lr dropped at ``after`` is judged on what followed the drop).
     """
     best: list[float] = []  # best[i]: max of miou[0..i]
     for value in miou:
@@ -60,7 +61,7 @@ def converged_at(miou: Sequence[float | None], *, window: int, min_delta: float,
                 before += 1
             if steps[before] > steps[r] - window:
                 continue
-        if best[r] <= best[before] + min_delta:
+        if before >= after and best[r] <= best[before] + min_delta:
             return r
     return None
 
@@ -75,18 +76,34 @@ def cumulative_steps(rows: Sequence[dict[str, Any]]) -> list[int]:
     return out
 
 
-def check_convergence(rows: Sequence[dict[str, Any]], *, window: int | None, min_delta: float,
-                      unit: str = "round", in_steps: bool = False) -> None:
-    """Raise :class:`Converged` when ``rows``' last round (``unit``: epoch for fedseg-train) is where the run
-    converged (``window`` None: never; ``in_steps``: ``window`` counts sequential steps, not rows)."""
+def plateaus(rows: Sequence[dict[str, Any]], *, window: int | None, min_delta: float, in_steps: bool = False,
+             drops: int = 0) -> list[int]:
+    """The indices of ``rows`` at which the ``early_stop`` rule fired: first where the lr drops
+    (``federation.lr_schedule=plateau``: up to ``drops`` times, each judged on the rows after the last),
+    then where the run converged. Empty without a ``window``."""
     if window is None or not rows:
-        return
+        return []
     steps = cumulative_steps(rows) if in_steps else None
     if steps is not None and len(rows) > 1 and steps[-1] == 0:
         raise ValueError("early_stop.unit=step: this run's rows record no optimizer steps; use early_stop.unit=round")
-    r = converged_at([row.get("miou") for row in rows], window=window, min_delta=min_delta, steps=steps)
-    if r is not None and r == len(rows) - 1:
-        raise Converged(int(rows[-1]["round"]), window, min_delta, unit, "sequential step" if in_steps else None)
+    miou, fired = [row.get("miou") for row in rows], list[int]()
+    while len(fired) <= drops:
+        r = converged_at(miou, window=window, min_delta=min_delta, steps=steps, after=fired[-1] if fired else 0)
+        if r is None:
+            break
+        fired.append(r)
+    return fired
+
+
+def check_convergence(rows: Sequence[dict[str, Any]], *, window: int | None, min_delta: float,
+                      unit: str = "round", in_steps: bool = False, drops: int = 0) -> None:
+    """Raise :class:`Converged` when ``rows``' last round (``unit``: epoch for fedseg-train) is where the run
+    converged (``window`` None: never; ``in_steps``: ``window`` counts sequential steps, not rows; ``drops``:
+    the times the rule first drops the lr instead, :func:`plateaus`)."""
+    fired = plateaus(rows, window=window, min_delta=min_delta, in_steps=in_steps, drops=drops)
+    if len(fired) > drops and fired[-1] == len(rows) - 1:
+        raise Converged(int(rows[-1]["round"]), window or 0, min_delta, unit,
+                        "sequential step" if in_steps else None)
 
 
 def sequential_steps(row: dict[str, Any]) -> int:

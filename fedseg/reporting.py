@@ -24,7 +24,7 @@ from fedseg.labels import class_colors
 from fedseg.metrics import scores
 from fedseg.models import count_parameters
 from fedseg.plots import plot_curves, plot_examples, plot_time_to_accuracy
-from fedseg.quality import check_convergence, read_rows, run_progress
+from fedseg.quality import check_convergence, plateaus, read_rows, run_progress
 from fedseg.runlog import RunLog, format_row
 from fedseg.tracking import Predictions, Tracker
 
@@ -38,9 +38,10 @@ class RunReporter:
     def __init__(self, *, model: torch.nn.Module, data: FleetData, out_dir: Path, tracker: Tracker,
                  meta: dict[str, Any], total_rounds: int, batch_size: int = 16, device: str = "cpu",
                  example_images: int = 4, resume_after: int | None = None, early_stop: EarlyStopSpec | None = None,
-                 compare: Path | None = None) -> None:
+                 compare: Path | None = None, lr_drops: int = 0) -> None:
         """``early_stop``: :meth:`record` raises :class:`~fedseg.quality.Converged` after the round the run
-        converged at; ``compare``: another run's directory, whose curve joins this one's in
+        converged at (``lr_drops``: after the rule has first fired that many times, each dropping the lr:
+        ``federation.lr_schedule=plateau``, :meth:`lr_dropped`); ``compare``: another run's directory, whose curve joins this one's in
         ``plots/time_to_accuracy.png`` (:func:`fedseg.quality.check_compare` checked it)."""
         self.model = model.to(device)
         self.data = data
@@ -53,6 +54,16 @@ class RunReporter:
         self.loader = make_loader(data.heldout, batch_size=batch_size, shuffle=False, seed=0)
         self.early_stop = early_stop or EarlyStopSpec()
         self.compare = compare
+        self.lr_drops = lr_drops
+
+    def lr_dropped(self) -> int:
+        """How many times the lr has dropped so far (``federation.lr_schedule=plateau``): where ``early_stop``'s
+        rule fired on the rows recorded, up to ``lr_drops``; read again from the rows on resume."""
+        if not self.lr_drops:
+            return 0
+        return min(self.lr_drops, len(plateaus(self.log.rows, window=self.early_stop.window,
+                                               min_delta=self.early_stop.min_delta,
+                                               in_steps=self.early_stop.unit == "step", drops=self.lr_drops)))
 
     def evaluate(self) -> tuple[float, dict[str, float]]:
         """Held-out loss and metrics of ``self.model`` from one summed confusion matrix."""
@@ -68,6 +79,7 @@ class RunReporter:
         """Write one round everywhere it belongs, and checkpoint the model that produced it; ``resume`` is
         what the checkpoint holds besides weights and metadata so a killed run can continue
         (``fedseg/server/resume.py``; the federated server's round recorder hands it over with the row)."""
+        before = self.lr_dropped()  # the lr's drops before this round (federation.lr_schedule=plateau)
         row = self.log.log_round(row)
         log.info(format_row(row, self.total_rounds))  # the console and the run's job log alike
         examples = self._heldout_examples() if self.tracker.logs_predictions else None
@@ -79,9 +91,14 @@ class RunReporter:
         self.tracker.log_round(row)
         state = {**resume, "tracker_id": self.tracker.run_id} if resume is not None else {}
         self.log.save_checkpoint(self.model, {**self.meta, "round": row["round"], "resume": state})
+        unit = "epoch" if self.meta.get("mode") == "centralized" else "round"
         check_convergence(self.log.rows, window=self.early_stop.window, min_delta=self.early_stop.min_delta,
-                          unit="epoch" if self.meta.get("mode") == "centralized" else "round",
-                          in_steps=self.early_stop.unit == "step")
+                          unit=unit, in_steps=self.early_stop.unit == "step", drops=self.lr_drops)
+        if self.lr_dropped() > before:
+            span = "sequential step" if self.early_stop.unit == "step" else unit
+            log.info(f"lr drops after {unit} {row['round']}: held-out mIoU rose no more than "
+                     f"{self.early_stop.min_delta:g} in the last {self.early_stop.window} {span}s "
+                     "(federation.lr_schedule=plateau, early_stop)")
 
     def finish(self, extra: dict[str, Any]) -> dict[str, Any]:
         """Plots, the example sheet, ``summary.json``, and the tracker's summary and final model."""

@@ -81,6 +81,9 @@ class RunSettings:
         )
 
     def __post_init__(self) -> None:
+        if self.federation.lr_schedule == "plateau" and self.early_stop.window is None:
+            raise ValueError("federation.lr_schedule=plateau drops the lr where early_stop's rule fires: set "
+                             "early_stop.window (e.g. early_stop.window=5)")
         if self.model.norm == "batch" and self.privacy.dp_model:
             raise ValueError(f"model.norm=batch cannot train under privacy={self.privacy.name} (BatchNorm mixes "
                              "frames, and noised running statistics wreck a model); valid: auto, group")

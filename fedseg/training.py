@@ -65,9 +65,13 @@ def steps_per_epoch(num_examples: int, batch_size: int) -> int:
     return math.ceil(num_examples / batch_size)
 
 
-def scheduled_lr(lr: float, schedule: str, *, round_: int, rounds: int, final: float) -> float:
+def scheduled_lr(lr: float, schedule: str, *, round_: int, rounds: int, final: float, dropped: int = 0) -> float:
     """The lr of round ``round_`` (1-based) of ``rounds``: ``constant``; ``cosine`` from ``lr`` (round 1)
-    down to ``lr * final`` (the last round); ``step``: ``lr * final`` for the last third of the rounds."""
+    down to ``lr * final`` (the last round); ``step``: ``lr * final`` for the last third of the rounds;
+    ``plateau``: ``lr * final`` once ``early_stop``'s rule has fired (``dropped`` times so far,
+    :func:`fedseg.quality.plateaus`)."""
+    if schedule == "plateau":
+        return lr * final ** dropped
     if schedule == "constant" or rounds <= 1:
         return lr
     progress = (min(max(round_, 1), rounds) - 1) / (rounds - 1)  # 0 at round 1, 1 at the last
@@ -75,7 +79,7 @@ def scheduled_lr(lr: float, schedule: str, *, round_: int, rounds: int, final: f
         return lr * (final + (1 - final) * (1 + math.cos(math.pi * progress)) / 2)
     if schedule == "step":
         return lr * final if round_ > rounds - rounds // 3 else lr
-    raise ValueError(f"federation.lr_schedule={schedule!r}; valid: ['constant', 'cosine', 'step']")
+    raise ValueError(f"federation.lr_schedule={schedule!r}; valid: ['constant', 'cosine', 'step', 'plateau']")
 
 
 def epoch_round(epoch: int, *, epochs: int, rounds: int) -> int:

@@ -60,6 +60,23 @@ def test_server_sends_each_rounds_lr_in_the_fit_config(schedule: str, expected: 
     assert sent == pytest.approx(expected)
 
 
+def test_plateau_sends_the_dropped_lr_once_the_reporter_says_the_rule_fired() -> None:
+    cfg = {"model": {"name": "tiny"}, "early_stop": {"window": 2}, "federation": {
+        "num_clients": 2, "min_fit_clients": 2, "rounds": 3, "lr": 1e-3, "lr_schedule": "plateau", "lr_final": 0.1}}
+    s = settings_of(to_run_config(cfg))
+    dropped = [0]
+    parts = compose_server(s, on_round=lambda row, resume: None, lr_dropped=lambda: dropped[0],
+                           initial_parameters=ndarrays_to_parameters([np.zeros(1, np.float32)]))
+
+    before = parts.base.on_fit_config_fn(2)["lr"]  # type: ignore[attr-defined]
+    dropped[0] = 1
+    after = parts.base.on_fit_config_fn(3)["lr"]  # type: ignore[attr-defined]
+
+    assert (before, after) == pytest.approx((1e-3, 1e-4))
+    with pytest.raises(ValueError, match="lr_schedule=plateau .* set early_stop.window"):
+        run_settings(lr_schedule="plateau")
+
+
 def test_centralized_epochs_follow_the_rounds_lr() -> None:
     # 3 rounds x 2 local epochs = 6 epochs: two epochs per round, as a vehicle trains them.
     assert [epoch_round(e, epochs=6, rounds=3) for e in range(1, 7)] == [1, 1, 2, 2, 3, 3]

@@ -14,7 +14,15 @@ from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters
 from flwr.server.client_manager import SimpleClientManager
 
 from fedseg.config import FederationSpec, to_run_config
-from fedseg.quality import Converged, check_compare, check_convergence, converged_at, fleet_seconds, progress
+from fedseg.quality import (
+    Converged,
+    check_compare,
+    check_convergence,
+    converged_at,
+    fleet_seconds,
+    plateaus,
+    progress,
+)
 from fedseg.server.compose import check_composition, compose_server
 from fedseg.server.statistics_mean import StatisticsMean
 from fedseg.server.strategies import build_strategy
@@ -98,6 +106,25 @@ def test_check_convergence_in_steps_reads_each_rounds_busiest_vehicle_and_refuse
     with pytest.raises(ValueError, match="early_stop.unit=step"):
         check_convergence([{"round": 0, "miou": 0.0}, {"round": 1, "miou": 0.1}], window=2, min_delta=0.005,
                           in_steps=True)
+
+
+def test_plateau_drops_the_lr_where_the_rule_first_fires_and_stops_where_it_fires_after_the_drop() -> None:
+    # Window 2, delta 0.005: rounds 3-4 gain nothing on round 2 (the drop after round 4); rounds 5-6 then
+    # gain 0.02 and 0.01 (no stop: round 6 beats round 4's best); rounds 7-8 gain nothing on round 6.
+    miou = [0.0, 0.2, 0.3, 0.301, 0.302, 0.322, 0.332, 0.333, 0.334]
+    rows = [{"round": r, "miou": m} for r, m in enumerate(miou)]
+
+    assert plateaus(rows, window=2, min_delta=0.005) == [4]  # without drops: where the run stops
+    assert plateaus(rows, window=2, min_delta=0.005, drops=1) == [4, 8]
+    assert plateaus(rows[:8], window=2, min_delta=0.005, drops=1) == [4]
+    # A window never reaches back across the drop: rounds 5-6 alone after a drop at round 4 could not stop it.
+    assert converged_at([0.0, 0.2, 0.3, 0.301, 0.302, 0.302, 0.302], window=2, min_delta=0.005, after=4) == 6
+    for last in range(len(rows) - 1):
+        check_convergence(rows[:last + 1], window=2, min_delta=0.005, drops=1)  # round 4 drops, no stop
+    with pytest.raises(Converged) as caught:
+        check_convergence(rows, window=2, min_delta=0.005, drops=1)
+    assert caught.value.round == 8
+    assert plateaus(rows, window=None, min_delta=0.005, drops=1) == []
 
 
 # --- fleet time and frames ---------------------------------------------------------------------------
@@ -270,14 +297,18 @@ def test_reporter_stops_at_convergence_and_plots_the_compared_run_beside_its_own
 
 
 @pytest.mark.e2e
-def test_fedseg_sim_stops_at_convergence_and_says_so(tmp_path: Path) -> None:
+def test_fedseg_sim_drops_the_lr_at_a_plateau_then_stops_at_convergence_and_says_so(tmp_path: Path) -> None:
     from smoke_runs import rows_of, run_sim
 
-    # min_delta 0.9: no round can gain that much, so the run converges after window=1 round.
-    proc, out = run_sim(tmp_path, "run", "federation.rounds=6", "early_stop.window=1", "early_stop.min_delta=0.9")
+    # min_delta 0.9: no round can gain that much, so the rule fires after every window=1 round: round 1
+    # drops the lr (federation.lr_schedule=plateau), round 2 stops the run.
+    proc, out = run_sim(tmp_path, "run", "federation.rounds=6", "early_stop.window=1", "early_stop.min_delta=0.9",
+                        "federation.lr_schedule=plateau")
 
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert [r["round"] for r in rows_of(out)] == [0, 1]
-    assert json.loads((out / "summary.json").read_text())["converged_round"] == 1
-    assert "converged at round 1" in proc.stdout + proc.stderr
+    assert [r["round"] for r in rows_of(out)] == [0, 1, 2]
+    assert json.loads((out / "summary.json").read_text())["converged_round"] == 2
+    said = (out / "federated.log").read_text()
+    assert "lr drops after round 1" in said
+    assert "converged at round 2" in said
     assert (out / "plots" / "time_to_accuracy.png").stat().st_size > 0

@@ -160,8 +160,8 @@ def check_composition(settings: RunSettings, partition_sizes: Sequence[int] | No
 def compose_server(settings: RunSettings, *, on_round: OnRound,
                    evaluate_fn: EvaluateFn | None = None, initial_parameters: Parameters | None = None,
                    partition_sizes: Sequence[int] | None = None, start_round: int = 0,
-                   statistics: Sequence[bool | str] | None = None, trained: Sequence[bool] | None = None
-                   ) -> ServerParts:
+                   statistics: Sequence[bool | str] | None = None, trained: Sequence[bool] | None = None,
+                   lr_dropped: Callable[[], int] | None = None) -> ServerParts:
     """The strategy chain of the module docstring and the matching fit workflow; ``on_round(row, resume)``
     gets each round's row and what its checkpoint needs to continue the run.
 
@@ -169,7 +169,8 @@ def compose_server(settings: RunSettings, *, on_round: OnRound,
     shifted so everything inside sees the run's own numbers. ``statistics`` tags the arrays that
     are BatchNorm statistics (``fedseg.training.statistics_mask``), pooled each round; ``trained`` the
     arrays ``privacy.trainable`` trains (``fedseg.models.trained_mask``), needed under central DP when
-    that is not ``all``.
+    that is not ``all``. ``lr_dropped`` says how many times ``federation.lr_schedule=plateau`` has dropped
+    the lr before the round being configured (the reporter's :meth:`~fedseg.reporting.RunReporter.lr_dropped`).
     """
     check_composition(settings, partition_sizes)
     fed = settings.federation
@@ -179,7 +180,8 @@ def compose_server(settings: RunSettings, *, on_round: OnRound,
     def fit_config(server_round: int) -> dict[str, Any]:
         config: dict[str, Any] = {"server_round": server_round, "local_epochs": fed.local_epochs,
                                   "lr": scheduled_lr(fed.lr, fed.lr_schedule, round_=server_round,
-                                                     rounds=fed.rounds, final=fed.lr_final)}
+                                                     rounds=fed.rounds, final=fed.lr_final,
+                                                     dropped=lr_dropped() if lr_dropped else 0)}
         if codec.needs_seed:  # the server picks the round's positions; every vehicle reads them here
             config[SEED_KEY] = round_seed(settings.seed, server_round)
         return config

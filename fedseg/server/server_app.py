@@ -60,7 +60,8 @@ def make_reporter(settings: RunSettings, raw: dict[str, Any], data: FleetData,
                        total_rounds=settings.federation.rounds, batch_size=max(settings.federation.batch_size, 8),
                        device=resolve_device(settings.device), example_images=settings.run.example_images,
                        resume_after=point.round if point else None, early_stop=settings.early_stop,
-                       compare=check_compare(settings.compare, data=raw.get("data") or {}, seed=settings.seed))
+                       compare=check_compare(settings.compare, data=raw.get("data") or {}, seed=settings.seed),
+                       lr_drops=settings.federation.lr_drops)
 
 
 def simulation_pool(fed: FederationSpec, *, deployed: bool) -> int | None:
@@ -128,7 +129,8 @@ def serve(grid: Grid, context: Context, held: contextlib.ExitStack) -> None:
         parts = compose_server(fleet, on_round=reporter.record, evaluate_fn=evaluate_fn,
                                initial_parameters=ndarrays_to_parameters(get_weights(reporter.model)),
                                partition_sizes=sizes, start_round=start, statistics=statistics_mask(reporter.model),
-                               trained=trained_mask(reporter.model, getattr(settings.privacy, "trainable", "all")))
+                               trained=trained_mask(reporter.model, getattr(settings.privacy, "trainable", "all")),
+                               lr_dropped=reporter.lr_dropped)
         if point is not None:
             log.info(f"fedseg: resuming after round {start} of {fed.rounds}")
             restore(point.state, parts.base, parts.recorder, parts.recorder.adaptive_clipping())

@@ -67,7 +67,7 @@ def run(cfg: DictConfig) -> dict:
                                                 {"mode": "centralized", "config": raw}),
                            total_rounds=epochs, batch_size=max(fed.batch_size, 8), device=device,
                            example_images=s.run.example_images, early_stop=s.early_stop,
-                           compare=compare)
+                           compare=compare, lr_drops=fed.lr_drops)
     log.info(f"fedseg-train: {len(pooled)} pooled frames, {len(data.heldout)} held-out, {s.model.name}, "
              f"{epochs} epochs -> {out}")
     converged = train_epochs(model, frames, reporter, s, epochs=epochs, device=device, prog="fedseg-train")
@@ -90,7 +90,7 @@ def train_epochs(trainee: nn.Module, frames: Dataset, reporter: RunReporter, s: 
         t0 = time.perf_counter()
         as_round = epoch_round(epoch, epochs=epochs, rounds=fed.rounds)
         set_lr(optimizer, scheduled_lr(fed.lr, fed.lr_schedule, round_=as_round, rounds=fed.rounds,
-                                       final=fed.lr_final))
+                                       final=fed.lr_final, dropped=reporter.lr_dropped()))
         loader = make_loader(frames, batch_size=fed.batch_size, shuffle=True, seed=derive_seed(s.seed, epoch))
         result = train(trainee, loader, optimizer, epochs=1, device=device, criterion=criterion,
                        progress=f"epoch {epoch}/{epochs}" if s.run.progress else None)

@@ -68,7 +68,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                            meta=checkpoint_meta(s.model, s.data, label_map, {"mode": "centralized", "config": raw,
                                                                             "distilled": distilled}),
                            total_rounds=epochs, batch_size=max(fed.batch_size, 8), device=device,
-                           example_images=s.run.example_images, early_stop=s.early_stop)
+                           example_images=s.run.example_images, early_stop=s.early_stop, lr_drops=fed.lr_drops)
     teacher_scores = scores(evaluate(teacher, reporter.loader, num_classes=label_map.num_classes,
                                      device=device).confmat, label_map.class_names)
     log.info(f"fedseg-distill: {teacher_meta['backbone']} teacher (held-out mIoU {teacher_scores['miou']:.3f}) -> "
