@@ -13,10 +13,14 @@ pooled), one at a time, the same seed and data. Federated over centralized held-
   0.5 points in a window of the same fleet time, 5 of the baseline's epochs in sequential steps:
   5 x 32 = 160 steps, 10 of the default's 16-step rounds), on a backbone and size for which that fits
   in the bench's time (``CONVERGE``: UNet-ResNet18 at 64x96, the same fleet); caps 80 rounds and 100
-  epochs.
+  epochs. Two pairs: from random initialisation (``converged``) and from the public pretraining
+  (``converged_public_start``: ``experiment=dp_pretrain``, 512 frames of towns the fleet never drives,
+  with the fleet's model; the start the field compares from, where its models begin from
+  ImageNet-pretrained encoders). ``--no-public-start`` skips the second pair.
 
-With ``--converged-levers equal_global_batch`` (of ``CONVERGED_LEVERS``), a lever is also run to
-convergence the same way, with its own ``converged`` ratio against the same baseline.
+With ``--converged-levers equal_global_batch,plateau`` (of ``CONVERGED_LEVERS``), a lever is also run to
+convergence the same way, with its own ``converged`` ratio: against the same baseline, or, for a lever
+both runs follow (``plateau``: the lr drops where the rule first fires), against a baseline run with it.
 
 Then each lever, a setting, federated on the ``CONVERGE`` setup for 6 rounds' worth of epochs (12),
 each row's ratio at equal epochs and at equal fleet time against the ``converged`` baseline's curve
@@ -29,7 +33,7 @@ training seconds (vehicles in parallel) and against frames trained. Each federat
 started with ``compare=`` its baseline, so its own ``plots/time_to_accuracy.png`` holds both curves.
 Wall time is per run; the machine's load average (1 min) is printed before each run.
 
-    python scripts/bench/fl_quality.py --json                             # everything (~1 h alone on 2 cores)
+    python scripts/bench/fl_quality.py --json                             # everything (~2 h alone on 2 cores)
     python scripts/bench/fl_quality.py --json --levers cyclic,fedexp      # some levers
     python scripts/bench/fl_quality.py --json --reuse                     # runs already under --out count
     python scripts/bench/fl_quality.py --json --reuse --converged-levers equal_global_batch   # + that lever converged
@@ -70,7 +74,13 @@ LEVERS: dict[str, tuple[list[str], int]] = {
 }
 RUN_BY_DEFAULT = [name for name in LEVERS if name != "fedavgm_eff2"]
 # Levers also run to convergence (the converged comparison's caps and window), each its own ratio.
-CONVERGED_LEVERS: dict[str, list[str]] = {"equal_global_batch": ["federation.equal_global_batch=true"]}
+# Each: its overrides, and whether the baseline takes them too (a schedule both runs can follow), in which
+# case the lever's ratio is against a baseline run of its own.
+CONVERGED_LEVERS: dict[str, tuple[list[str], bool]] = {
+    "equal_global_batch": (["federation.equal_global_batch=true"], False),
+    # The lr drops tenfold where the rule first fires; the run stops where it fires again (both runs).
+    "plateau": (["federation.lr_schedule=plateau"], True),
+}
 # The public pretraining the converged comparison's second pair starts from (conf/experiment/dp_pretrain.yaml:
 # 512 frames of other towns than the fleet's, seed 1001, 8 epochs), with the fleet's model and normalization.
 PUBLIC_PRETRAIN = ["experiment=dp_pretrain", "model.norm=auto"]
@@ -212,9 +222,17 @@ def main() -> None:
     converged_levers: dict[str, dict[str, Any]] = {}
     converged_curves = []
     for name in converged_names:
-        lever = to_convergence(CONVERGED_LEVERS[name], out / f"converged_{name}", out / "central_converged")
+        overrides, both = CONVERGED_LEVERS[name]
+        baseline, base_miou, base_epoch = out / "central_converged", c_miou, c_epoch
+        if both:
+            baseline = out / f"central_converged_{name}"
+            own = run("fedseg-train", [*converge, *overrides, f"train.epochs={caps['epochs']}", *window], baseline,
+                      args.reuse)
+            base_epoch, base_miou, _ = converged_miou(own, window_steps)
+        lever = to_convergence(overrides, out / f"converged_{name}", baseline)
         at, miou, done = converged_miou(lever, window_steps)
-        converged_levers[name] = {"miou": miou, "rounds": at, "converged": done, "ratio": miou / c_miou,
+        converged_levers[name] = {"miou": miou, "rounds": at, "converged": done, "ratio": miou / base_miou,
+                                  "centralized": base_miou, "epochs": base_epoch,
                                   "sequential_steps": curve(lever).steps[-1], "wall_s": lever["wall_s"],
                                   "load": lever["load"]}
         converged_curves.append(curve(lever, f"{name}, to convergence"))
@@ -255,8 +273,8 @@ def main() -> None:
               f"{'' if public['federated_converged'] else ' (cap)'} | {public['epochs']} epochs"
               f"{'' if public['centralized_converged'] else ' (cap)'} |")
     for name, r in converged_levers.items():
-        print(f"| converged, {name} | {r['miou']:.3f} | {c_miou:.3f} | {r['ratio']:.2f} | {r['rounds']} rounds"
-              f"{'' if r['converged'] else ' (cap)'} | {c_epoch} epochs{'' if c_done else ' (cap)'} |")
+        print(f"| converged, {name} | {r['miou']:.3f} | {r['centralized']:.3f} | {r['ratio']:.2f} | {r['rounds']} rounds"
+              f"{'' if r['converged'] else ' (cap)'} | {r['epochs']} epochs |")
     print("\n| lever | mIoU | rounds | sequential steps | x centralized, equal epochs | x centralized, equal fleet time "
           "| wall s | load |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
