@@ -223,16 +223,16 @@ def main() -> None:
     converged_curves = []
     for name in converged_names:
         overrides, both = CONVERGED_LEVERS[name]
-        baseline, base_miou, base_epoch = out / "central_converged", c_miou, c_epoch
+        baseline, base_miou, base_epoch, base_done = out / "central_converged", c_miou, c_epoch, c_done
         if both:
             baseline = out / f"central_converged_{name}"
             own = run("fedseg-train", [*converge, *overrides, f"train.epochs={caps['epochs']}", *window], baseline,
                       args.reuse)
-            base_epoch, base_miou, _ = converged_miou(own, window_steps)
+            base_epoch, base_miou, base_done = converged_miou(own, window_steps)
         lever = to_convergence(overrides, out / f"converged_{name}", baseline)
         at, miou, done = converged_miou(lever, window_steps)
         converged_levers[name] = {"miou": miou, "rounds": at, "converged": done, "ratio": miou / base_miou,
-                                  "centralized": base_miou, "epochs": base_epoch,
+                                  "centralized": base_miou, "epochs": base_epoch, "centralized_converged": base_done,
                                   "sequential_steps": curve(lever).steps[-1], "wall_s": lever["wall_s"],
                                   "load": lever["load"]}
         converged_curves.append(curve(lever, f"{name}, to convergence"))
@@ -274,7 +274,7 @@ def main() -> None:
               f"{'' if public['centralized_converged'] else ' (cap)'} |")
     for name, r in converged_levers.items():
         print(f"| converged, {name} | {r['miou']:.3f} | {r['centralized']:.3f} | {r['ratio']:.2f} | {r['rounds']} rounds"
-              f"{'' if r['converged'] else ' (cap)'} | {r['epochs']} epochs |")
+              f"{'' if r['converged'] else ' (cap)'} | {r['epochs']} epochs{'' if r['centralized_converged'] else ' (cap)'} |")
     print("\n| lever | mIoU | rounds | sequential steps | x centralized, equal epochs | x centralized, equal fleet time "
           "| wall s | load |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
