@@ -13,10 +13,11 @@ pooled), one at a time, the same seed and data. Federated over centralized held-
   0.5 points in a window of the same fleet time, 5 of the baseline's epochs in sequential steps:
   5 x 32 = 160 steps, 10 of the default's 16-step rounds), on a backbone and size for which that fits
   in the bench's time (``CONVERGE``: UNet-ResNet18 at 64x96, the same fleet); caps 80 rounds and 100
-  epochs. Two pairs: from random initialisation (``converged``) and from the public pretraining
-  (``converged_public_start``: ``experiment=dp_pretrain``, 512 frames of towns the fleet never drives,
+  epochs. Two pairs: from random initialisation (``converged_random_init``) and from the public pretraining
+  (``converged``: ``experiment=dp_pretrain``, 512 frames of towns the fleet never drives,
   with the fleet's model; the start the field compares from, where its models begin from
-  ImageNet-pretrained encoders). ``--no-public-start`` skips the second pair.
+  ImageNet-pretrained encoders). The JSON's ``ratio.converged`` is the pair from the public pretraining,
+  ``ratio.converged_random_init`` the other; ``--no-public-start`` skips the first.
 
 With ``--converged-levers equal_global_batch,plateau`` (of ``CONVERGED_LEVERS``), a lever is also run to
 convergence the same way, with its own ``converged`` ratio: against the same baseline, or, for a lever
@@ -135,6 +136,15 @@ def converged_miou(result: dict[str, Any], window_steps: int) -> tuple[int, floa
     return int(result["rows"][at]["round"]), float(miou[at]), done
 
 
+def converged_pair(central: dict[str, Any], fed: dict[str, Any], window_steps: int) -> dict[str, Any]:
+    """A converged comparison: each run where it converged (or its cap), and federated over centralized."""
+    (c_epoch, c_miou, c_done), (f_round, f_miou, f_done) = (converged_miou(central, window_steps),
+                                                             converged_miou(fed, window_steps))
+    return {"start_miou": fed["rows"][0]["miou"], "federated": f_miou, "centralized": c_miou, "ratio": f_miou / c_miou,
+            "rounds": f_round, "epochs": c_epoch, "federated_converged": f_done, "centralized_converged": c_done,
+            "wall_s": {"central": central["wall_s"], "federated": fed["wall_s"]}}
+
+
 def truncated(result: dict[str, Any], rounds: int) -> dict[str, Any]:
     """``result`` as if it had stopped after ``rounds`` rounds (constant lr: the same rows a shorter run writes)."""
     return {**result, "rows": [r for r in result["rows"] if r["round"] <= rounds]}
@@ -195,9 +205,10 @@ def main() -> None:
                                   f"early_stop.min_delta={MIN_DELTA}", f"compare={baseline}"], run_dir, args.reuse)
 
     fed_c = to_convergence([], out / "federated_converged", out / "central_converged")
-    (c_epoch, c_miou, c_done), (f_round, f_miou, f_done) = converged_miou(central_c, window_steps), \
-        converged_miou(fed_c, window_steps)
-    public: dict[str, Any] = {}
+    random_init = converged_pair(central_c, fed_c, window_steps)
+    c_miou, c_epoch, c_done = random_init["centralized"], random_init["epochs"], random_init["centralized_converged"]
+    # The headline `converged` is from the public pretraining, where the field's comparisons start.
+    pairs: dict[str, dict[str, Any]] = {}
     if args.public_start:
         # The fleet's model and frame size, which the checkpoint must fit.
         model = [o for o in args.overrides if o.split("=")[0].split(".")[0] == "model" or o.startswith("data.image_size=")]
@@ -208,17 +219,13 @@ def main() -> None:
         central_p = run("fedseg-train", [*converge, *init, f"train.epochs={caps['epochs']}", *window],
                         out / "central_converged_public", args.reuse)
         fed_p = to_convergence(init, out / "federated_converged_public", out / "central_converged_public")
-        (pc_epoch, pc_miou, pc_done), (pf_round, pf_miou, pf_done) = converged_miou(central_p, window_steps), \
-            converged_miou(fed_p, window_steps)
-        public = {"start_miou": fed_p["rows"][0]["miou"], "federated": pf_miou, "centralized": pc_miou,
-                  "ratio": pf_miou / pc_miou, "rounds": pf_round, "epochs": pc_epoch,
-                  "federated_converged": pf_done, "centralized_converged": pc_done,
-                  "wall_s": {"public_pretraining": pretraining["wall_s"], "central": central_p["wall_s"],
-                             "federated": fed_p["wall_s"]}}
+        pairs["converged"] = converged_pair(central_p, fed_p, window_steps)
+        pairs["converged"]["wall_s"]["public_pretraining"] = pretraining["wall_s"]
         plot_time_to_accuracy([curve(central_p, "centralized"), curve(fed_p, "federated (default)")],
                               plots / "time_to_accuracy_public_start.png",
                               title=f"{' '.join(converge) or 'converged'}, from the public pretraining")
 
+    pairs["converged_random_init"] = random_init
     converged_levers: dict[str, dict[str, Any]] = {}
     converged_curves = []
     for name in converged_names:
@@ -257,7 +264,7 @@ def main() -> None:
 
     ratio = {"equal_epochs": fed_miou / central_at_epoch(central, epochs),
              "equal_fleet_time": fed_miou / central_at(central, fed_steps),
-             "converged": f_miou / c_miou, **({"converged_public_start": public["ratio"]} if public else {})}
+             **{name: pair["ratio"] for name, pair in pairs.items()}}
     print(f"\noverrides: {' '.join(base) or '(none)'}; converged on: {' '.join(converge)}")
     print("| comparison | federated mIoU | centralized mIoU | x centralized | federated took | centralized took |")
     print("| --- | --- | --- | --- | --- | --- |")
@@ -265,13 +272,11 @@ def main() -> None:
           f"{len(fed['rows']) - 1} rounds | {epochs} epochs |")
     print(f"| equal fleet time | {fed_miou:.3f} | {central_at(central, fed_steps):.3f} | "
           f"{ratio['equal_fleet_time']:.2f} | {fed_steps} sequential steps | {central_steps:g} epochs |")
-    print(f"| converged | {f_miou:.3f} | {c_miou:.3f} | {ratio['converged']:.2f} | {f_round} rounds"
-          f"{'' if f_done else ' (cap)'} | {c_epoch} epochs{'' if c_done else ' (cap)'} |")
-    if public:
-        print(f"| converged from the public pretraining ({public['start_miou']:.3f}) | {public['federated']:.3f} | "
-              f"{public['centralized']:.3f} | {public['ratio']:.2f} | {public['rounds']} rounds"
-              f"{'' if public['federated_converged'] else ' (cap)'} | {public['epochs']} epochs"
-              f"{'' if public['centralized_converged'] else ' (cap)'} |")
+    for name, p in pairs.items():
+        start = "the public pretraining" if name == "converged" else "random initialisation"
+        print(f"| converged from {start} ({p['start_miou']:.3f}) | {p['federated']:.3f} | {p['centralized']:.3f} | "
+              f"{p['ratio']:.3f} | {p['rounds']} rounds{'' if p['federated_converged'] else ' (cap)'} | "
+              f"{p['epochs']} epochs{'' if p['centralized_converged'] else ' (cap)'} |")
     for name, r in converged_levers.items():
         print(f"| converged, {name} | {r['miou']:.3f} | {r['centralized']:.3f} | {r['ratio']:.2f} | {r['rounds']} rounds"
               f"{'' if r['converged'] else ' (cap)'} | {r['epochs']} epochs{'' if r['centralized_converged'] else ' (cap)'} |")
@@ -287,18 +292,16 @@ def main() -> None:
             "overrides": base, "converge_overrides": converge,
             "ratio": ratio,
             "miou": {"federated": fed_miou, "centralized_equal_epochs": central_at_epoch(central, epochs),
-                     "centralized_equal_fleet_time": central_at(central, fed_steps),
-                     "federated_converged": f_miou, "centralized_converged": c_miou},
+                     "centralized_equal_fleet_time": central_at(central, fed_steps)},
             "took": {"equal_epochs": {"rounds": len(fed["rows"]) - 1, "epochs": epochs},
                      "equal_fleet_time": {"sequential_steps": fed_steps, "epochs": central_steps},
-                     "converged": {"rounds": f_round, "epochs": c_epoch, "window_steps": window_steps,
-                                   "window_epochs": span, "min_delta": MIN_DELTA,
-                                   "federated_converged": f_done, "centralized_converged": c_done, "caps": caps}},
+                     **{name: {"rounds": p["rounds"], "epochs": p["epochs"]} for name, p in pairs.items()}},
+            "convergence_rule": {"window_steps": window_steps, "window_epochs": span, "min_delta": MIN_DELTA,
+                                 "caps": caps},
+            **pairs,  # each converged pair: both runs' mIoU, where each converged, wall times
             "levers": rows,
             "converged_levers": converged_levers,
-            "converged_public_start": public,
-            "wall_s": {"central": central["wall_s"], "federated": fed["wall_s"],
-                       "central_converged": central_c["wall_s"], "federated_converged": fed_c["wall_s"]},
+            "wall_s": {"central": central["wall_s"], "federated": fed["wall_s"]},
             "load": {"central": central["load"], "federated": fed["load"]},
             "plots": [str(plots / name) for name in ("time_to_accuracy.png", "time_to_accuracy_levers.png",
                                                      "time_to_accuracy_public_start.png") if (plots / name).exists()],
