@@ -15,8 +15,8 @@ pooled), one at a time, the same seed and data. Federated over centralized held-
   in the bench's time (``CONVERGE``: UNet-ResNet18 at 64x96, the same fleet); caps 80 rounds and 100
   epochs. Two pairs: from random initialisation (``converged_random_init``) and from the public pretraining
   (``converged``: ``experiment=dp_pretrain``, 512 frames of towns the fleet never drives,
-  with the fleet's model; the start the field compares from, where its models begin from
-  ImageNet-pretrained encoders). The JSON's ``ratio.converged`` is the pair from the public pretraining,
+  with the fleet's model; the start segmentation models are trained from in practice, where smp's
+  encoders default to ImageNet weights, which nothing here can download). The JSON's ``ratio.converged`` is the pair from the public pretraining,
   ``ratio.converged_random_init`` the other; ``--no-public-start`` skips the first.
 
 With ``--converged-levers equal_global_batch,plateau`` (of ``CONVERGED_LEVERS``), a lever is also run to
@@ -207,7 +207,7 @@ def main() -> None:
     fed_c = to_convergence([], out / "federated_converged", out / "central_converged")
     random_init = converged_pair(central_c, fed_c, window_steps)
     c_miou, c_epoch, c_done = random_init["centralized"], random_init["epochs"], random_init["centralized_converged"]
-    # The headline `converged` is from the public pretraining, where the field's comparisons start.
+    # The headline `converged` is from the public pretraining: segmentation models start pretrained in practice.
     pairs: dict[str, dict[str, Any]] = {}
     if args.public_start:
         # The fleet's model and frame size, which the checkpoint must fit.
