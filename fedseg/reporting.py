@@ -41,8 +41,9 @@ class RunReporter:
                  compare: Path | None = None, lr_drops: int = 0) -> None:
         """``early_stop``: :meth:`record` raises :class:`~fedseg.quality.Converged` after the round the run
         converged at (``lr_drops``: after the rule has first fired that many times, each dropping the lr:
-        ``federation.lr_schedule=plateau``, :meth:`lr_dropped`); ``compare``: another run's directory, whose curve joins this one's in
-        ``plots/time_to_accuracy.png`` (:func:`fedseg.quality.check_compare` checked it)."""
+        ``federation.lr_schedule=plateau``, :meth:`lr_dropped`); ``compare``: another run's directory,
+        whose curve joins this one's in ``plots/time_to_accuracy.png`` (:func:`fedseg.quality.check_compare`
+        checked it)."""
         self.model = model.to(device)
         self.data = data
         self.log = RunLog(out_dir, resume_after=resume_after)

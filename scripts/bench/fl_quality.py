@@ -16,8 +16,9 @@ pooled), one at a time, the same seed and data. Federated over centralized held-
   epochs. Two pairs: from random initialisation (``converged_random_init``) and from the public pretraining
   (``converged``: ``experiment=dp_pretrain``, 512 frames of towns the fleet never drives,
   with the fleet's model; the start segmentation models are trained from in practice, where smp's
-  encoders default to ImageNet weights, which nothing here can download). The JSON's ``ratio.converged`` is the pair from the public pretraining,
-  ``ratio.converged_random_init`` the other; ``--no-public-start`` skips the first.
+  encoders default to ImageNet weights, which nothing here can download). The JSON's ``ratio.converged``
+  is the pair from the public pretraining, ``ratio.converged_random_init`` the other;
+  ``--no-public-start`` skips the first.
 
 With ``--converged-levers equal_global_batch,plateau`` (of ``CONVERGED_LEVERS``), a lever is also run to
 convergence the same way, with its own ``converged`` ratio: against the same baseline, or, for a lever
@@ -85,8 +86,8 @@ CONVERGED_LEVERS: dict[str, tuple[list[str], bool]] = {
 # The public pretraining the converged comparison's second pair starts from (conf/experiment/dp_pretrain.yaml:
 # 512 frames of other towns than the fleet's, seed 1001, 8 epochs), with the fleet's model and normalization.
 PUBLIC_PRETRAIN = ["experiment=dp_pretrain", "model.norm=auto"]
-SMOKE_PRETRAIN = ["model=tiny", "data.image_size=[64,64]", "train.epochs=1", "data.frames_per_vehicle=8", "federation.num_clients=2",
-                  "data.heldout_frames=8"]
+SMOKE_PRETRAIN = ["model=tiny", "data.image_size=[64,64]", "train.epochs=1", "data.frames_per_vehicle=8",
+                  "federation.num_clients=2", "data.heldout_frames=8"]
 SMOKE = ["experiment=smoke", "federation.num_clients=4", "federation.min_fit_clients=4", "federation.local_epochs=2"]
 
 
@@ -211,7 +212,8 @@ def main() -> None:
     pairs: dict[str, dict[str, Any]] = {}
     if args.public_start:
         # The fleet's model and frame size, which the checkpoint must fit.
-        model = [o for o in args.overrides if o.split("=")[0].split(".")[0] == "model" or o.startswith("data.image_size=")]
+        model = [o for o in args.overrides
+                 if o.split("=")[0].split(".")[0] == "model" or o.startswith("data.image_size=")]
         pre_dir = out / "public_pretraining"
         pretraining = run("fedseg-train", [*PUBLIC_PRETRAIN, *(SMOKE_PRETRAIN if args.smoke else CONVERGE), *model],
                           pre_dir, args.reuse)
@@ -278,8 +280,9 @@ def main() -> None:
               f"{p['ratio']:.3f} | {p['rounds']} rounds{'' if p['federated_converged'] else ' (cap)'} | "
               f"{p['epochs']} epochs{'' if p['centralized_converged'] else ' (cap)'} |")
     for name, r in converged_levers.items():
-        print(f"| converged, {name} | {r['miou']:.3f} | {r['centralized']:.3f} | {r['ratio']:.2f} | {r['rounds']} rounds"
-              f"{'' if r['converged'] else ' (cap)'} | {r['epochs']} epochs{'' if r['centralized_converged'] else ' (cap)'} |")
+        print(f"| converged, {name} | {r['miou']:.3f} | {r['centralized']:.3f} | {r['ratio']:.2f} | "
+              f"{r['rounds']} rounds{'' if r['converged'] else ' (cap)'} | "
+              f"{r['epochs']} epochs{'' if r['centralized_converged'] else ' (cap)'} |")
     print("\n| lever | mIoU | rounds | sequential steps | x centralized, equal epochs | x centralized, equal fleet time "
           "| wall s | load |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
