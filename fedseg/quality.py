@@ -96,14 +96,17 @@ def plateaus(rows: Sequence[dict[str, Any]], *, window: int | None, min_delta: f
 
 
 def check_convergence(rows: Sequence[dict[str, Any]], *, window: int | None, min_delta: float,
-                      unit: str = "round", in_steps: bool = False, drops: int = 0) -> None:
+                      unit: str = "round", in_steps: bool = False, drops: int = 0) -> bool:
     """Raise :class:`Converged` when ``rows``' last round (``unit``: epoch for fedseg-train) is where the run
     converged (``window`` None: never; ``in_steps``: ``window`` counts sequential steps, not rows; ``drops``:
-    the times the rule first drops the lr instead, :func:`plateaus`)."""
+    the times the rule first drops the lr instead, :func:`plateaus`). Returns whether the lr drops after
+    the last round."""
     fired = plateaus(rows, window=window, min_delta=min_delta, in_steps=in_steps, drops=drops)
-    if len(fired) > drops and fired[-1] == len(rows) - 1:
+    at_last = bool(fired) and fired[-1] == len(rows) - 1
+    if at_last and len(fired) > drops:
         raise Converged(int(rows[-1]["round"]), window or 0, min_delta, unit,
                         "sequential step" if in_steps else None)
+    return at_last
 
 
 def sequential_steps(row: dict[str, Any]) -> int:

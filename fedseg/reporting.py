@@ -80,7 +80,6 @@ class RunReporter:
         """Write one round everywhere it belongs, and checkpoint the model that produced it; ``resume`` is
         what the checkpoint holds besides weights and metadata so a killed run can continue
         (``fedseg/server/resume.py``; the federated server's round recorder hands it over with the row)."""
-        before = self.lr_dropped()  # the lr's drops before this round (federation.lr_schedule=plateau)
         row = self.log.log_round(row)
         log.info(format_row(row, self.total_rounds))  # the console and the run's job log alike
         examples = self._heldout_examples() if self.tracker.logs_predictions else None
@@ -93,9 +92,8 @@ class RunReporter:
         state = {**resume, "tracker_id": self.tracker.run_id} if resume is not None else {}
         self.log.save_checkpoint(self.model, {**self.meta, "round": row["round"], "resume": state})
         unit = "epoch" if self.meta.get("mode") == "centralized" else "round"
-        check_convergence(self.log.rows, window=self.early_stop.window, min_delta=self.early_stop.min_delta,
-                          unit=unit, in_steps=self.early_stop.unit == "step", drops=self.lr_drops)
-        if self.lr_dropped() > before:
+        if check_convergence(self.log.rows, window=self.early_stop.window, min_delta=self.early_stop.min_delta,
+                             unit=unit, in_steps=self.early_stop.unit == "step", drops=self.lr_drops):
             span = "sequential step" if self.early_stop.unit == "step" else unit
             log.info(f"lr drops after {unit} {row['round']}: held-out mIoU rose no more than "
                      f"{self.early_stop.min_delta:g} in the last {self.early_stop.window} {span}s "

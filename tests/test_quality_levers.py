@@ -119,8 +119,8 @@ def test_plateau_drops_the_lr_where_the_rule_first_fires_and_stops_where_it_fire
     assert plateaus(rows[:8], window=2, min_delta=0.005, drops=1) == [4]
     # A window never reaches back across the drop: rounds 5-6 alone after a drop at round 4 could not stop it.
     assert converged_at([0.0, 0.2, 0.3, 0.301, 0.302, 0.302, 0.302], window=2, min_delta=0.005, after=4) == 6
-    for last in range(len(rows) - 1):
-        check_convergence(rows[:last + 1], window=2, min_delta=0.005, drops=1)  # round 4 drops, no stop
+    drops = [check_convergence(rows[:last + 1], window=2, min_delta=0.005, drops=1) for last in range(len(rows) - 1)]
+    assert drops == [False] * 4 + [True] + [False] * 3  # the lr drops after round 4 only; no stop before 8
     with pytest.raises(Converged) as caught:
         check_convergence(rows, window=2, min_delta=0.005, drops=1)
     assert caught.value.round == 8

@@ -194,8 +194,13 @@ def main() -> None:
     # (c): both until they stop improving, on the converging setup, from random initialisation and from
     # the public pretraining.
     converge = [*base, *([] if args.smoke else CONVERGE)]
-    central_c = run("fedseg-train", [*converge, f"train.epochs={caps['epochs']}", *window], out / "central_converged",
-                    args.reuse)
+
+    def to_baseline(overrides: list[str], run_dir: Path) -> dict[str, Any]:
+        """A centralized run on the converging setup, up to the epoch cap, stopped by the window in epochs."""
+        return run("fedseg-train", [*converge, *overrides, f"train.epochs={caps['epochs']}", *window], run_dir,
+                   args.reuse)
+
+    central_c = to_baseline([], out / "central_converged")
     # The same window in fleet time for every federated run: the baseline's `span` epochs in sequential steps.
     window_steps = span * sequential_steps(central_c["rows"][1])
 
@@ -218,8 +223,7 @@ def main() -> None:
         pretraining = run("fedseg-train", [*PUBLIC_PRETRAIN, *(SMOKE_PRETRAIN if args.smoke else CONVERGE), *model],
                           pre_dir, args.reuse)
         init = [f"model.init={(pre_dir / 'checkpoints' / 'global.pt').resolve()}"]
-        central_p = run("fedseg-train", [*converge, *init, f"train.epochs={caps['epochs']}", *window],
-                        out / "central_converged_public", args.reuse)
+        central_p = to_baseline(init, out / "central_converged_public")
         fed_p = to_convergence(init, out / "federated_converged_public", out / "central_converged_public")
         pairs["converged"] = converged_pair(central_p, fed_p, window_steps)
         pairs["converged"]["wall_s"]["public_pretraining"] = pretraining["wall_s"]
@@ -235,9 +239,7 @@ def main() -> None:
         baseline, base_miou, base_epoch, base_done = out / "central_converged", c_miou, c_epoch, c_done
         if both:
             baseline = out / f"central_converged_{name}"
-            own = run("fedseg-train", [*converge, *overrides, f"train.epochs={caps['epochs']}", *window], baseline,
-                      args.reuse)
-            base_epoch, base_miou, base_done = converged_miou(own, window_steps)
+            base_epoch, base_miou, base_done = converged_miou(to_baseline(overrides, baseline), window_steps)
         lever = to_convergence(overrides, out / f"converged_{name}", baseline)
         at, miou, done = converged_miou(lever, window_steps)
         converged_levers[name] = {"miou": miou, "rounds": at, "converged": done, "ratio": miou / base_miou,
