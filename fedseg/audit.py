@@ -285,7 +285,7 @@ def audit_dpsgd(model: nn.Module, dataset: Dataset, spec: Any, *, batch_size: in
     gradient = GradientCanaries(canaries, dim=start.numel(), clip=spec.max_grad_norm,
                                 sample_rate=privacy.sample_rate, seed=seed)
     gradient.install(dp_optimizer)
-    train(dp_model, dp_loader, dp_optimizer, epochs=epochs, criterion=criterion)
+    train(dp_model, dp_loader, dp_optimizer, epochs=epochs, criterion=criterion, on_empty=privacy.noise_only_step)
     privacy.commit()
     best = score_audit(gradient.scores(flat(params) - start), gradient.included, delta=privacy.delta,
                        confidence=confidence)

@@ -24,7 +24,7 @@ from opacus.accountants import RDPAccountant, create_accountant
 from opacus.accountants.analysis.rdp import get_privacy_spent as rdp_privacy_spent
 from opacus.accountants.utils import get_noise_multiplier
 from opacus.data_loader import DPDataLoader
-from opacus.optimizers import DPOptimizer
+from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
 from opacus.utils.batch_memory_manager import wrap_data_loader
 from torch import nn
 from torch.utils.data import DataLoader
@@ -145,6 +145,7 @@ class ClientPrivacy:
         self._pending: tuple[float, float, int] | None = None  # steps reserved by the round in flight
         self._engine: PrivacyEngine | None = None
         self._wrapped: nn.Module | None = None  # Opacus' wrapper of the round in flight
+        self._optimizer: DPOptimizer | None = None  # and its optimizer
         if saved is not None:
             self.load_state(saved)
 
@@ -219,10 +220,30 @@ class ClientPrivacy:
             loader = wrap_data_loader(data_loader=loader, max_batch_size=self.physical_batch, optimizer=optimizer)
         else:
             model.forbid_grad_accumulation()  # type: ignore[operator]  # make_private only does it with Poisson
-        self._engine, self._wrapped = engine, model
+        self._engine, self._wrapped, self._optimizer = engine, model, cast(DPOptimizer, optimizer)
         self._pending = (self.noise_multiplier, self.sample_rate, self.round_steps(epochs))
         self.save()
         return model, optimizer, loader, criterion
+
+    def noise_only_step(self) -> None:
+        """The round's DP-SGD step on a Poisson batch that sampled no frame (``engine.train``'s ``on_empty``):
+        the noise alone, which the accountant counts like any step.
+
+        Poisson sampling's analysis releases every step: skipping an empty one would reveal that no frame
+        was drawn, and the accountant (hooked on the optimizer's step) would not count it. This is
+        Opacus' own handling of an empty batch, with zero-frame per-sample gradients given directly, since
+        the functorch and ew engines cannot run a model on zero frames.
+        """
+        optimizer = self._optimizer
+        if optimizer is None:
+            raise RuntimeError("ClientPrivacy.noise_only_step outside a round (before attach or after commit)")
+        optimizer.zero_grad(set_to_none=True)
+        for p in optimizer.params:
+            if isinstance(optimizer, DPOptimizerFastGradientClipping):  # ghost clipping: p.grad is the clipped sum
+                p.grad = torch.zeros_like(p)
+            else:
+                p.grad_sample = p.new_zeros((0, *p.shape))
+        optimizer.step()
 
     def commit(self) -> float:
         """End the round: keep the steps really taken, drop the reservation, save; returns epsilon.
@@ -234,7 +255,7 @@ class ClientPrivacy:
             self._history = [(float(n), float(q), int(k)) for n, q, k in self._engine.accountant.history]
         if self._wrapped is not None:
             unwrap_model(self._wrapped)
-        self._engine, self._wrapped, self._pending = None, None, None
+        self._engine, self._wrapped, self._optimizer, self._pending = None, None, None, None
         self.save()
         return self.epsilon()
 
@@ -314,7 +335,7 @@ def private_round(privacy: ClientPrivacy, model: nn.Module, loader: DataLoader,
     dp_model, dp_optimizer, dp_loader, criterion = privacy.attach(model, optimizer, loader, seed=seed,
                                                                   epochs=epochs, device=device)
     result = train(dp_model, dp_loader, dp_optimizer, epochs=epochs, criterion=criterion,
-                   proximal_mu=proximal_mu, device=device)
+                   proximal_mu=proximal_mu, device=device, on_empty=privacy.noise_only_step)
     privacy.commit()
     return result
 

@@ -207,14 +207,17 @@ def train(
     proximal_mu: float = 0.0,
     device: str | torch.device = "cpu",
     progress: str | None = None,
+    on_empty: Callable[[], None] | None = None,
 ) -> TrainResult:
     """Train ``model`` for ``epochs`` passes over ``loader`` of (images, masks) batches.
 
     ``criterion(logits, masks)`` returns a scalar, a per-sample vector (averaged here), or an object
     with ``backward()`` and ``item()`` (Opacus ghost clipping's loss); default
     :func:`segmentation_loss`. ``proximal_mu > 0`` adds FedProx's ``(mu/2)||w - w_global||^2`` with
-    ``w_global`` the trainable parameters at entry. Empty batches (Opacus Poisson sampling) are
-    skipped without a step.
+    ``w_global`` the trainable parameters at entry. A batch of no frames (Opacus' Poisson sampling
+    draws one now and then) is ``on_empty()``'s: DP-SGD passes its noise-only step
+    (:meth:`fedseg.dpsgd.ClientPrivacy.noise_only_step`), which counts as a step; without it the batch is
+    skipped.
     """
     criterion = criterion or segmentation_loss
     model.to(device)
@@ -227,6 +230,9 @@ def train(
             for images, masks in _progress(loader, progress, f" {epoch + 1}/{epochs}"):
                 batch = images.shape[0]
                 if batch == 0:
+                    if on_empty is not None:
+                        on_empty()
+                        steps += 1
                     continue
                 images, masks = images.to(device), masks.to(device)
                 optimizer.zero_grad(set_to_none=True)

@@ -221,6 +221,49 @@ def test_engine_train_composes_with_attach_and_counts_every_step():
     assert spent == pytest.approx(epsilon_of([(1.0, 0.5, result.steps)], 1e-5))
 
 
+@pytest.mark.parametrize("mode", GRAD_SAMPLE_MODES)
+def test_a_batch_that_sampled_no_frame_is_a_noised_step_the_accountant_counts(mode):
+    # Prepare: an empty batch, as Poisson sampling draws one now and then, then a real one
+    privacy = ClientPrivacy(DPSpec(trainable="all", noise_multiplier=1.0, grad_sample_mode=mode), num_examples=8,
+                            batch_size=2, planned_steps=2)
+    model = _tiny_unet()
+    wrapped, optimizer, _, criterion = privacy.attach(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                                                      DataLoader(_frames(8), batch_size=2), seed=0)
+    x, y = _frames(2).tensors
+    before = torch.cat([p.detach().flatten() for p in model.parameters()])
+    # Execute
+    first = train(wrapped, [(x[:0], y[:0])], optimizer, epochs=1, criterion=criterion,
+                  on_empty=privacy.noise_only_step)
+    moved = torch.cat([p.detach().flatten() for p in model.parameters()]) - before
+    second = train(wrapped, [(x, y)], optimizer, epochs=1, criterion=criterion, on_empty=privacy.noise_only_step)
+    spent = privacy.commit()
+    # Assert: the empty batch was a step of noise alone (lr * sigma * C / expected batch per coordinate),
+    # and the accountant counted both steps, as it would have had the batch held frames
+    assert first.steps == 1 and first.num_examples == 0 and second.steps == 1
+    assert moved.std().item() == pytest.approx(0.1 * 1.0 * 1.0 / 2, rel=0.1)
+    assert privacy.state()["history"] == [[1.0, 0.25, 2]]
+    assert spent == pytest.approx(epsilon_of([(1.0, 0.25, 2)], privacy.delta))
+
+
+def test_a_dp_round_takes_its_planned_steps_whatever_poisson_sampling_draws(monkeypatch):
+    # Prepare: 3 frames, one per expected batch (q = 1/3): a step draws no frame with probability 8/27
+    empties = []
+    noise_only_step = ClientPrivacy.noise_only_step
+    monkeypatch.setattr(ClientPrivacy, "noise_only_step",
+                        lambda self: (empties.append(1), noise_only_step(self))[1])
+    privacy = ClientPrivacy(DPSpec(trainable="all", noise_multiplier=1.0), num_examples=3, batch_size=1,
+                            planned_steps=12)
+    model = _tiny_unet()
+    # Execute: two rounds of two epochs
+    results = [dpsgd.private_round(privacy, model, DataLoader(_frames(3), batch_size=1),
+                                   torch.optim.SGD(model.parameters(), lr=0.1), epochs=2, seed=seed)
+               for seed in (0, 1)]
+    # Assert: some step sampled nothing (this seed), and every round still took and counted all 6 steps
+    assert empties
+    assert [r.steps for r in results if r is not None] == [6, 6]
+    assert privacy.state()["history"] == [[1.0, 1 / 3, 12]]
+
+
 # ---------------------------------------------------------------- state that survives
 
 

@@ -162,7 +162,8 @@ def train_and_score(model: torch.nn.Module, data: SearchData, spec: SearchSpec, 
         trained, optimizer, loader, criterion = privacy.attach(model, optimizer, loader, seed=seed,
                                                                epochs=spec.train_epochs, device=device)
     start = time.perf_counter()
-    result = train(trained, loader, optimizer, epochs=spec.train_epochs, criterion=criterion, device=device)
+    result = train(trained, loader, optimizer, epochs=spec.train_epochs, criterion=criterion, device=device,
+                   on_empty=privacy.noise_only_step if privacy is not None else None)
     seconds = time.perf_counter() - start
     if privacy is not None:
         privacy.commit()  # removes Opacus' hooks: ``model`` evaluates as a plain module
