@@ -62,6 +62,7 @@ def test_centralized_baseline_writes_metrics(tmp_path: Path) -> None:
     rows = read_rows(out)
     assert [r["round"] for r in rows] == [0, 1, 2]  # smoke: 2 rounds x 1 local epoch
     assert rows[-1]["loss"] < rows[0]["loss"]
+    assert [r["lr"] for r in rows] == [None, 0.003, 0.003]  # smoke's constant lr, each epoch's own
 
 
 def test_corrupt_png_fails_with_one_line_naming_the_file(tmp_path: Path) -> None:

@@ -58,6 +58,7 @@ def test_server_sends_each_rounds_lr_in_the_fit_config(schedule: str, expected: 
     sent = [parts.base.on_fit_config_fn(r)["lr"] for r in (1, 2, 3)]  # type: ignore[attr-defined]
 
     assert sent == pytest.approx(expected)
+    assert [parts.recorder.notes.pop(r)["lr"] for r in (1, 2, 3)] == sent  # each round's row says it
 
 
 def test_plateau_sends_the_dropped_lr_once_the_reporter_says_the_rule_fired() -> None:

@@ -307,6 +307,7 @@ def test_fedseg_sim_drops_the_lr_at_a_plateau_then_stops_at_convergence_and_says
 
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert [r["round"] for r in rows_of(out)] == [0, 1, 2]
+    assert [r.get("lr") for r in rows_of(out)] == [None, 0.003, pytest.approx(0.0003)]  # smoke's lr, x lr_final
     assert json.loads((out / "summary.json").read_text())["converged_round"] == 2
     said = (out / "federated.log").read_text()
     assert "lr drops after round 1" in said

@@ -178,10 +178,10 @@ def compose_server(settings: RunSettings, *, on_round: OnRound,
     notes = RoundNotes()  # what the wrappers learn about a round, for its row
 
     def fit_config(server_round: int) -> dict[str, Any]:
-        config: dict[str, Any] = {"server_round": server_round, "local_epochs": fed.local_epochs,
-                                  "lr": scheduled_lr(fed.lr, fed.lr_schedule, round_=server_round,
-                                                     rounds=fed.rounds, final=fed.lr_final,
-                                                     dropped=lr_dropped() if lr_dropped else 0)}
+        lr = scheduled_lr(fed.lr, fed.lr_schedule, round_=server_round, rounds=fed.rounds, final=fed.lr_final,
+                          dropped=lr_dropped() if lr_dropped else 0)
+        notes.annotate(server_round, {"lr": lr})  # the row says what the vehicles trained the round with
+        config: dict[str, Any] = {"server_round": server_round, "local_epochs": fed.local_epochs, "lr": lr}
         if codec.needs_seed:  # the server picks the round's positions; every vehicle reads them here
             config[SEED_KEY] = round_seed(settings.seed, server_round)
         return config

@@ -89,15 +89,16 @@ def train_epochs(trainee: nn.Module, frames: Dataset, reporter: RunReporter, s: 
     for epoch in range(1, epochs + 1):
         t0 = time.perf_counter()
         as_round = epoch_round(epoch, epochs=epochs, rounds=fed.rounds)
-        set_lr(optimizer, scheduled_lr(fed.lr, fed.lr_schedule, round_=as_round, rounds=fed.rounds,
-                                       final=fed.lr_final, dropped=reporter.lr_dropped()))
+        lr = scheduled_lr(fed.lr, fed.lr_schedule, round_=as_round, rounds=fed.rounds, final=fed.lr_final,
+                          dropped=reporter.lr_dropped())
+        set_lr(optimizer, lr)
         loader = make_loader(frames, batch_size=fed.batch_size, shuffle=True, seed=derive_seed(s.seed, epoch))
         result = train(trainee, loader, optimizer, epochs=1, device=device, criterion=criterion,
                        progress=f"epoch {epoch}/{epochs}" if s.run.progress else None)
         seconds = time.perf_counter() - t0
         loss, metrics = reporter.evaluate()
         try:
-            reporter.record(_row(epoch, loss, metrics, result.loss, seconds, result.num_examples, result.steps))
+            reporter.record(_row(epoch, loss, metrics, result.loss, seconds, result.num_examples, result.steps, lr))
         except Converged as done:  # early_stop: held-out mIoU stopped improving
             log.info(f"{prog}: {done}")
             return epoch
@@ -105,9 +106,10 @@ def train_epochs(trainee: nn.Module, frames: Dataset, reporter: RunReporter, s: 
 
 
 def _row(epoch: int, loss: float, metrics: dict, train_loss: float | None, seconds: float,
-         examples: int, steps: int = 0) -> dict:
+         examples: int, steps: int = 0, lr: float | None = None) -> dict:
     return metrics_row(epoch, loss, metrics, epsilon=None, delta=None, bytes_up=0, bytes_down=0,
-                       round_s=seconds, clients=1, train_loss=train_loss, examples=examples, steps=steps)
+                       round_s=seconds, clients=1, train_loss=train_loss, examples=examples, steps=steps,
+                       lr=lr)
 
 
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
