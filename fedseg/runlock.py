@@ -31,6 +31,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
+from fedseg.deploy.processes import running
 from fedseg.errors import RunFailed
 
 LOCK_FILE = "run.lock"
@@ -40,16 +41,6 @@ log = logging.getLogger("fedseg")
 
 class RunDirLocked(RunFailed):
     """Another live process holds the run directory; ``str(e)`` is one line naming its pid."""
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process: alive
-        return True
-    return True
 
 
 def _holders(fd: int) -> list[tuple[int, str]]:
@@ -68,7 +59,7 @@ def _refusal(path: Path, fd: int) -> RunDirLocked:
     deadline = time.monotonic() + 1.0
     while not (holders := _holders(fd)) and time.monotonic() < deadline:  # the holder is writing its pid
         time.sleep(0.05)
-    live = [pid for pid, _ in holders if _alive(pid)] or [pid for pid, _ in holders]
+    live = [pid for pid, _ in holders if running(pid)] or [pid for pid, _ in holders]
     who = f"pid {', '.join(map(str, dict.fromkeys(live)))}" if live else "a process that recorded no pid"
     return RunDirLocked(f"{path.parent} is in use by a live run ({who}, lock {path.name}): wait for it to end "
                         "or stop it, or choose another directory")

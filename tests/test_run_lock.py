@@ -43,6 +43,21 @@ def test_a_held_lock_refuses_a_second_holder_in_one_line_naming_the_pid(tmp_path
     assert (tmp_path / LOCK_FILE).read_text() == ""  # a clean release leaves no holder behind
 
 
+def test_the_refusal_names_the_live_holders_not_an_exited_one_still_unreaped(tmp_path: Path) -> None:
+    exited = subprocess.Popen(["true"])  # never waited for: a zombie, which kill(pid, 0) still finds
+    deadline = time.monotonic() + 10
+    while running(exited.pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    try:
+        with RunDirLock.acquire(tmp_path), pytest.raises(RunDirLocked) as refused:
+            (tmp_path / LOCK_FILE).write_text(f"{exited.pid} its-token\n{os.getpid()} ours\n")
+            RunDirLock.acquire(tmp_path)
+    finally:
+        exited.wait()
+
+    assert f"(pid {os.getpid()}, lock" in str(refused.value)
+
+
 def test_a_lock_left_by_a_killed_process_is_taken_over_and_no_child_inherits_it(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     # Prepare: a process dies by SIGKILL holding the lock, its child still running.
