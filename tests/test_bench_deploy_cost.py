@@ -22,13 +22,24 @@ def test_task_lines_are_read_from_a_vehicle_log_and_anything_else_is_skipped() -
         "12:00:01 fedseg-task {\"where\": \"worker\", \"type\": \"train\", \"launch_s\": 0.25}",  # a prefixed line
         "fedseg-task {not json",
         "fedseg-task [1, 2]",
+        # another process's output after a record on its line (one that printed it in two writes)
+        'fedseg-task {"where": "worker", "type": "evaluate"}WARNING :   heartbeat',
     ]
 
     tasks = bench.parse_task_lines("\n".join(lines))
 
     assert tasks == [{"where": "process", "type": "train", "launch_s": 6.5, "app_s": 2.0, "total_s": 8.75},
-                     {"where": "worker", "type": "train", "launch_s": 0.25}]
+                     {"where": "worker", "type": "train", "launch_s": 0.25}, {"where": "worker", "type": "evaluate"}]
     assert bench.parse_task_lines("no such lines\n") == []
+
+
+def test_a_task_record_is_one_line_written_whole_and_read_back() -> None:
+    from fedseg.deploy.worker_link import task_line, task_records
+
+    line = task_line({"where": "worker", "type": "train", "total_s": 1.5})
+
+    assert line.count("\n") == 1 and line.endswith("\n")  # one write() carries the record and its newline
+    assert task_records("other output" + line + line) == [{"where": "worker", "type": "train", "total_s": 1.5}] * 2
 
 
 def test_task_medians_per_key_with_null_where_no_task_has_it() -> None:

@@ -199,7 +199,9 @@ def _flat(tmp_path: Path) -> dict[str, Any]:
 # ---------------------------------------------------------------- real processes: SuperLink, 2 SuperNodes, flwr run
 
 def _tasks(log: str) -> list[dict[str, Any]]:
-    return [json.loads(line.split("fedseg-task ", 1)[1]) for line in log.splitlines() if "fedseg-task {" in line]
+    from fedseg.deploy.worker_link import task_records
+
+    return task_records(log)
 
 
 def _worker_pid(fleet: Any, name: str) -> int:

@@ -23,6 +23,33 @@ WORKER_SOCKET_ENV = "FEDSEG_WORKER_SOCKET"  # set by fedseg-superexec for the la
 CONNECT_TIMEOUT_S = 2.0
 
 
+TASK_LINE = "fedseg-task "  # a task's record in the vehicle's log: this prefix, then one JSON object
+
+
+def task_line(record: dict[str, Any]) -> str:
+    """A task's record as its log line. Written with one ``write`` (:func:`print` writes the line and its
+    newline apart, unbuffered as the vehicle's processes are, so another process's output could land
+    between them): every process of a vehicle shares its log."""
+    return f"{TASK_LINE}{json.dumps(record)}\n"
+
+
+def task_records(log: str) -> list[dict[str, Any]]:
+    """Every task record in a vehicle's log, in order (text around one on its line, and anything that is
+    not a record, skipped)."""
+    decoder = json.JSONDecoder()
+    records = []
+    for line in log.splitlines():
+        if TASK_LINE not in line:
+            continue
+        try:
+            record, _ = decoder.raw_decode(line.split(TASK_LINE, 1)[1])
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
 class WorkerUnavailable(OSError):
     """No worker answers on the socket (not started, restarting, or gone): run the task in-process."""
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
 import shutil
 import subprocess
@@ -51,7 +50,7 @@ from flwr.supernode.runtime import run_clientapp
 from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
 from fedseg.deploy.approval import INSTALLED_APP, POLICY_ENV, AppPolicy
-from fedseg.deploy.worker_link import WORKER_SOCKET_ENV, listen, requests
+from fedseg.deploy.worker_link import WORKER_SOCKET_ENV, listen, requests, task_line
 
 LAUNCHER = "fedseg-clientapp"
 TASK_POLL_S = 0.1  # FLWR_SUPEREXEC_TASK_POLL_INTERVAL unless set: the SuperExec asks its own SuperNode
@@ -358,7 +357,8 @@ class Task:
                "launch_s": None if self.launched_at is None else round(started - self.launched_at, 4),
                **{k: round(v, 4) for k, v in timing.items()},
                "total_s": round(now - (self.launched_at if self.launched_at is not None else started), 4)}
-        print(f"fedseg-task {json.dumps(row)}", flush=True)
+        sys.stdout.write(task_line(row))
+        sys.stdout.flush()
 
 
 def _approved_app(policy: AppPolicy, run: Run, fab: Fab, installed: ClientApp | None = None) -> ClientApp:

@@ -77,17 +77,9 @@ BENCH_TAG = "FEDSEG_DEPLOY_COST_BENCH"
 
 def parse_task_lines(text: str) -> list[dict[str, Any]]:
     """Every ``fedseg-task {json}`` record in a vehicle's log, in order; other and malformed lines skipped."""
-    tasks = []
-    for line in text.splitlines():
-        if "fedseg-task " not in line:
-            continue
-        try:
-            record = json.loads(line.split("fedseg-task ", 1)[1])
-        except ValueError:
-            continue
-        if isinstance(record, dict):
-            tasks.append(record)
-    return tasks
+    from fedseg.deploy.worker_link import task_records  # the vehicle's own reader of what it writes
+
+    return task_records(text)
 
 
 def _number(value: Any) -> bool:
