@@ -238,8 +238,9 @@ class ClientPrivacy:
         if optimizer is None:
             raise RuntimeError("ClientPrivacy.noise_only_step outside a round (before attach or after commit)")
         optimizer.zero_grad(set_to_none=True)
+        ghost = isinstance(optimizer, DPOptimizerFastGradientClipping)  # ghost clipping: p.grad is the clipped sum
         for p in optimizer.params:
-            if isinstance(optimizer, DPOptimizerFastGradientClipping):  # ghost clipping: p.grad is the clipped sum
+            if ghost:
                 p.grad = torch.zeros_like(p)
             else:
                 p.grad_sample = p.new_zeros((0, *p.shape))

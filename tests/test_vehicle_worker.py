@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from flwr.common import Context, RecordDict
 
-from fedseg.deploy.worker_link import WorkerLost, WorkerUnavailable, listen, requests, send_task
+from fedseg.deploy.worker_link import WorkerLost, WorkerUnavailable, listen, requests, send_task, task_records
 from fedseg.sim import task_shim, vehicle_apps
 from fedseg.sim.vehicle_apps import FleetPolls
 
@@ -198,12 +198,6 @@ def _flat(tmp_path: Path) -> dict[str, Any]:
 
 # ---------------------------------------------------------------- real processes: SuperLink, 2 SuperNodes, flwr run
 
-def _tasks(log: str) -> list[dict[str, Any]]:
-    from fedseg.deploy.worker_link import task_records
-
-    return task_records(log)
-
-
 def _worker_pid(fleet: Any, name: str) -> int:
     from deploy_fleet import _ancestor
 
@@ -235,10 +229,10 @@ def test_a_killed_worker_is_started_again_and_the_vehicles_epsilon_goes_on(tmp_p
         run = fleet.start_run("experiment=smoke privacy=dpsgd federation.num_clients=2 federation.min_fit_clients=1 "
                               "federation.rounds=4 federation.round_timeout=60 deploy.join_timeout=120")
         deadline = time.monotonic() + 300
-        while not any(t["where"] == "worker" and t["type"] == "train" for t in _tasks(fleet.log("vehicle_0"))):
+        while not any(t["where"] == "worker" and t["type"] == "train" for t in task_records(fleet.log("vehicle_0"))):
             assert time.monotonic() < deadline and run.poll() is None, fleet.log("vehicle_0")[-3000:]
             time.sleep(0.2)
-        done_before = len(_tasks(fleet.log("vehicle_0")))
+        done_before = len(task_records(fleet.log("vehicle_0")))
         os.kill(_worker_pid(fleet, "vehicle_0"), signal.SIGKILL)  # between tasks, or during the next one
 
         result = fleet.finish_run(run, timeout=420)
@@ -246,7 +240,7 @@ def test_a_killed_worker_is_started_again_and_the_vehicles_epsilon_goes_on(tmp_p
         assert result.status == "finished:completed", result.output[-3000:]
         log = fleet.log("vehicle_0")
         assert "the vehicle's worker ended" in log  # fedseg-superexec noticed and started a new one
-        after = _tasks(log)[done_before:]
+        after = task_records(log)[done_before:]
         assert after and after[-1]["where"] == "worker"  # the last round ran in the new worker
         rows = [json.loads(line) for line in
                 (tmp_path / "server" / "outputs" / "deploy" / str(result.run_id) / "metrics.jsonl").read_text().splitlines()]

@@ -59,6 +59,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from fedseg.deploy.worker_link import task_records
+
 PROJECT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 MODES = ("sim", "deployed", "deployed_noworker")
@@ -75,11 +77,8 @@ BENCH_TAG = "FEDSEG_DEPLOY_COST_BENCH"
 
 # ---- pure helpers (tests/test_bench_deploy_cost.py) -------------------------------------------------
 
-def parse_task_lines(text: str) -> list[dict[str, Any]]:
-    """Every ``fedseg-task {json}`` record in a vehicle's log, in order; other and malformed lines skipped."""
-    from fedseg.deploy.worker_link import task_records  # the vehicle's own reader of what it writes
-
-    return task_records(text)
+# Every ``fedseg-task {json}`` record in a vehicle's log, in order: the vehicle's own reader of what it writes.
+parse_task_lines = task_records
 
 
 def _number(value: Any) -> bool:
