@@ -18,7 +18,7 @@ wall time per run and the load average around the invocation. ``--ablation`` add
 one lever changed each. Extra Hydra overrides go to every federated run.
 
     python scripts/bench/vehicle_dp.py --json                  # ~45 min on 2 idle cores (the first time)
-    python scripts/bench/vehicle_dp.py --ablation --json       # + 5 epsilon-8 rows (~55 min more; one at 1/4 the fleet)
+    python scripts/bench/vehicle_dp.py --ablation --json       # + 5 epsilon-8 rows (~65 min more; one at 1/4 the fleet)
     python scripts/bench/vehicle_dp.py --ablation --reuse --json   # the ablation after a finished --json run
     python scripts/bench/vehicle_dp.py --smoke --json          # plumbing check: tiny model and fleet, ~6 min
     python scripts/bench/vehicle_dp.py --rounds 10 --vehicles 2000 --per-round 200
