@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from fedseg.deploy.worker_link import task_line, task_records
+
 _SPEC = importlib.util.spec_from_file_location(
     "deploy_cost", Path(__file__).resolve().parents[1] / "scripts" / "bench" / "deploy_cost.py")
 assert _SPEC is not None and _SPEC.loader is not None
@@ -26,16 +28,14 @@ def test_task_lines_are_read_from_a_vehicle_log_and_anything_else_is_skipped() -
         'fedseg-task {"where": "worker", "type": "evaluate"}WARNING :   heartbeat',
     ]
 
-    tasks = bench.parse_task_lines("\n".join(lines))
+    tasks = task_records("\n".join(lines))
 
     assert tasks == [{"where": "process", "type": "train", "launch_s": 6.5, "app_s": 2.0, "total_s": 8.75},
                      {"where": "worker", "type": "train", "launch_s": 0.25}, {"where": "worker", "type": "evaluate"}]
-    assert bench.parse_task_lines("no such lines\n") == []
+    assert task_records("no such lines\n") == []
 
 
 def test_a_task_record_is_one_line_written_whole_and_read_back() -> None:
-    from fedseg.deploy.worker_link import task_line, task_records
-
     line = task_line({"where": "worker", "type": "train", "total_s": 1.5})
 
     assert line.count("\n") == 1 and line.endswith("\n")  # one write() carries the record and its newline

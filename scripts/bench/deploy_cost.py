@@ -77,10 +77,6 @@ BENCH_TAG = "FEDSEG_DEPLOY_COST_BENCH"
 
 # ---- pure helpers (tests/test_bench_deploy_cost.py) -------------------------------------------------
 
-# Every ``fedseg-task {json}`` record in a vehicle's log, in order: the vehicle's own reader of what it writes.
-parse_task_lines = task_records
-
-
 def _number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
@@ -217,7 +213,7 @@ def run_deployed(mode: str, variants: list[str], overrides: list[str], out: Path
             run = fleet.run(" ".join([*overrides, VARIANTS[variant], f"deploy.output_dir={root / 'runs'}"]),
                             timeout=timeout)
             wall = round(time.perf_counter() - start, 1)
-            tasks = [t for name in names for t in parse_task_lines(fleet.log(name)[seen[name]:])]
+            tasks = [t for name in names for t in task_records(fleet.log(name)[seen[name]:])]
             if run.status != "finished:completed":
                 (root / f"{variant}.out").write_text(run.output)
                 results[variant] = {"error": f"flwr run: {run.status}; see {root / f'{variant}.out'} and "
