@@ -9,8 +9,9 @@
    ``privacy=central`` at vehicle-level epsilon 8 and 3: the noise multiplier is calibrated here with
    the run's own accountant (``fedseg.server.central_dp.calibrate_noise_multiplier``, delta =
    min(1e-5, 0.1 / vehicles) <= 1 / fleet size). The private runs use the levers on by default below:
-   the whole (small) model trained, adaptive clipping, and server momentum on the noised mean. Each private run audits itself (``privacy.audit=true``: Andrew et
-   al.'s canary vehicles in a separate audit run), so its row has the audit's epsilon beside the accountant's.
+   the whole (small) model trained, adaptive clipping, and server momentum on the noised mean. Each
+   private run audits itself (``privacy.audit=true``: Andrew et al.'s canary vehicles in a separate audit
+   run), so its row has the audit's epsilon beside the accountant's.
 
 Prints final mIoU of the pretrained start (round 0 of the no-DP run), no DP, eps8 and eps3; ratios to
 no DP and the share of the no-DP gain over the start that epsilon 8 keeps; epsilon and delta per row;
@@ -47,7 +48,7 @@ PRIVATE = ["privacy=central", "privacy.trainable=all", "privacy.clipping=adaptiv
            "privacy.audit=true"]
 ABLATION = {  # epsilon 8, one lever changed; (overrides, (vehicles, per round) or None: the bench's fleet)
     # The same clipping and trained part without the noise (epsilon unbounded): what the noise costs, apart
-    # from what training the normalization affines and head alone costs against no DP.
+    # from what clipping costs against no DP.
     "eps8 without noise": (["privacy.noise_multiplier=0"], None),
     "eps8 trainable=norm": (["privacy.trainable=norm"], None),  # normalization affines and head only
     "eps8 fixed clipping": (["privacy.clipping=fixed"], None),
@@ -57,8 +58,8 @@ ABLATION = {  # epsilon 8, one lever changed; (overrides, (vehicles, per round) 
 # The fleet's model (conf/experiment/vehicle_dp.yaml), which the public pretraining must share.
 PRETRAIN_MODEL = ["model=tiny", "data.image_size=[48,64]"]
 # --smoke: 20 vehicles, 4 a round, 2 rounds; the tiny UNet at 32x32, 4 frames a vehicle; a 1-epoch pretraining.
-SMOKE_FLEET = ["model=tiny", "model.decoder_channels=null", "data.image_size=[32,32]", "data.frames_per_vehicle=4", "data.heldout_frames=8",
-               "federation.local_epochs=1", "federation.batch_size=4"]
+SMOKE_FLEET = ["data.image_size=[32,32]", "data.frames_per_vehicle=4", "data.heldout_frames=8", "federation.local_epochs=1",
+               "federation.batch_size=4"]
 SMOKE_PRETRAIN = ["model=tiny", "data.image_size=[32,32]", "train.epochs=1", "data.frames_per_vehicle=8",
                   "federation.num_clients=2", "data.heldout_frames=8"]
 
