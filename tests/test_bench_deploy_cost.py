@@ -103,3 +103,56 @@ def test_final_losses_agree_per_variant_across_the_modes_that_ran_it() -> None:
 
     assert bench.same_final_loss(results) == {"plain": True, "secagg": False}
     assert bench.same_final_loss({"sim": results["sim"]}) == {"plain": None, "secagg": None}
+
+
+@pytest.mark.parametrize(("argv", "kind"), [
+    (["/venv/bin/python3", "/venv/bin/flower-superlink", "--host", "127.0.0.1"], "flower-superlink"),
+    (["/venv/bin/python3", "/venv/bin/fedseg-clientapp", "--serve", "--socket", "/tmp/w.sock"], "fedseg-clientapp --serve"),
+    (["/venv/bin/python3", "/venv/bin/fedseg-clientapp", "--runtime-api-address", "127.0.0.1:9094"], "fedseg-clientapp"),
+    (["ray::ClientAppActor.run_clientapp_task", ""], "ray::ClientAppActor"),
+    (["/venv/lib/python3.11/site-packages/ray/core/src/ray/raylet/raylet", "--node_id=ab"], "raylet"),
+    (["/usr/bin/python3", "-u", "script.py"], "python3"),
+    ([], "?"),
+])
+def test_a_process_is_named_by_the_program_it_runs(argv: list[str], kind: str) -> None:
+    assert bench.process_kind(argv) == kind
+
+
+def test_cpu_per_round_counts_the_steady_rounds_only_by_kind_of_process() -> None:
+    # rows: round 0's row, then one a round; skip=1 starts at round 1's row (2 rows) and ends at the last (4)
+    samples = [
+        (0.0, 0, {1: ("flower-superlink", 1.0)}),
+        (5.0, 1, {1: ("flower-superlink", 3.0), 2: ("fedseg-supernode", 1.0)}),
+        (10.0, 2, {1: ("flower-superlink", 5.0), 2: ("fedseg-supernode", 2.0), 3: ("fedseg-supernode", 1.0)}),
+        # process 4 starts and ends inside the window (a per-message process): its last CPU seen counts
+        (15.0, 3, {1: ("flower-superlink", 9.0), 2: ("fedseg-supernode", 4.0), 3: ("fedseg-supernode", 2.0),
+                   4: ("fedseg-clientapp", 3.0)}),
+        (20.0, 4, {1: ("flower-superlink", 13.0), 2: ("fedseg-supernode", 6.0), 3: ("fedseg-supernode", 3.0)}),
+        (25.0, 4, {1: ("flower-superlink", 14.0)}),  # after the last row: not counted
+    ]
+
+    cpu = bench.steady_cpu(samples, skip=1)
+
+    assert cpu is not None
+    assert cpu["rounds"] == 2
+    # superlink 13 - 5 = 8, supernodes (6 - 2) + (3 - 1) = 6, the per-message process 3: 17 over 2 rounds in 10 s
+    assert cpu["by_process"] == {"flower-superlink": 4.0, "fedseg-supernode": 3.0, "fedseg-clientapp": 1.5}
+    assert cpu["core_s_per_round"] == 8.5
+    assert cpu["cores_busy"] == 1.7
+    assert list(cpu["by_process"]) == ["flower-superlink", "fedseg-supernode", "fedseg-clientapp"]  # largest first
+
+
+def test_cpu_per_round_is_null_without_a_whole_steady_round() -> None:
+    assert bench.steady_cpu([], skip=1) is None
+    only_round_1 = [(0.0, 1, {1: ("a", 1.0)}), (5.0, 2, {1: ("a", 2.0)})]
+    assert bench.steady_cpu(only_round_1, skip=1) is None  # round 1's row is the last: nothing after it
+    assert bench.steady_cpu(only_round_1, skip=0) == {
+        "rounds": 1, "core_s_per_round": 1.0, "cores_busy": 0.2, "by_process": {"a": 1.0}}
+
+
+def test_the_metrics_row_count_takes_whole_lines_only(tmp_path: Path) -> None:
+    metrics = tmp_path / "metrics.jsonl"
+    assert bench._row_count(None) == 0
+    assert bench._row_count(metrics) == 0  # not there yet
+    metrics.write_text('{"round": 0}\n{"round": 1}\n{"round": 2, "lo')  # the last row is being written
+    assert bench._row_count(metrics) == 2

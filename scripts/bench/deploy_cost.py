@@ -38,6 +38,15 @@ imports in a process of its own, the thin shim's start and connect with the work
 ``push_s``: getting the message and returning the reply; ``app_s``: inside the ClientApp; ``total_s``);
 each run's medians over all its tasks are reported (null where the vehicles print no such lines or key).
 
+CPU by process (``cpu``, every mode): every 0.5 s the bench reads the CPU seconds (user + system,
+``/proc/PID/stat``) of each process the run started (found by the tag in their environment, Ray's
+node processes included) and how many rows its ``metrics.jsonl`` holds. ``cpu.by_process`` is each
+kind of process's CPU seconds per round over the steady rounds (from the row of round ``--skip`` to
+the last row: a round here runs from one row to the next, so it includes the server's evaluation),
+``cpu.core_s_per_round`` their sum and ``cpu.cores_busy`` that over the rounds' wall time (2 cores:
+at most 2). It shows where a deployed round's time goes that a simulated one does not spend: in which
+process, and whether the machine was saturated.
+
     python scripts/bench/deploy_cost.py --json                         # the measurement (~30 min, quiet machine)
     python scripts/bench/deploy_cost.py --modes sim,deployed --json    # after only
     python scripts/bench/deploy_cost.py --quick --modes sim,deployed_noworker --variants plain   # plumbing (~3 min)
@@ -54,10 +63,12 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from fedseg.deploy.worker_link import task_records
 
@@ -73,6 +84,8 @@ CONFIG = ["experiment=default", "model=resnet34", "data.image_size=[96,128]",
 QUICK = ["model=tiny", "data.image_size=[64,64]", "data.frames_per_vehicle=8", "data.heldout_frames=8"]
 TASK_TIMES = ("launch_s", "pull_s", "app_s", "push_s", "total_s")
 BENCH_TAG = "FEDSEG_DEPLOY_COST_BENCH"
+CPU_SAMPLE_S = 0.5
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 # ---- pure helpers (tests/test_bench_deploy_cost.py) -------------------------------------------------
@@ -130,6 +143,51 @@ def same_final_loss(results: dict[str, dict[str, dict[str, Any]]]) -> dict[str, 
     return same
 
 
+Sample = tuple[float, int, dict[int, tuple[str, float]]]  # (time, metrics rows, {pid: (kind, CPU s)})
+
+
+def process_kind(argv: list[str]) -> str:
+    """What a process is, from its command line: the program a Python runs (``flower-superlink``,
+    ``fedseg-supernode``; the vehicle's worker is ``fedseg-clientapp --serve``), Ray's process title
+    (``ray::ClientAppActor``), else the executable's name."""
+    if not argv or not argv[0]:
+        return "?"
+    if argv[0].startswith("ray::"):
+        return argv[0].split()[0].split(".")[0]
+    name, rest = Path(argv[0]).name, argv[1:]
+    if name.startswith("python") and rest and not rest[0].startswith("-"):
+        name, rest = Path(rest[0]).name, rest[1:]
+    return f"{name} --serve" if "--serve" in rest else name
+
+
+def steady_cpu(samples: list[Sample], skip: int) -> dict[str, Any] | None:
+    """CPU per round by kind of process over the steady rounds: from the first sample whose metrics file
+    holds round ``skip``'s row (rows: round 0's, then one a round) to the first that holds the last
+    row. A process that ended inside the window counts with the last CPU seen of it; ``None`` without
+    a whole round in the window."""
+    if not samples:
+        return None
+    last_rows = samples[-1][1]
+    start = next((s for s in samples if s[1] >= skip + 1), None)
+    end = next((s for s in samples if s[1] >= last_rows), None)
+    if start is None or end is None or end[1] <= start[1] or end[0] <= start[0]:
+        return None
+    rounds = end[1] - start[1]
+    seen: dict[int, tuple[str, float]] = {}
+    for sample in samples:
+        if start[0] <= sample[0] <= end[0]:
+            seen.update(sample[2])
+    by_kind: dict[str, float] = {}
+    for pid, (kind, cpu) in seen.items():
+        spent = cpu - start[2].get(pid, (kind, 0.0))[1]
+        by_kind[kind] = by_kind.get(kind, 0.0) + spent
+    total = sum(by_kind.values())
+    return {"rounds": rounds, "core_s_per_round": round(total / rounds, 2),
+            "cores_busy": round(total / (end[0] - start[0]), 2),
+            "by_process": {k: round(v / rounds, 2) for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])
+                           if v / rounds >= 0.01}}
+
+
 def summarize_run(rows: list[dict[str, Any]], skip: int) -> dict[str, Any]:
     """One run's figures from its ``metrics.jsonl`` rows: steady and per-round times, the vehicles'
     median training seconds in the steady rounds, and the final loss and mIoU (same seed: the engines
@@ -149,6 +207,50 @@ def _rows(metrics: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()] if metrics.is_file() else []
 
 
+def _row_count(metrics: Path | None) -> int:
+    """Whole lines (ending in a newline) in ``metrics``; 0 while it does not exist."""
+    try:
+        return 0 if metrics is None else sum(1 for line in metrics.read_bytes().split(b"\n")[:-1] if line.strip())
+    except OSError:
+        return 0
+
+
+def _cpu_seconds(pid: int) -> tuple[str, float] | None:
+    """``pid``'s kind and CPU seconds so far (user + system), or ``None`` once it is gone."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return process_kind(argv), (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+class CpuSampler:
+    """Every ``interval`` s, in a thread: the CPU seconds of each of a run's processes (``pids()``) and how
+    many rows its metrics file (``metrics()``, ``None`` until it exists) holds."""
+
+    def __init__(self, pids: Callable[[], list[int]], metrics: Callable[[], Path | None],
+                 interval: float = 0.5) -> None:
+        self.pids, self.metrics, self.interval = pids, metrics, interval
+        self.samples: list[Sample] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="cpu-sampler", daemon=True)
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            rows = _row_count(self.metrics())
+            cpu = {pid: seen for pid in self.pids() if (seen := _cpu_seconds(pid)) is not None}
+            self.samples.append((time.monotonic(), rows, cpu))
+
+
 def run_sim(variant: str, overrides: list[str], out: Path, cache: Path, *, skip: int,
             timeout: float) -> dict[str, Any]:
     """One ``fedseg-sim`` run; its figures, or ``error``."""
@@ -159,7 +261,8 @@ def run_sim(variant: str, overrides: list[str], out: Path, cache: Path, *, skip:
            "run.progress=false", f"hydra.run.dir={run_dir}"]
     env = {**os.environ, BENCH_TAG: tag, "FEDSEG_DATA_CACHE": str(cache), "WANDB_MODE": "offline"}
     start = time.perf_counter()
-    with (out / f"sim-{variant}.log").open("w") as log:
+    sampler = CpuSampler(lambda: tagged_pids(tag, BENCH_TAG), lambda: run_dir / "metrics.jsonl", CPU_SAMPLE_S)
+    with (out / f"sim-{variant}.log").open("w") as log, sampler:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
         try:
             code: int | str = proc.wait(timeout=timeout)
@@ -177,7 +280,8 @@ def run_sim(variant: str, overrides: list[str], out: Path, cache: Path, *, skip:
     wall = round(time.perf_counter() - start, 1)
     if code != 0:
         return {"error": f"fedseg-sim: exit {code}; see {log.name}", "wall_s": wall}
-    return {**summarize_run(_rows(run_dir / "metrics.jsonl"), skip), "wall_s": wall, "run_dir": str(run_dir)}
+    return {**summarize_run(_rows(run_dir / "metrics.jsonl"), skip), "wall_s": wall,
+            "cpu": steady_cpu(sampler.samples, skip), "run_dir": str(run_dir)}
 
 
 def vehicle_flags() -> str:
@@ -193,6 +297,7 @@ def run_deployed(mode: str, variants: list[str], overrides: list[str], out: Path
     from deploy_fleet import LocalFleet  # the deploy tests' fleet: real processes, all stopped on stop()
 
     from fedseg.deploy.certs import make_credentials, vehicle_names
+    from fedseg.deploy.processes import tagged_pids
 
     root = out / mode
     names = vehicle_names(VEHICLES)
@@ -209,9 +314,14 @@ def run_deployed(mode: str, variants: list[str], overrides: list[str], out: Path
                                 "--threads", str(THREADS), *vehicle_args)
         for variant in variants:
             seen = {name: len(fleet.log(name)) for name in names}
-            start = time.perf_counter()
-            run = fleet.run(" ".join([*overrides, VARIANTS[variant], f"deploy.output_dir={root / 'runs'}"]),
-                            timeout=timeout)
+            start, before = time.perf_counter(), set((root / "runs").glob("*/metrics.jsonl"))
+
+            def metrics(before: set[Path] = before) -> Path | None:  # this run's: the one that was not there
+                return next((p for p in (root / "runs").glob("*/metrics.jsonl") if p not in before), None)
+
+            with CpuSampler(lambda: tagged_pids(fleet.tag), metrics, CPU_SAMPLE_S) as sampler:
+                run = fleet.run(" ".join([*overrides, VARIANTS[variant], f"deploy.output_dir={root / 'runs'}"]),
+                                timeout=timeout)
             wall = round(time.perf_counter() - start, 1)
             tasks = [t for name in names for t in task_records(fleet.log(name)[seen[name]:])]
             if run.status != "finished:completed":
@@ -221,7 +331,8 @@ def run_deployed(mode: str, variants: list[str], overrides: list[str], out: Path
                 continue
             run_dir = root / "runs" / str(run.run_id)
             results[variant] = {**summarize_run(_rows(run_dir / "metrics.jsonl"), skip), "wall_s": wall,
-                                "per_message": task_medians(tasks), "run_dir": str(run_dir)}
+                                "per_message": task_medians(tasks), "cpu": steady_cpu(sampler.samples, skip),
+                                "run_dir": str(run_dir)}
     finally:
         fleet.stop()
     return results
@@ -252,6 +363,17 @@ def print_table(results: dict[str, dict[str, dict[str, Any]]]) -> None:
             print(f"{mode:<18s} {variant:<7s} {cell(r['round_s'], 8)} {cell(x, 6)} {cell(r['train_s'], 8)} "
                   f"{cell(r['final_loss'], 11, 5)} {msg.get('tasks', 0):5d} {cell(msg.get('launch_s'), 8)} "
                   f"{cell(msg.get('app_s'), 7)} {cell(msg.get('total_s'), 8)}  {','.join(msg.get('where', []))}")
+
+
+def print_cpu(results: dict[str, dict[str, dict[str, Any]]]) -> None:
+    """Each run's CPU seconds per steady round by kind of process (the five largest)."""
+    for mode, variants in results.items():
+        for variant, r in variants.items():
+            cpu = r.get("cpu")
+            if cpu:
+                top = ", ".join(f"{k} {v:.1f}" for k, v in list(cpu["by_process"].items())[:5])
+                print(f"cpu {mode} {variant}: {cpu['core_s_per_round']:.1f} core-s a round, {cpu['cores_busy']:.2f} "
+                      f"cores busy; {top}")
 
 
 def main() -> None:
@@ -302,6 +424,7 @@ def main() -> None:
           f"{rounds} rounds (steady: after round {args.skip}); {os.cpu_count()} cores, load {load[0]:.1f} -> "
           f"{end_load[0]:.1f}; runs in {out}")
     print_table(results)
+    print_cpu(results)
     report = {"ratio": engine_ratios(results, "deployed"), "ratio_noworker": engine_ratios(results, "deployed_noworker"),
               "model": config["model"]["name"], "image_size": config["data"]["image_size"], "vehicles": VEHICLES,
               "threads": THREADS, "ray_cpus": VEHICLES, "rounds": rounds, "skip": args.skip,
