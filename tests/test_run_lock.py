@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from fedseg.deploy.processes import TAG, running, tagged_pids
+from fedseg.deploy.processes import TAG, proc_stat, running, tagged_pids
 from fedseg.deploy.watchdog import Watchdog
 from fedseg.runlock import JOIN, LOCK_FILE, RunDirLock, RunDirLocked
 
@@ -302,3 +302,20 @@ def test_a_sigterm_between_flwr_run_lines_stops_the_stream_without_waiting_for_t
     timer.wait(timeout=10)
     assert stopped.value.code == 128 + signal.SIGTERM
     assert time.monotonic() - started < 20
+
+
+def test_proc_stat_reads_a_processs_cpu_seconds_and_nothing_for_one_that_is_gone() -> None:
+    busy = subprocess.Popen([sys.executable, "-c", ("import time\nend = time.process_time() + 0.5\n"
+                             "while time.process_time() < end: pass\ntime.sleep(30)")])
+    try:
+        deadline = time.monotonic() + 20
+        while proc_stat(busy.pid).cpu_s < 0.5 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        stat = proc_stat(busy.pid)
+        assert stat.running and stat.parent == os.getpid()
+        assert 0.5 <= stat.cpu_s < 10  # its half second of spinning, and its start-up
+    finally:
+        busy.kill()
+        busy.wait()
+    assert proc_stat(busy.pid) == ("", 0, 0, 0.0)  # reaped: gone
+

@@ -74,12 +74,17 @@ def _environ(pid: int) -> dict[bytes, bytes] | None:
     return dict(entry.split(b"=", 1) for entry in raw.split(b"\0") if b"=" in entry)
 
 
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")  # /proc/PID/stat's unit of CPU time
+
+
 class ProcStat(NamedTuple):
-    """A process's state (R, S, D, Z, X...), parent and session, from ``/proc/PID/stat``."""
+    """A process's state (R, S, D, Z, X...), parent, session and CPU seconds so far (user + system), from
+    ``/proc/PID/stat``."""
 
     state: str
     parent: int
     session: int
+    cpu_s: float = 0.0
 
     @property
     def running(self) -> bool:
@@ -92,7 +97,7 @@ def proc_stat(pid: int) -> ProcStat:
     ``ProcStat("", 0, 0)`` when it is gone."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return ProcStat(fields[0], int(fields[1]), int(fields[3]))
+        return ProcStat(fields[0], int(fields[1]), int(fields[3]), (int(fields[11]) + int(fields[12])) / CLOCK_TICKS)
     except (OSError, IndexError, ValueError):
         return ProcStat("", 0, 0)
 

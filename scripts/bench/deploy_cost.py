@@ -70,6 +70,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Self
 
+from fedseg.deploy.processes import proc_stat, tagged_pids
 from fedseg.deploy.worker_link import task_records
 
 PROJECT = Path(__file__).resolve().parents[2]
@@ -85,7 +86,6 @@ QUICK = ["model=tiny", "data.image_size=[64,64]", "data.frames_per_vehicle=8", "
 TASK_TIMES = ("launch_s", "pull_s", "app_s", "push_s", "total_s")
 BENCH_TAG = "FEDSEG_DEPLOY_COST_BENCH"
 CPU_SAMPLE_S = 0.5
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 # ---- pure helpers (tests/test_bench_deploy_cost.py) -------------------------------------------------
@@ -219,10 +219,10 @@ def _cpu_seconds(pid: int) -> tuple[str, float] | None:
     """``pid``'s kind and CPU seconds so far (user + system), or ``None`` once it is gone."""
     try:
         argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
+    except OSError:
         return None
-    return process_kind(argv), (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+    stat = proc_stat(pid)
+    return (process_kind(argv), stat.cpu_s) if stat.state else None
 
 
 class CpuSampler:
@@ -254,8 +254,6 @@ class CpuSampler:
 def run_sim(variant: str, overrides: list[str], out: Path, cache: Path, *, skip: int,
             timeout: float) -> dict[str, Any]:
     """One ``fedseg-sim`` run; its figures, or ``error``."""
-    from fedseg.deploy.processes import tagged_pids
-
     run_dir, tag = out / f"sim-{variant}", uuid.uuid4().hex
     cmd = [str(BIN / "fedseg-sim"), *overrides, VARIANTS[variant], f"federation.ray_cpus={VEHICLES}",
            "run.progress=false", f"hydra.run.dir={run_dir}"]
@@ -297,7 +295,6 @@ def run_deployed(mode: str, variants: list[str], overrides: list[str], out: Path
     from deploy_fleet import LocalFleet  # the deploy tests' fleet: real processes, all stopped on stop()
 
     from fedseg.deploy.certs import make_credentials, vehicle_names
-    from fedseg.deploy.processes import tagged_pids
 
     root = out / mode
     names = vehicle_names(VEHICLES)
